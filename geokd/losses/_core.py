@@ -52,29 +52,44 @@ def check_pair(student: torch.Tensor, teacher: torch.Tensor, name: str) -> tuple
     return student.to(dtype), teacher.to(dtype)
 
 
-def center_and_scale(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def center_and_scale(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre the rows of `x [n, d]` and, if `normalize`, scale to unit Frobenius norm.
 
-    Returns `(x_tilde, nonzero)` where `nonzero` is a 0-d float tensor, 1.0 when the centred matrix
-    carries signal and 0.0 when it is zero up to rounding (constant or all-zero rows, or n = 1); in
-    the latter case `x_tilde` is exactly zero and so is its gradient. No host sync is needed.
+    Returns `(x_tilde, nonzero, sq_norm)`: `nonzero` is a 0-d tensor, 1.0 when the centred matrix
+    carries signal and 0.0 when it is zero up to rounding (constant or all-zero rows, or n = 1), in
+    which case `x_tilde` is exactly zero and so is its gradient; `sq_norm` is `‖x_tilde‖²_F`
+    (differentiable; exactly `nonzero` when normalised), so callers never need another pass over
+    the n×d matrix. No host sync is needed.
     """
-    centered = x - x.mean(dim=0, keepdim=True)  # [n, d]
-    with torch.no_grad():
-        floor = _NOISE_FLOOR_ULPS * torch.finfo(x.dtype).eps * torch.linalg.vector_norm(x)
-    norm = torch.linalg.vector_norm(centered)
+    mean = x.mean(dim=0, keepdim=True)  # [1, d]
+    centered = x - mean  # [n, d]
+    # Not torch.linalg.vector_norm: in float32 it is off by ~1e-6 relative on CPU, which shows
+    # directly in D_P² = 2 − 2‖SᵀT‖_* near the optimum; a plain sum of squares is ~1e-8.
+    sum_sq = centered.square().sum()
+    norm = safe_sqrt(sum_sq)
+    with torch.no_grad():  # ‖x‖² = ‖x − 1μᵀ‖² + n‖μ‖² (Pythagoras): no extra pass over x
+        raw_norm = (sum_sq + x.shape[0] * mean.square().sum()).sqrt()
+        floor = _NOISE_FLOOR_ULPS * torch.finfo(x.dtype).eps * raw_norm
     nonzero = norm > floor
     scale_if_ok = 1.0 / torch.where(nonzero, norm, torch.ones_like(norm))  # never divides by 0
+    flag = nonzero.to(x.dtype)
     if normalize:
         scale = torch.where(nonzero, scale_if_ok, torch.zeros_like(norm))
-    else:
-        scale = torch.where(nonzero, torch.ones_like(norm), torch.zeros_like(norm))
-    return centered * scale, nonzero.to(x.dtype)
+        return centered * scale, flag, flag
+    return centered * flag, flag, sum_sq * flag
 
 
 def squared_norm64(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖²_F accumulated and returned in float64 (keeps the gradient)."""
-    return x.double().pow(2).sum()
+    """‖x‖²_F accumulated and returned in float64 (keeps the gradient). For the small d×d and n×n
+    matrices whose squared norms enter a cancelling difference."""
+    return x.double().square().sum()
+
+
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖²_F of a large matrix, summed in its own dtype (a sum of non-negative terms loses no
+    digits to cancellation; a float64 copy of an n×d matrix would cost more than the loss), returned
+    in float64 for the final scalar arithmetic."""
+    return x.square().sum().double()
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,14 +187,38 @@ def use_row_gram(n: int, d_student: int, d_teacher: int) -> bool:
 def gram_terms(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return float64 `(‖SᵀS‖²_F, ‖TᵀT‖²_F, ‖SᵀT‖²_F)` = `(‖K_s‖², ‖K_t‖², ⟨K_s, K_t⟩)` using
     d×d cross-products only (for n > d), never n×n matrices."""
-    s_s = squared_norm64(student.T @ student)  # [d_s, d_s]
-    s_t = squared_norm64(student.T @ teacher)  # [d_s, d_t]
-    if teacher.requires_grad:
-        t_t = squared_norm64(teacher.T @ teacher)
-    else:
-        with torch.no_grad():
-            t_t = symmetric_gram_sq_norm(teacher)
+    if teacher.requires_grad:  # general case: plain autograd
+        s_s = squared_norm64(student.T @ student)  # [d_s, d_s]
+        s_t = squared_norm64(student.T @ teacher)  # [d_s, d_t]
+        t_t = squared_norm64(teacher.T @ teacher)  # [d_t, d_t]
+        return s_s, t_t, s_t
+    s_s, s_t = _StudentGramTerms.apply(student, teacher)
+    with torch.no_grad():
+        t_t = symmetric_gram_sq_norm(teacher)
     return s_s, t_t, s_t
+
+
+class _StudentGramTerms(torch.autograd.Function):
+    """`(‖SᵀS‖²_F, ‖SᵀT‖²_F)` in float64 for a constant teacher, with a fused backward.
+
+    Autograd would differentiate `SᵀS` through both of its operands (two n×d_s×d_s products);
+    here `∂/∂S = 4·g_a·S A + 2·g_c·T Cᵀ` costs one product each (bench/losses.py, token level).
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor):  # type: ignore[override]
+        a = student.T @ student  # [d_s, d_s]
+        c = student.T @ teacher  # [d_s, d_t]
+        ctx.save_for_backward(student, teacher, a, c)
+        return squared_norm64(a), squared_norm64(c)
+
+    @staticmethod
+    def backward(ctx, grad_a: torch.Tensor, grad_c: torch.Tensor):  # type: ignore[override]
+        student, teacher, a, c = ctx.saved_tensors
+        dtype = student.dtype
+        grad = student @ (a * (4.0 * grad_a).to(dtype))  # [n, d_s]
+        grad.addmm_(teacher, c.T * (2.0 * grad_c).to(dtype))
+        return grad, None
 
 
 def symmetric_gram_sq_norm(x: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,9 @@ def procrustes(student: torch.Tensor, teacher: torch.Tensor, normalize: bool = T
     A degenerate side (constant rows, all zeros, one row) is the zero matrix after centring.
     """
     student, teacher = check_pair(student, teacher, "procrustes")
-    s, _ = center_and_scale(student, normalize)  # [n, d_s]
-    t, _ = center_and_scale(teacher, normalize)  # [n, d_t]
-    value = squared_norm64(s) + squared_norm64(t) - 2.0 * cross_nuclear_norm(s, t)
+    s, _, s_sq = center_and_scale(student, normalize)  # [n, d_s], ‖S‖²
+    t, _, t_sq = center_and_scale(teacher, normalize)  # [n, d_t], ‖T‖²
+    value = s_sq.double() + t_sq.double() - 2.0 * cross_nuclear_norm(s, t)
     return finish(value.clamp_min(0.0), student)
 
 
@@ -44,8 +44,8 @@ def gram(student: torch.Tensor, teacher: torch.Tensor, normalize: bool = True) -
     `‖K_s − K_t‖² = ‖SᵀS‖² + ‖TᵀT‖² − 2‖SᵀT‖²` with d×d cross-products, accumulated in float64.
     """
     student, teacher = check_pair(student, teacher, "gram")
-    s, _ = center_and_scale(student, normalize)
-    t, _ = center_and_scale(teacher, normalize)
+    s = center_and_scale(student, normalize)[0]
+    t = center_and_scale(teacher, normalize)[0]
     n = s.shape[0]
     if use_row_gram(n, s.shape[1], t.shape[1]):
         squared = squared_norm64(s @ s.T - t @ t.T)  # [n, n] difference, exact up to rounding
@@ -64,8 +64,8 @@ def cka(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
     student, teacher = check_pair(student, teacher, "cka")
     # Unit-Frobenius scaling first: CKA is scale-invariant, and it gives the degenerate-side flags.
-    s, s_ok = center_and_scale(student, normalize=True)
-    t, t_ok = center_and_scale(teacher, normalize=True)
+    s, s_ok, _ = center_and_scale(student, normalize=True)
+    t, t_ok, _ = center_and_scale(teacher, normalize=True)
     both = s_ok * t_ok
     n = s.shape[0]
     if use_row_gram(n, s.shape[1], t.shape[1]):

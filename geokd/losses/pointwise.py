@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from geokd.errors import GeokdError
-from geokd.losses._core import check_pair, finish, squared_norm64
+from geokd.losses._core import check_pair, finish, squared_norm
 
 
 def _require_equal_widths(name: str, d_student: int, d_teacher: int) -> None:
@@ -30,14 +30,14 @@ def proj(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> 
             f"got {tuple(weight.shape)}"
         )
     residual = student @ weight.to(student.dtype) - teacher  # [n, d_t]
-    return finish(squared_norm64(residual) / student.shape[0], student)
+    return finish(squared_norm(residual) / student.shape[0], student)
 
 
 def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """`‖S − T‖²_F / n` (sum over features, mean over rows; same scale as `proj`). Equal widths only."""
     student, teacher = check_pair(student, teacher, "mse")
     _require_equal_widths("mse", student.shape[1], teacher.shape[1])
-    return finish(squared_norm64(student - teacher) / student.shape[0], student)
+    return finish(squared_norm(student - teacher) / student.shape[0], student)
 
 
 def cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

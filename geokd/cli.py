@@ -1,0 +1,186 @@
+"""The `geokd` command line: one thin function per subcommand.
+
+Each command builds a config, calls one library function and renders the result with rich. User
+errors (`GeokdError`, bad option values) are printed as one red line and exit with status 2; bugs
+raise normally with their traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import geokd
+from geokd.errors import GeokdError
+
+# Typer >= 0.2x vendors its own copy of click; older releases raise click's own exceptions.
+_USAGE_ERRORS: tuple[type[Exception], ...] = ()
+for _module_name in ("typer._click.exceptions", "click.exceptions"):
+    try:
+        _module = importlib.import_module(_module_name)
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        continue
+    _USAGE_ERRORS += (_module.UsageError,)
+_ABORTS: tuple[type[BaseException], ...] = (typer.Abort, KeyboardInterrupt)
+
+app = typer.Typer(
+    name="geokd",
+    help="Geometry-aware knowledge distillation for transformer language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a GeokdError into one line on stderr and exit status 2."""
+    try:
+        yield
+    except GeokdError as exc:
+        _fail(str(exc))
+        raise typer.Exit(code=2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"geokd {geokd.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Geometry-aware knowledge distillation for transformer language models."""
+
+
+@app.command()
+def synthetic(
+    n: int = typer.Option(256, help="Teacher vectors (rows). n > d_teacher is the over-complete regime."),
+    d_teacher: int = typer.Option(64, "--d-teacher", help="Teacher width."),
+    d_student: int = typer.Option(32, "--d-student", help="Student width (< d_teacher)."),
+    epsilon: float = typer.Option(0.1, help="Pairs with |cos| <= epsilon are epsilon-orthogonal."),
+    delta: float = typer.Option(0.1, help="Perturbation size in the CKA counterexample."),
+    steps: int = typer.Option(500, help="Optimisation steps per loss."),
+    lr: float = typer.Option(0.01, help="Adam learning rate."),
+    seed: int = typer.Option(0, help="Random seed (teacher, start, projection init)."),
+    losses: str = typer.Option("procrustes,gram,cka,proj", help="Comma-separated losses to optimise."),
+    json_path: Path = typer.Option(None, "--json", help="Write the results as JSON here."),
+    plot_path: Path = typer.Option(None, "--plot", help="Write a PNG plot (preserved pairs vs step) here."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """The geometry benchmark: what each loss does to the student's representation geometry."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from geokd.artifacts import check_output_path, write_json
+    from geokd.synthetic import SyntheticConfig, plot_synthetic, run_synthetic
+
+    with user_errors():
+        config = SyntheticConfig(
+            n=n,
+            d_teacher=d_teacher,
+            d_student=d_student,
+            epsilon=epsilon,
+            delta=delta,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            losses=tuple(name.strip() for name in losses.split(",") if name.strip()),
+        )
+        config.validate()
+        if json_path is not None:
+            check_output_path(json_path, "--json")
+        if plot_path is not None:
+            check_output_path(plot_path, "--plot")
+        with Progress(
+            TextColumn("[bold]optimising"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=quiet,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("steps", total=steps * len(config.losses))
+            result = run_synthetic(config, on_step=lambda: progress.advance(task))
+        _render_synthetic(result)
+        if json_path is not None:
+            write_json(json_path, result)
+            console.print(f"wrote {json_path}")
+        if plot_path is not None:
+            plot_synthetic(result, str(plot_path))
+            console.print(f"wrote {plot_path}")
+
+
+def _render_synthetic(result: dict) -> None:
+    cfg, teacher = result["config"], result["teacher"]
+    total = teacher["epsilon_orthogonal_pairs"]
+    table = Table(
+        title=(
+            f"Optimisation: n={cfg['n']} unit vectors, d_t={cfg['d_teacher']} -> d_s={cfg['d_student']}, "
+            f"eps={cfg['epsilon']}, {cfg['steps']} steps\n"
+            f"teacher: {total} of {teacher['all_pairs']} pairs eps-orthogonal, "
+            f"maximal eps-orthogonal set {teacher['max_orthogonal_set']}"
+        )
+    )
+    for column in ("loss", "final loss", "preserved pairs", "% of teacher's", "maximal preserved set", "at start"):
+        table.add_column(column, justify="left" if column == "loss" else "right")
+    for name, entry in result["losses"].items():
+        table.add_row(
+            name,
+            f"{entry['final_loss']:.4g}",
+            str(entry["preserved_pairs"]),
+            f"{100.0 * entry['preserved_pairs'] / max(total, 1):.1f}",
+            str(entry["max_preserved_set"]),
+            str(entry["history"]["preserved_pairs"][0]),
+        )
+    console.print(table)
+
+    ce = result["counterexample"]
+    table = Table(
+        title=(
+            f"CKA counterexample (Theorem 1): n={ce['n']} points in two antiparallel clusters, "
+            f"{ce['perturbed_points']} moved by delta={ce['delta']}\n"
+            "(a) clusters, (b) perturbed, (c) exact copy of (a) in d_s dims; order = log2 L(delta)/L(delta/2); "
+            "proj at its least-squares W"
+        )
+    )
+    for column in ("loss", "(c) vs (a)", "(c) vs (b)", "(c) vs (b) at delta/2", "order in delta"):
+        table.add_column(column, justify="left" if column == "loss" else "right")
+    for name, entry in ce["losses"].items():
+        table.add_row(
+            name, f"{entry['to_a']:.3g}", f"{entry['to_b']:.3g}", f"{entry['to_b_half_delta']:.3g}", f"{entry['order']:.2f}"
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Usage errors from option parsing also become one line and exit 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="geokd", standalone_mode=False)
+    except _USAGE_ERRORS as exc:
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "geokd"
+        _fail(f"{exc.format_message()} (see {where} --help)")
+        sys.exit(2)
+    except _ABORTS:
+        _fail("aborted")
+        sys.exit(130)
+    except GeokdError as exc:  # raised outside a command's own handler
+        _fail(str(exc))
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
