@@ -73,10 +73,11 @@ def center_and_scale(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, to
     nonzero = norm > floor
     scale_if_ok = 1.0 / torch.where(nonzero, norm, torch.ones_like(norm))  # never divides by 0
     flag = nonzero.to(x.dtype)
-    if normalize:
-        scale = torch.where(nonzero, scale_if_ok, torch.zeros_like(norm))
-        return centered * scale, flag, flag
-    return centered * flag, flag, sum_sq * flag
+    scale = torch.where(nonzero, scale_if_ok, torch.zeros_like(norm)) if normalize else flag
+    sq_norm = flag if normalize else sum_sq * flag
+    if centered.requires_grad:
+        return centered * scale, flag, sq_norm
+    return centered.mul_(scale), flag, sq_norm  # a constant (the teacher): no copy needed
 
 
 def squared_norm64(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ def nuclear_norm_and_polar(m: torch.Tensor, method: str = "eigh") -> tuple[torch
     p, q = m64.shape
     if method == "svd":
         u, sigma, vh = torch.linalg.svd(m64, full_matrices=False)
-        keep = sigma > sigma.max() * (max(p, q) * torch.finfo(torch.float64).eps)
+        keep = sigma > _zero_singular_value_tol(sigma, p, q)
         polar = (u * keep.to(u.dtype)) @ vh
         return (sigma * keep).sum(), polar.to(m.dtype)
     if method != "eigh":
@@ -126,16 +127,21 @@ def nuclear_norm_and_polar(m: torch.Tensor, method: str = "eigh") -> tuple[torch
     gram = m64 @ m64.T if wide else m64.T @ m64  # [k, k], k = min(p, q)
     evals, evecs = torch.linalg.eigh(gram)
     sigma = evals.clamp_min(0.0).sqrt()
-    # The Gram route resolves σ to about sqrt(k·eps64)·σ_max: anything below 10× that is zero
-    # (rank-deficient batches, n < d), left out of the value and of the subgradient alike.
-    k = min(p, q)
-    keep = sigma > sigma.max() * (10.0 * math.sqrt(k * torch.finfo(torch.float64).eps))
+    keep = sigma > _zero_singular_value_tol(sigma, p, q)
     inv_sigma = torch.where(keep, 1.0 / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
     if wide:  # P = U Σ⁻¹ Uᵀ m, with U the left singular vectors
         polar = (evecs * inv_sigma) @ (evecs.T @ m64)
     else:  # P = m V Σ⁻¹ Vᵀ
         polar = (m64 @ evecs) * inv_sigma @ evecs.T
     return (sigma * keep).sum(), polar.to(m.dtype)
+
+
+def _zero_singular_value_tol(sigma: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """Singular values below this count as zero, for both methods alike (so they agree): the Gram
+    route resolves σ to about sqrt(k·eps64)·σ_max, and below that float32 inputs carry only
+    rounding noise anyway (rank-deficient batches, n < d). They are left out of the value and of
+    the subgradient."""
+    return sigma.max() * (10.0 * math.sqrt(min(p, q) * torch.finfo(torch.float64).eps))
 
 
 class _NuclearNorm(torch.autograd.Function):
@@ -161,13 +167,15 @@ def nuclear_norm(m: torch.Tensor, method: str = "eigh") -> torch.Tensor:
 def cross_nuclear_norm(student: torch.Tensor, teacher: torch.Tensor, method: str = "eigh") -> torch.Tensor:
     """‖studentᵀ teacher‖_* in float64, differentiable in both arguments.
 
-    When the teacher has more columns than rows (n < d_t, sentence-level batches) and needs no
-    gradient, its thin factor shrinks the problem: teacherᵀ = Q R with Q [d_t, n] orthonormal, so
-    studentᵀ teacher = (studentᵀ Rᵀ) Qᵀ and ‖studentᵀ teacher‖_* = ‖studentᵀ Rᵀ‖_*, a d_s × n
-    matrix instead of d_s × d_t (issue #2).
+    When the batch has fewer rows than either width (n < min(d_s, d_t), sentence-level batches)
+    and the teacher needs no gradient, the teacher's thin factor shrinks the problem:
+    teacherᵀ = Q R with Q [d_t, n] orthonormal, so studentᵀ teacher = (studentᵀ Rᵀ) Qᵀ and
+    ‖studentᵀ teacher‖_* = ‖studentᵀ Rᵀ‖_*, a d_s × n matrix whose eigen-problem is n × n instead
+    of min(d_s, d_t) square (issue #2). For n ≥ d_s the eigen-problem would not shrink and the
+    QR (2·d_t·n² flops) would only add cost (bench/losses.py).
     """
     n, d_t = teacher.shape
-    if n < d_t and not teacher.requires_grad:
+    if n < min(student.shape[1], d_t) and not teacher.requires_grad:
         with torch.no_grad():
             r = torch.linalg.qr(teacher.T, mode="r")[1]  # [n, n], teacher = rᵀ qᵀ
         return nuclear_norm(student.T @ r.T, method)  # [d_s, n]

@@ -154,7 +154,7 @@ def test_thin_teacher_factor_gives_the_same_value_and_gradient():
     s, t = _pair(16, 40, 96, seed=5, dtype=torch.float64)
     s1 = s.clone().requires_grad_(True)
     s2 = s.clone().requires_grad_(True)
-    thin = cross_nuclear_norm(s1, t)  # n < d_t, teacher without grad -> thin factor
+    thin = cross_nuclear_norm(s1, t)  # n < min(d_s, d_t), teacher without grad -> thin factor
     full = nuclear_norm(s2.T @ t)
     torch.testing.assert_close(thin, full)
     thin.backward()
