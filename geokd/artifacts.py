@@ -21,10 +21,14 @@ def check_output_path(path: str | os.PathLike, option: str) -> Path:
     or an existing directory in its place."""
     target = Path(path)
     if target.exists() and target.is_dir():
-        raise GeokdError(f"{option}: {str(target)!r} is a directory; give a file path such as {target / 'out'}")
+        raise GeokdError(
+            f"{option}: {str(target)!r} is a directory; give a file path such as {target / 'out'}"
+        )
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise GeokdError(f"{option}: directory {str(parent)!r} does not exist; create it first or choose another path")
+        raise GeokdError(
+            f"{option}: directory {str(parent)!r} does not exist; create it first or choose another path"
+        )
     if not os.access(parent, os.W_OK):
         raise GeokdError(f"{option}: directory {str(parent)!r} is not writable; choose another path")
     return target
@@ -34,7 +38,9 @@ def check_output_path(path: str | os.PathLike, option: str) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent or ".")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent or "."
+    )
     os.close(fd)
     umask = os.umask(0)  # mkstemp makes 0600 files; give the result the user's usual permissions
     os.umask(umask)

@@ -63,7 +63,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     """Geometry-aware knowledge distillation for transformer language models."""
 
@@ -137,7 +139,14 @@ def _render_synthetic(result: dict) -> None:
             f"maximal eps-orthogonal set {teacher['max_orthogonal_set']}"
         )
     )
-    for column in ("loss", "final loss", "preserved pairs", "% of teacher's", "maximal preserved set", "at start"):
+    for column in (
+        "loss",
+        "final loss",
+        "preserved pairs",
+        "% of teacher's",
+        "maximal preserved set",
+        "at start",
+    ):
         table.add_column(column, justify="left" if column == "loss" else "right")
     for name, entry in result["losses"].items():
         table.add_row(
@@ -163,7 +172,11 @@ def _render_synthetic(result: dict) -> None:
         table.add_column(column, justify="left" if column == "loss" else "right")
     for name, entry in ce["losses"].items():
         table.add_row(
-            name, f"{entry['to_a']:.3g}", f"{entry['to_b']:.3g}", f"{entry['to_b_half_delta']:.3g}", f"{entry['order']:.2f}"
+            name,
+            f"{entry['to_a']:.3g}",
+            f"{entry['to_b']:.3g}",
+            f"{entry['to_b_half_delta']:.3g}",
+            f"{entry['order']:.2f}",
         )
     console.print(table)
 

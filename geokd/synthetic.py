@@ -75,7 +75,9 @@ class SyntheticConfig:
             problems.append(f"counterexample_n must be an even number ≥ 4, got {self.counterexample_n}")
         unknown = [name for name in self.losses if name not in OPTIMISED_LOSSES]
         if unknown or not self.losses:
-            problems.append(f"losses must be a non-empty subset of {', '.join(OPTIMISED_LOSSES)}, got {list(self.losses)}")
+            problems.append(
+                f"losses must be a non-empty subset of {', '.join(OPTIMISED_LOSSES)}, got {list(self.losses)}"
+            )
         if problems:
             raise GeokdError("; ".join(problems))
 
@@ -215,7 +217,9 @@ def counterexample(config: SyntheticConfig) -> dict:
     values = {}
     for delta in (config.delta, config.delta / 2):
         gen = torch.Generator().manual_seed(config.seed)  # same construction at both δ
-        a, b, c, p = counterexample_sets(config.counterexample_n, config.d_teacher, config.d_student, delta, gen)
+        a, b, c, p = counterexample_sets(
+            config.counterexample_n, config.d_teacher, config.d_student, delta, gen
+        )
         values[delta] = {name: (fn(c, a), fn(c, b)) for name, fn in COUNTEREXAMPLE_LOSSES.items()}
     for name in COUNTEREXAMPLE_LOSSES:
         to_a, to_b = values[config.delta][name]

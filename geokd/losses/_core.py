@@ -128,7 +128,9 @@ def nuclear_norm_and_polar(m: torch.Tensor, method: str = "eigh") -> tuple[torch
     evals, evecs = torch.linalg.eigh(gram)
     sigma = evals.clamp_min(0.0).sqrt()
     keep = sigma > _zero_singular_value_tol(sigma, p, q)
-    inv_sigma = torch.where(keep, 1.0 / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
+    inv_sigma = torch.where(
+        keep, 1.0 / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma)
+    )
     if wide:  # P = U Σ⁻¹ Uᵀ m, with U the left singular vectors
         polar = (evecs * inv_sigma) @ (evecs.T @ m64)
     else:  # P = m V Σ⁻¹ Vᵀ
@@ -192,7 +194,9 @@ def use_row_gram(n: int, d_student: int, d_teacher: int) -> bool:
     return n <= max(d_student, d_teacher)
 
 
-def gram_terms(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gram_terms(
+    student: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return float64 `(‖SᵀS‖²_F, ‖TᵀT‖²_F, ‖SᵀT‖²_F)` = `(‖K_s‖², ‖K_t‖², ⟨K_s, K_t⟩)` using
     d×d cross-products only (for n > d), never n×n matrices."""
     if teacher.requires_grad:  # general case: plain autograd

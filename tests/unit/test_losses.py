@@ -312,7 +312,9 @@ def test_repeated_singular_values_gradient_matches_float64_polar_factor():
     """Built-in SVD backward divides by σᵢ² − σⱼ²; ours must give U Vᵀ regardless."""
     gen = torch.Generator().manual_seed(4)
     q = torch.linalg.qr(torch.randn(32, 8, generator=gen, dtype=torch.float64))[0]
-    m = (q.T @ torch.linalg.qr(torch.randn(32, 8, generator=gen, dtype=torch.float64))[0]).requires_grad_(True)
+    m = (q.T @ torch.linalg.qr(torch.randn(32, 8, generator=gen, dtype=torch.float64))[0]).requires_grad_(
+        True
+    )
     nuclear_norm(m).backward()  # m is orthogonal: all σ = 1
     u, _, vt = np.linalg.svd(m.detach().numpy())
     np.testing.assert_allclose(m.grad.numpy(), u @ vt, atol=1e-8)

@@ -111,7 +111,9 @@ def test_optimisation_projection_preserves_clearly_fewer_pairs():
 
 
 def test_optimisation_is_deterministic_for_a_seed():
-    config = SyntheticConfig(n=40, d_teacher=16, d_student=8, steps=30, log_every=10, losses=("procrustes", "proj"))
+    config = SyntheticConfig(
+        n=40, d_teacher=16, d_student=8, steps=30, log_every=10, losses=("procrustes", "proj")
+    )
     first, second = run_synthetic(config), run_synthetic(config)
     for name in config.losses:
         assert first["losses"][name]["history"] == second["losses"][name]["history"]
@@ -129,6 +131,10 @@ def test_config_validation_lists_every_problem():
     with pytest.raises(GeokdError) as info:
         SyntheticConfig(n=2, d_student=64, d_teacher=64, epsilon=1.5, losses=("mse",)).validate()
     message = str(info.value)
-    for fragment in ("n must be at least 3, got 2", "d_student must be between 1 and d_teacher - 1 = 63",
-                     "epsilon must be in (0, 1), got 1.5", "losses must be a non-empty subset"):
+    for fragment in (
+        "n must be at least 3, got 2",
+        "d_student must be between 1 and d_teacher - 1 = 63",
+        "epsilon must be in (0, 1), got 1.5",
+        "losses must be a non-empty subset",
+    ):
         assert fragment in message
