@@ -14,6 +14,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from geokd import GeokdError
 from geokd.losses import (
@@ -435,3 +436,50 @@ def test_projection_loss_learns_a_linear_map():
         loss.backward()
         opt.step()
     assert loss.item() < 1e-3 * first
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: no n×n matrix at token level
+# ---------------------------------------------------------------------------------------------
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the shapes and the largest size (in elements) of every tensor produced by an op,
+    forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("name", list(GEOMETRY))
+def test_token_level_losses_never_materialise_n_by_n(name):
+    n, d_s, d_t = 3000, 16, 24  # n > both widths: an n×n matrix would have 9e6 elements
+    s, t = _pair(n, d_s, d_t, seed=23)
+    s.requires_grad_(True)
+    with _LargestOutput() as mode:
+        GEOMETRY[name](s, t).backward()
+    assert (n, n) not in mode.shapes
+    assert mode.largest <= n * max(d_s, d_t)  # nothing bigger than the inputs themselves
+
+
+@pytest.mark.parametrize("name", list(GEOMETRY))
+def test_sentence_level_uses_the_n_by_n_form(name):
+    """The n×n form is the accurate one; it is used whenever n ≤ the larger width (and for
+    Procrustes the thin teacher factor when n < both widths)."""
+    n, d_s, d_t = 20, 32, 48
+    s, t = _pair(n, d_s, d_t, seed=24)
+    with _LargestOutput() as mode:
+        GEOMETRY[name](s, t)
+    if name == "procrustes":  # the thin factor reduces the problem to n × n as well
+        assert mode.largest <= n * d_t
+    assert (n, n) in mode.shapes
