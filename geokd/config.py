@@ -1,0 +1,278 @@
+"""Typed run configuration for `geokd finetune` and `geokd distill`: defaults, YAML files, `--set
+key=value` overrides and first-class flags, resolved in that order, validated all at once.
+
+One name per concept: the YAML key, the `--set` key, the CLI flag (with dashes) and the log key
+are spelled the same. The resolved config is saved as `config.yaml` in every run directory and
+read back (and checked) on resume.
+
+    config = resolve_config("distill", file="recipe.yaml", overrides=["alpha=0.7"],
+                            flags={"teacher": "teacher/final", "loss": "procrustes"})
+    config.validate()   # one GeokdError listing every problem
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from geokd.errors import GeokdError
+
+MODES = ("finetune", "distill")
+FEATURES = ("cls", "mean", "tokens")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_LAYER_PAIRS = re.compile(r"^\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*$")
+
+
+@dataclass
+class RunConfig:
+    """Everything a finetune or distill run needs. `student` is the model being trained (for
+    finetune: `--model`); `teacher` is only used by distill."""
+
+    mode: str = "distill"
+    # models
+    teacher: str | None = None
+    student: str | None = None
+    finetune_teacher: bool = False
+    trust_remote_code: bool = False
+    # data
+    task: str | None = None
+    data: str | None = None
+    text_fields: str | None = None  # custom tasks: "a,b"
+    label_field: str | None = None
+    max_length: int = 128
+    # objective: gamma * task + alpha * sum_layers feature + (1 - alpha) * tau^2 * KL
+    loss: str = "procrustes"
+    alpha: float = 0.5
+    gamma: float = 1.0
+    temperature: float = 2.0
+    layers: str = "uniform"
+    features: str = "cls"
+    # optimisation
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 42
+    # bookkeeping
+    eval_every: int | None = None
+    save_every: int | None = None
+    resume: str | None = None
+    device: str = "auto"
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise one GeokdError listing every problem, each with the value received and a fix."""
+        problems = validation_problems(self)
+        if problems:
+            raise GeokdError("; ".join(problems))
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(RunConfig)]
+
+
+def validation_problems(config: RunConfig) -> list[str]:
+    """All problems with `config`, in field order (empty when valid)."""
+    from geokd.losses import feature_loss_names
+
+    p: list[str] = []
+    if config.mode not in MODES:
+        p.append(f"mode: must be one of {', '.join(MODES)}, got {config.mode!r}")
+    if not config.student:
+        flag = "--model" if config.mode == "finetune" else "--student"
+        p.append(f"student: no model given; pass {flag} (a local directory, a Hugging Face id or an alias)")
+    if config.mode == "distill" and not config.teacher:
+        p.append("teacher: no teacher given; pass --teacher (a fine-tuned model directory)")
+    if not config.task:
+        p.append("task: no task given; pass --task (a GLUE task such as rte, or 'custom' with --text-fields)")
+    if (config.text_fields is None) != (config.label_field is None):
+        p.append(
+            f"text_fields/label_field: give both or neither for a custom task, got text_fields={config.text_fields!r}, "
+            f"label_field={config.label_field!r}"
+        )
+    if config.max_length < 8:
+        p.append(f"max_length: must be at least 8 tokens, got {config.max_length}")
+    losses = [*feature_loss_names(), "none"]
+    if config.loss not in losses:
+        close = difflib.get_close_matches(str(config.loss), losses, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        p.append(f"loss: unknown loss {config.loss!r}{hint}; choose one of: {', '.join(losses)}")
+    if not 0.0 <= config.alpha <= 1.0:
+        p.append(f"alpha: the feature weight must be in [0, 1], got {config.alpha}")
+    if config.gamma < 0:
+        p.append(f"gamma: the task-loss weight must be >= 0, got {config.gamma}")
+    if config.temperature <= 0:
+        p.append(f"temperature: must be > 0, got {config.temperature}; 2.0 is a common choice")
+    layers = str(config.layers)
+    if layers not in ("uniform", "last") and not _LAYER_PAIRS.match(layers):
+        p.append(
+            f"layers: expected 'uniform', 'last' or student:teacher pairs such as '2:4,4:8', got {layers!r}"
+        )
+    if config.features not in FEATURES:
+        p.append(f"features: must be one of {', '.join(FEATURES)}, got {config.features!r}")
+    if config.max_steps is None and config.epochs <= 0:
+        p.append(f"epochs: must be > 0 (or give max_steps), got {config.epochs}")
+    if config.max_steps is not None and config.max_steps < 1:
+        p.append(f"max_steps: must be at least 1, got {config.max_steps}")
+    if config.lr <= 0:
+        p.append(f"lr: must be > 0, got {config.lr}")
+    if config.weight_decay < 0:
+        p.append(f"weight_decay: must be >= 0, got {config.weight_decay}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        p.append(f"warmup_ratio: must be in [0, 1), got {config.warmup_ratio}")
+    if config.max_grad_norm <= 0:
+        p.append(f"max_grad_norm: must be > 0, got {config.max_grad_norm}")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(config, name) < 1:
+            p.append(f"{name}: must be at least 1, got {getattr(config, name)}")
+    for name in ("eval_every", "save_every"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            p.append(f"{name}: must be at least 1 step (or unset), got {value}")
+    if not _DEVICE.match(str(config.device)):
+        p.append(f"device: expected auto, cpu, cuda, cuda:N or mps, got {config.device!r}")
+    if config.resume not in (None, "auto") and not Path(config.resume).exists():
+        p.append(
+            f"resume: checkpoint {config.resume!r} does not exist; pass 'auto' or a checkpoints/step-N directory"
+        )
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: defaults < YAML file < --set overrides < first-class flags
+# ---------------------------------------------------------------------------------------------
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    """Convert a YAML/--set value to the field's type; raise GeokdError naming the source."""
+    field = next(f for f in fields(RunConfig) if f.name == name)
+    kind = str(field.type)
+    if raw is None:
+        if "None" in kind:
+            return None
+        raise GeokdError(f"{source}: {name} cannot be empty")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("int"):
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind.startswith("float"):
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        expected = kind.split(" ")[0].replace("|", "")
+        raise GeokdError(f"{source}: {name} expects {expected}, got {raw!r}") from None
+
+
+def _check_key(name: str, source: str) -> None:
+    if name not in _field_names():
+        close = difflib.get_close_matches(name, _field_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_field_names())}"
+        raise GeokdError(f"{source}: unknown key {name!r}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (dashes or underscores)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GeokdError(f"--config: file {str(path)!r} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise GeokdError(f"--config: {str(path)!r} is not valid YAML{line}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GeokdError(
+            f"--config: {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}"
+        )
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` (value parsed as YAML, so 0.5 is a float and true a bool)."""
+    import yaml
+
+    if "=" not in text:
+        raise GeokdError(f"--set: expected key=value, got {text!r}; for example --set alpha=0.7")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def resolve_config(
+    mode: str,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build a RunConfig from defaults, then the YAML file, then `--set` overrides, then flags that
+    were given (None means "not given"). Unknown keys and type errors raise GeokdError; range
+    checks are left to `validate()` so they can be reported together."""
+    values: dict[str, Any] = {"mode": mode}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if file is not None:
+        layers.append((f"--config {file}", load_yaml(file)))
+    if overrides:
+        layers.append(("--set", dict(parse_override(o) for o in overrides)))
+    if flags:
+        layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
+    for source, mapping in layers:
+        for name, raw in mapping.items():
+            _check_key(name, source)
+            values[name] = _coerce(name, raw, source)
+    return RunConfig(**values)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    import yaml
+
+    from geokd.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def read_config(path: str | Path) -> RunConfig:
+    """Read a saved `config.yaml` back into a RunConfig (checked like any YAML config)."""
+    data = load_yaml(path)
+    return _from_mapping(str(data.pop("mode", "distill")), data, str(path))
+
+
+def _from_mapping(mode: str, data: dict[str, Any], source: str) -> RunConfig:
+    values: dict[str, Any] = {"mode": mode}
+    for name, raw in data.items():
+        _check_key(name, source)
+        values[name] = _coerce(name, raw, source)
+    return RunConfig(**values)
