@@ -1,0 +1,90 @@
+"""The distillation objective: `γ·L_task + α·Σ_layers L_feature + (1 − α)·τ²·KL` (arXiv 2509.25253,
+§5: feature losses alone fail; they are combined with logit KD and the task loss).
+
+`Objective` owns one feature-loss module per mapped layer pair (a `proj` loss has its own
+projection per pair, an auxiliary parameter saved for resume and never exported) and returns a
+`LossOutput` with the total and every term, named for logging:
+
+    task, kl, feature/<loss>/<student_layer>-><teacher_layer>
+
+With `loss="none"` there are no feature terms and the KL weight stays `1 − α` (so `alpha=0` gives
+plain logit KD + task loss). Finetuning is `Objective(..., mode="finetune")`: the task loss only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from geokd.losses.logits import kl, task_loss
+from geokd.losses.registry import build_feature_loss
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor  # 0-d, differentiable
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached, for logging
+
+    def as_floats(self) -> dict[str, float]:
+        return {"loss": float(self.total.detach()), **{k: float(v) for k, v in self.terms.items()}}
+
+
+class Objective(nn.Module):
+    """Weighted sum of the task loss, per-layer feature losses and logit KD."""
+
+    def __init__(
+        self,
+        loss: str,
+        layer_pairs: list[tuple[int, int]],
+        student_dim: int,
+        teacher_dim: int,
+        alpha: float = 0.5,
+        gamma: float = 1.0,
+        temperature: float = 2.0,
+        mode: str = "distill",
+    ):
+        super().__init__()
+        self.loss_name = loss
+        self.layer_pairs = list(layer_pairs) if mode == "distill" and loss != "none" else []
+        self.alpha, self.gamma, self.temperature, self.mode = alpha, gamma, temperature, mode
+        self.feature_losses = nn.ModuleList(
+            build_feature_loss(loss, student_dim, teacher_dim) for _ in self.layer_pairs
+        )
+
+    def term_names(self) -> list[str]:
+        names = ["task"]
+        if self.mode == "distill":
+            names.append("kl")
+            names += [f"feature/{self.loss_name}/{s}->{t}" for s, t in self.layer_pairs]
+        return names
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,  # [B, C]
+        labels: torch.Tensor,  # [B]
+        teacher_logits: torch.Tensor | None = None,  # [B, C]
+        student_features: list[torch.Tensor] | None = None,  # per pair: [n, d_s]
+        teacher_features: list[torch.Tensor] | None = None,  # per pair: [n, d_t]
+    ) -> LossOutput:
+        terms: dict[str, torch.Tensor] = {}
+        task = task_loss(student_logits, labels)
+        terms["task"] = task
+        total = self.gamma * task
+        if self.mode == "distill":
+            if teacher_logits is None:
+                raise ValueError("distill objective needs teacher logits")
+            distill = kl(student_logits, teacher_logits, self.temperature)
+            terms["kl"] = distill
+            total = total + (1.0 - self.alpha) * distill
+            if self.layer_pairs:
+                if student_features is None or teacher_features is None:
+                    raise ValueError("feature loss needs student and teacher features for every layer pair")
+                for (s_layer, t_layer), loss_fn, s, t in zip(
+                    self.layer_pairs, self.feature_losses, student_features, teacher_features, strict=True
+                ):
+                    value = loss_fn(s, t)
+                    terms[f"feature/{self.loss_name}/{s_layer}->{t_layer}"] = value
+                    total = total + self.alpha * value
+        return LossOutput(total=total, terms={k: v.detach() for k, v in terms.items()})
