@@ -1,0 +1,64 @@
+"""Device, precision and process-rank resolution, in one place (STYLE.md §8).
+
+`resolve_runtime("auto")` picks CUDA when available, else MPS, else CPU, and says why; on CUDA
+with bf16 support (compute capability ≥ 8.0) forward passes run under bf16 autocast while the
+geometry losses stay in float32 (geokd.losses upcasts). Ranks come from torchrun's environment
+variables; geokd never re-launches itself. Only rank 0 prints or writes shared files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from geokd.errors import GeokdError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full float32
+    reason: str  # one line for the run summary
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Context manager for model forward passes (no-op without an autocast dtype)."""
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(device: str = "auto") -> Runtime:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        if torch.cuda.is_available():
+            dev = torch.device("cuda", local_rank)
+            why = "auto: CUDA available"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            dev, why = torch.device("mps"), "auto: Apple MPS available"
+        else:
+            dev, why = torch.device("cpu"), "auto: no GPU found"
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise GeokdError(f"--device: cannot parse {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise GeokdError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        why = f"--device {device}"
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        if torch.cuda.is_bf16_supported():
+            return Runtime(dev, torch.bfloat16, f"{why}; bf16 autocast (sm{major}{minor}), losses in float32", rank, world_size)
+        return Runtime(dev, None, f"{why}; float32 (sm{major}{minor} has no bf16)", rank, world_size)
+    return Runtime(dev, None, f"{why}; float32 on {dev.type}", rank, world_size)

@@ -1,0 +1,41 @@
+"""Runtime resolution on a CPU-only machine (the CUDA branch is exercised by the gpu tier)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from geokd import GeokdError
+from geokd.runtime import resolve_runtime
+
+
+def test_cpu_runtime_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runtime = resolve_runtime("auto")
+    if runtime.device.type == "cpu":
+        assert runtime.autocast_dtype is None and "float32" in runtime.reason
+    runtime = resolve_runtime("cpu")
+    assert runtime.device == torch.device("cpu") and runtime.reason.startswith("--device cpu")
+    assert runtime.is_main and runtime.world_size == 1
+
+
+def test_ranks_come_from_torchrun_env(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    runtime = resolve_runtime("cpu")
+    assert runtime.rank == 1 and runtime.world_size == 2 and not runtime.is_main
+
+
+def test_unavailable_cuda_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GeokdError, match="CUDA is not available on this machine; use --device cpu"):
+        resolve_runtime("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_runtime_uses_bf16_autocast_when_supported():
+    runtime = resolve_runtime("auto")
+    assert runtime.device.type == "cuda"
+    if torch.cuda.is_bf16_supported():
+        assert runtime.autocast_dtype == torch.bfloat16
