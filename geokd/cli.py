@@ -181,6 +181,130 @@ def _render_synthetic(result: dict) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------------------------------------
+# finetune / distill
+# ---------------------------------------------------------------------------------------------
+
+_COMMON_HELP = "Options may also come from --config FILE.yaml and --set key=value (flags win)."
+
+
+def _run_training(
+    mode: str, config_file: Path | None, overrides: list[str] | None, flags: dict, quiet: bool
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from geokd.config import resolve_config
+    from geokd.engine import train
+
+    with user_errors():
+        config = resolve_config(mode, file=config_file, overrides=overrides, flags=flags)
+        config.validate()
+        columns = (
+            TextColumn(f"[bold]{mode}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err_console, disable=quiet, transient=False) as bar:
+            task_id = bar.add_task(mode, total=None, info="loading")
+
+            def on_step(record: dict) -> None:
+                terms = " ".join(
+                    f"{k.split('/')[-1] if k.startswith('feature/') else k}={v:.4f}"
+                    for k, v in record.items()
+                    if k in ("loss", "task", "kl") or k.startswith("feature/")
+                )
+                info = f"epoch {record['epoch']:.2f} {terms} {record['examples_per_s']:.0f} ex/s"
+                bar.update(task_id, total=record["total_steps"], completed=record["step"], info=info)
+
+            result = train(config, progress=on_step)
+        table = Table(title=f"{mode} finished: {result.steps} steps, dev metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in result.metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+        console.print(f"run directory: {result.run_dir}  final model: {result.final_dir}")
+
+
+_O = typer.Option
+
+
+@app.command(help=f"Fine-tune a model on a task with the task loss only. {_COMMON_HELP}")
+def finetune(
+    model: str = _O(None, "--model", help="Local directory, Hugging Face id or alias (geokd models)."),
+    task: str = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'."),
+    data: str = _O(None, help="GLUE-format directory, a CSV/TSV/JSONL file, or a datasets name."),
+    text_fields: str = _O(None, "--text-fields", help="Custom task: comma-separated text columns."),
+    label_field: str = _O(None, "--label-field", help="Custom task: label column."),
+    out: str = _O(None, help="Run directory."),
+    epochs: float = _O(None, help="Epochs (default 3)."),
+    max_steps: int = _O(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    lr: float = _O(None, help="Peak learning rate (default 5e-5)."),
+    batch_size: int = _O(None, "--batch-size", help="Examples per micro-batch (default 32)."),
+    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 1)."),
+    max_length: int = _O(None, "--max-length", help="Tokens per example (default 128)."),
+    seed: int = _O(None, help="Random seed (default 42)."),
+    eval_every: int = _O(None, "--eval-every", help="Evaluate on dev every N steps (and at the end)."),
+    save_every: int = _O(None, "--save-every", help="Checkpoint every N steps."),
+    resume: str = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path."),
+    device: str = _O(None, help="auto (default), cpu, cuda, cuda:N or mps."),
+    config_file: Path = _O(None, "--config", help="YAML file of options."),
+    overrides: list[str] = _O(None, "--set", help="key=value override (repeatable)."),
+    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+) -> None:
+    flags = dict(
+        student=model, task=task, data=data, text_fields=text_fields, label_field=label_field, out=out,
+        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        max_length=max_length, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, device=device,
+    )  # fmt: skip
+    _run_training("finetune", config_file, overrides, flags, quiet)
+
+
+@app.command(help=f"Distil a teacher into a student: γ·task + α·Σ feature + (1−α)·τ²·KL. {_COMMON_HELP}")
+def distill(
+    teacher: str = _O(None, help="Fine-tuned teacher: local directory, Hugging Face id or alias."),
+    student: str = _O(
+        None, help="Student: directory/id/alias, truncate:N or shrink:layers=4,hidden=256,heads=4."
+    ),
+    task: str = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'."),
+    data: str = _O(None, help="GLUE-format directory, a CSV/TSV/JSONL file, or a datasets name."),
+    text_fields: str = _O(None, "--text-fields", help="Custom task: comma-separated text columns."),
+    label_field: str = _O(None, "--label-field", help="Custom task: label column."),
+    loss: str = _O(None, help="Feature loss: procrustes (default), gram, cka, proj, mse, cosine, or none."),
+    alpha: float = _O(None, help="Feature weight α in [0, 1] (default 0.5); KL gets 1 − α."),
+    gamma: float = _O(None, help="Task-loss weight γ (default 1.0)."),
+    temperature: float = _O(None, help="KD temperature τ (default 2.0)."),
+    layers: str = _O(None, help="uniform (default), last, or student:teacher pairs '2:4,4:8'."),
+    features: str = _O(None, help="cls (default), mean or tokens: rows per example or per token."),
+    finetune_teacher: bool = _O(None, "--finetune-teacher", help="Fine-tune a head-less teacher first."),
+    out: str = _O(None, help="Run directory."),
+    epochs: float = _O(None, help="Epochs (default 3)."),
+    max_steps: int = _O(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    lr: float = _O(None, help="Peak learning rate (default 5e-5)."),
+    batch_size: int = _O(None, "--batch-size", help="Examples per micro-batch (default 32)."),
+    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 1)."),
+    max_length: int = _O(None, "--max-length", help="Tokens per example (default 128)."),
+    seed: int = _O(None, help="Random seed (default 42)."),
+    eval_every: int = _O(None, "--eval-every", help="Evaluate on dev every N steps (and at the end)."),
+    save_every: int = _O(None, "--save-every", help="Checkpoint every N steps."),
+    resume: str = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path."),
+    device: str = _O(None, help="auto (default), cpu, cuda, cuda:N or mps."),
+    config_file: Path = _O(None, "--config", help="YAML file of options."),
+    overrides: list[str] = _O(None, "--set", help="key=value override (repeatable)."),
+    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+) -> None:
+    flags = dict(
+        teacher=teacher, student=student, task=task, data=data, text_fields=text_fields, label_field=label_field,
+        loss=loss, alpha=alpha, gamma=gamma, temperature=temperature, layers=layers, features=features,
+        finetune_teacher=finetune_teacher, out=out, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, eval_every=eval_every,
+        save_every=save_every, resume=resume, device=device,
+    )  # fmt: skip
+    _run_training("distill", config_file, overrides, flags, quiet)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Usage errors from option parsing also become one line and exit 2."""
     command = typer.main.get_command(app)

@@ -51,14 +51,24 @@ def resolve_runtime(device: str = "auto") -> Runtime:
         try:
             dev = torch.device(device)
         except RuntimeError:
-            raise GeokdError(f"--device: cannot parse {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+            raise GeokdError(
+                f"--device: cannot parse {device!r}; use auto, cpu, cuda, cuda:N or mps"
+            ) from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise GeokdError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+            raise GeokdError(
+                f"--device {device}: CUDA is not available on this machine; use --device cpu or auto"
+            )
         why = f"--device {device}"
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         if torch.cuda.is_bf16_supported():
-            return Runtime(dev, torch.bfloat16, f"{why}; bf16 autocast (sm{major}{minor}), losses in float32", rank, world_size)
+            return Runtime(
+                dev,
+                torch.bfloat16,
+                f"{why}; bf16 autocast (sm{major}{minor}), losses in float32",
+                rank,
+                world_size,
+            )
         return Runtime(dev, None, f"{why}; float32 (sm{major}{minor} has no bf16)", rank, world_size)
     return Runtime(dev, None, f"{why}; float32 on {dev.type}", rank, world_size)

@@ -1,0 +1,565 @@
+"""The training loop shared by `geokd finetune` and `geokd distill` (issue #3).
+
+One readable function, `train(config)`: resolve the runtime, load data and models, build the
+objective, then step. Explicit gradient accumulation, inline evaluation and checkpoint blocks, a
+pure `distill_step()` that unit tests can call. No callbacks, no Trainer subclass.
+
+Run directory (every file written atomically, write then rename):
+
+    RUN/config.yaml            resolved config
+    RUN/env.json               versions, device, precision, world size, data/model provenance
+    RUN/metrics.jsonl          one JSON object per logged step: step, epoch, loss, every term, lr, throughput
+    RUN/checkpoints/step-N/    student, objective (projection heads), optimizer, scheduler, RNG, data position
+    RUN/final/                 Hugging Face folder: config, tokenizer, model.safetensors
+    RUN/results.json           final dev metrics {"task", "split", "metrics": {...}}
+
+Resume (`--resume auto|PATH`) restores everything in a checkpoint, including the position inside the
+epoch's shuffled order, so a resumed run reaches the same final weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import geokd
+from geokd.artifacts import atomic_path, write_json
+from geokd.config import RunConfig, read_config, save_config
+from geokd.errors import GeokdError
+from geokd.losses.objective import LossOutput, Objective
+from geokd.runtime import Runtime, resolve_runtime
+
+# Config keys that may differ between an interrupted run and its resumption.
+_RESUMABLE_DIFFERENCES = {"resume", "eval_every", "save_every", "device", "out"}
+
+
+@dataclass
+class StepInput:
+    """One micro-batch on the device."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, (token_type_ids), labels: [B, T] / [B]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    metrics: dict[str, float]
+    final_dir: Path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed run
+    replays exactly the batches an uninterrupted run would have seen."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_examples, generator=gen).tolist()
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak learning rate, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def distill_step(
+    student: nn.Module,
+    objective: Objective,
+    batch: dict[str, torch.Tensor],
+    runtime: Runtime,
+    teacher_outputs: Callable[
+        [dict[str, torch.Tensor]], tuple[torch.Tensor | None, list[torch.Tensor] | None]
+    ],
+    student_features: Callable[[tuple[torch.Tensor, ...], torch.Tensor], list[torch.Tensor]],
+) -> LossOutput:
+    """Forward the student (and the teacher source) on one micro-batch and evaluate the objective.
+    No backward, no optimizer: the caller owns those."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
+    needs_hidden = bool(objective.layer_pairs)
+    with runtime.autocast():
+        out = student(**inputs, output_hidden_states=needs_hidden)
+    teacher_logits, teacher_feats = teacher_outputs(batch)
+    student_feats = student_features(out.hidden_states, batch["attention_mask"]) if needs_hidden else None
+    return objective(out.logits.float(), batch["labels"], teacher_logits, student_feats, teacher_feats)
+
+
+def _check_finite(output: LossOutput, step: int, run_dir: Path) -> None:
+    if not torch.isfinite(output.total):
+        bad = [name for name, value in output.terms.items() if not torch.isfinite(value)]
+        latest = latest_checkpoint(run_dir)
+        kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
+        raise GeokdError(
+            f"non-finite loss at step {step} (terms: {', '.join(bad) or 'total'}); training stopped and "
+            f"{kept}; lower --lr or check the data"
+        )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted(
+        (p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+    )
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    student: nn.Module,
+    tokenizer: Any,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: dict[str, int],
+) -> Path:
+    """Write checkpoints/step-N atomically (a temporary directory renamed into place)."""
+    final = run_dir / "checkpoints" / f"step-{step}"
+    tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    student.save_pretrained(tmp / "student", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "student")
+    torch.save(
+        {
+            "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "position": dict(position, step=step),
+            "geokd_version": geokd.__version__,
+        },
+        tmp / "trainer_state.pt",
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "trainer_state.pt"
+    if not path.is_file():
+        raise GeokdError(f"--resume: {str(checkpoint)!r} is not a geokd checkpoint (no trainer_state.pt)")
+    # RNG states hold numpy arrays and Python tuples, so weights_only=True cannot load them; the
+    # file is one this run directory wrote itself (never a downloaded artifact).
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def env_info(runtime: Runtime, extra: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "geokd": geokd.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(runtime.device),
+        "precision": runtime.reason,
+        "world_size": runtime.world_size,
+        "cuda": torch.version.cuda,
+        **extra,
+    }
+
+
+class MetricsLog:
+    """Appends one JSON object per line; flushed every write so a crash loses nothing logged."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():  # resume: drop lines past the checkpoint
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
+            ]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def batches(
+    order: list[int], start: int, batch_size: int, features: list[dict[str, Any]], collate: Callable
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield (index of the batch's first example in `order`, collated batch) from `start` on."""
+    for first in range(start, len(order), batch_size):
+        yield first, collate([features[i] for i in order[first : first + batch_size]])
+
+
+def check_resume_config(saved: RunConfig, current: RunConfig) -> None:
+    diffs = [
+        f"{name} ({getattr(saved, name)!r} in the run, {getattr(current, name)!r} now)"
+        for name in saved.to_dict()
+        if name not in _RESUMABLE_DIFFERENCES and getattr(saved, name) != getattr(current, name)
+    ]
+    if diffs:
+        raise GeokdError(
+            f"--resume: the run directory was made with a different config: {'; '.join(diffs)}; "
+            "resume with the same options or start a new --out"
+        )
+
+
+def resolve_resume(config: RunConfig, run_dir: Path) -> Path | None:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return latest_checkpoint(run_dir)
+    return Path(config.resume)
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size) // grad_accum)
+
+
+def prepare_run_dir(config: RunConfig) -> Path:
+    if not config.out:
+        raise GeokdError("--out: no run directory given; pass --out RUN_DIR")
+    run_dir = Path(config.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GeokdError(f"--out: {str(run_dir)!r} is a file; give a directory")
+    if config.resume is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise GeokdError(
+            f"--out: {str(run_dir)!r} already holds a run; pass --resume auto to continue it or choose a new --out"
+        )
+    if config.resume is not None and (run_dir / "config.yaml").exists():
+        check_resume_config(read_config(run_dir / "config.yaml"), config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_results(
+    run_dir: Path, task: str, split: str, metrics: dict[str, float], extra: dict[str, Any]
+) -> None:
+    write_json(run_dir / "results.json", {"task": task, "split": split, "metrics": metrics, **extra})
+
+
+def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: dict[str, Any]) -> None:
+    """Write the Hugging Face folder (config, tokenizer, model.safetensors) plus geokd.json
+    provenance into a temporary directory, then rename it into place."""
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "geokd.json", {"geokd_version": geokd.__version__, **provenance})
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp.rename(final_dir)
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Load `model.safetensors` from a checkpoint's student folder into `model` (strict: every key
+    must match, so a checkpoint from another architecture is refused)."""
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise GeokdError(
+            f"--resume: {str(directory)!r} has no model.safetensors; the checkpoint is incomplete"
+        )
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (e.g. output embeddings) are saved once; anything else missing is an error.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise GeokdError(
+            f"--resume: checkpoint {str(directory)!r} does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same --student"
+        )
+
+
+def evaluate(
+    model: nn.Module,
+    features: list[dict[str, Any]],
+    collate: Callable,
+    runtime: Runtime,
+    task: Any,
+    batch_size: int,
+) -> dict[str, float]:
+    """Task metrics of `model` on tokenised examples, in order, under inference mode."""
+    from geokd.tasks import compute_metrics
+
+    was_training = model.training
+    model.eval()
+    predictions, labels = [], []
+    with torch.inference_mode():
+        for first in range(0, len(features), batch_size):
+            batch = collate(features[first : first + batch_size])
+            inputs = {k: v.to(runtime.device) for k, v in batch.items() if k not in ("labels", "example_id")}
+            with runtime.autocast():
+                logits = model(**inputs).logits.float()  # [B, C]
+            predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
+            labels.append(batch["labels"])
+    model.train(was_training)
+    return compute_metrics(task, torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy())
+
+
+def train(config: RunConfig, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Fine-tune (mode="finetune") or distil (mode="distill") according to `config`."""
+    import transformers
+
+    from geokd import data as data_lib
+    from geokd import models as models_lib
+    from geokd.tasks import get_task
+
+    config.validate()
+    # geokd prints its own summary; transformers' load reports and bars would bury it.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    runtime = resolve_runtime(config.device)
+    run_dir = prepare_run_dir(config)
+    seed_everything(config.seed)
+
+    # Data. A custom task's label names are inferred from its train split and reused for dev.
+    train_split = data_lib.load_split(
+        get_task(config.task, text_fields=config.text_fields, label_field=config.label_field),
+        config.data,
+        "train",
+    )
+    task = train_split.task
+    dev_split = data_lib.load_split(task, config.data, task.dev_split)
+    num_labels = task.num_labels
+    id2label = task.id2label or None
+
+    # Models: the teacher and student read the same tokenised batch (same vocabulary).
+    teacher = None
+    if config.mode == "distill":
+        teacher = models_lib.load_teacher(
+            config.teacher,
+            num_labels=num_labels,
+            id2label=id2label,
+            trust_remote_code=config.trust_remote_code,
+        )
+        student = models_lib.load_student(
+            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
+        )
+    else:
+        student = models_lib.load_model(
+            config.student,
+            num_labels=num_labels,
+            id2label=id2label,
+            trust_remote_code=config.trust_remote_code,
+        )
+    tokenizer = student.tokenizer
+    train_features = data_lib.tokenize_examples(train_split, tokenizer, config.max_length)
+    dev_features = data_lib.tokenize_examples(dev_split, tokenizer, config.max_length)
+    collate = data_lib.make_collate_fn(tokenizer, task)
+
+    layer_pairs: list[tuple[int, int]] = []
+    if teacher is not None and config.loss != "none":
+        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher.num_layers)
+    objective = Objective(
+        config.loss,
+        layer_pairs,
+        student.config.hidden_size,
+        teacher.config.hidden_size if teacher is not None else 1,
+        alpha=config.alpha,
+        gamma=config.gamma,
+        temperature=config.temperature,
+        mode=config.mode,
+    ).to(runtime.device)
+    student.model.to(runtime.device).train()
+    if teacher is not None:
+        teacher.model.to(runtime.device).eval()
+        for param in teacher.model.parameters():
+            param.requires_grad_(False)
+
+    student_layers = [s for s, _ in layer_pairs]
+    teacher_layers = [t for _, t in layer_pairs]
+
+    def teacher_outputs(batch: dict[str, torch.Tensor]):
+        if teacher is None:
+            return None, None
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
+        with torch.no_grad(), runtime.autocast():
+            out = teacher.model(**inputs, output_hidden_states=bool(layer_pairs))
+        feats = (
+            models_lib.extract_features(
+                out.hidden_states, batch["attention_mask"], teacher_layers, config.features
+            )
+            if layer_pairs
+            else None
+        )
+        return out.logits.float(), feats
+
+    def student_features(hidden_states, attention_mask):
+        return models_lib.extract_features(hidden_states, attention_mask, student_layers, config.features)
+
+    # Optimisation
+    per_epoch = steps_per_epoch(len(train_features), config.batch_size, config.grad_accum)
+    total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+    params = [p for p in [*student.model.parameters(), *objective.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+
+    step, epoch, cursor = 0, 0, 0
+    checkpoint = resolve_resume(config, run_dir)
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        load_weights(student.model, checkpoint / "student")
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, epoch, cursor = (
+            state["position"]["step"],
+            state["position"]["epoch"],
+            state["position"]["cursor"],
+        )
+    save_config(config, run_dir / "config.yaml")
+    write_json(
+        run_dir / "env.json",
+        env_info(
+            runtime,
+            {
+                "task": task.name,
+                "student": student.source.to_dict(),
+                "teacher": teacher.source.to_dict() if teacher is not None else None,
+                "data": {"train": train_split.fingerprint, dev_split.split: dev_split.fingerprint},
+                "layer_pairs": layer_pairs,
+                "train_examples": len(train_features),
+                "dev_examples": len(dev_features),
+                "total_steps": total_steps,
+            },
+        ),
+    )
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step)
+
+    def position() -> dict[str, int]:
+        return {"epoch": epoch, "cursor": cursor}
+
+    order = epoch_order(len(train_features), config.seed, epoch)
+    stream = batches(order, cursor, config.batch_size, train_features, collate)
+    window_start, window_examples = time.perf_counter(), 0
+    while step < total_steps:
+        terms_sum: dict[str, float] = {}
+        for _ in range(config.grad_accum):
+            try:
+                first, batch = next(stream)
+            except StopIteration:
+                epoch, cursor = epoch + 1, 0
+                order = epoch_order(len(train_features), config.seed, epoch)
+                stream = batches(order, 0, config.batch_size, train_features, collate)
+                first, batch = next(stream)
+            cursor = first + batch["labels"].shape[0]
+            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            output = distill_step(student.model, objective, batch, runtime, teacher_outputs, student_features)
+            _check_finite(output, step + 1, run_dir)
+            (output.total / config.grad_accum).backward()
+            for name, value in output.as_floats().items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + value / config.grad_accum
+            window_examples += batch["labels"].shape[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - window_start
+        record = {
+            "step": step,
+            "epoch": epoch + cursor / max(1, len(train_features)),
+            **terms_sum,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "examples_per_s": window_examples / max(elapsed, 1e-9),
+        }
+        window_start, window_examples = time.perf_counter(), 0
+        if runtime.is_main:
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                record["eval"] = evaluate(
+                    student.model, dev_features, collate, runtime, task, config.batch_size
+                )
+            log.write(record)
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint(
+                    run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position()
+                )
+        if progress is not None:
+            progress({**record, "total_steps": total_steps})
+
+    metrics = evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
+    final_dir = run_dir / "final"
+    if runtime.is_main:
+        save_final(
+            student.model,
+            tokenizer,
+            final_dir,
+            {
+                "config": config.to_dict(),
+                "task": task.name,
+                "split": dev_split.split,
+                "metrics": metrics,
+                "steps": step,
+            },
+        )
+        write_results(
+            run_dir, task.name, dev_split.split, metrics, {"steps": step, "geokd_version": geokd.__version__}
+        )
+    return TrainResult(run_dir=run_dir, steps=step, metrics=metrics, final_dir=final_dir)
+
+
+__all__ = [
+    "MetricsLog",
+    "evaluate",
+    "train",
+    "TrainResult",
+    "batches",
+    "distill_step",
+    "env_info",
+    "epoch_order",
+    "latest_checkpoint",
+    "linear_schedule",
+    "load_trainer_state",
+    "prepare_run_dir",
+    "resolve_resume",
+    "resolve_runtime",
+    "save_checkpoint",
+    "save_config",
+    "seed_everything",
+    "set_rng_state",
+    "steps_per_epoch",
+    "write_results",
+]

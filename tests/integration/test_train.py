@@ -1,0 +1,241 @@
+"""`geokd finetune` and `geokd distill` end to end on tiny random BERTs and a learnable toy task
+written in the GLUE SST-2 layout (issue #3): run-directory contents, reload, resume equivalence,
+training that is not vacuous, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
+from typer.testing import CliRunner
+
+from geokd import GeokdError
+from geokd.cli import app
+from geokd.config import resolve_config
+from geokd.engine import train
+
+runner = CliRunner()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+POSITIVE = ["good", "great", "fine", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "sad"]
+FILLER = [f"w{i}" for i in range(40)]
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    words = rng.sample(FILLER, rng.randint(3, 9))
+    words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    """A toy sentiment task in the SST-2 TSV layout: the label is carried by one word."""
+    root = tmp_path_factory.mktemp("glue") / "SST-2"
+    root.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 128), ("dev", 48)):
+        labels = [i % 2 for i in range(n)]
+        lines = ["sentence\tlabel"] + [f"{_sentence(rng, y)}\t{y}" for y in labels]
+        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A head-less 4-layer, 32-wide BERT with its tokenizer (a 'pretrained encoder')."""
+    folder = tmp_path_factory.mktemp("base")
+    vocab = SPECIAL + POSITIVE + NEGATIVE + FILLER
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _options(**kwargs) -> list[str]:
+    args = []
+    for key, value in kwargs.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(base_dir, glue_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    result = runner.invoke(
+        app,
+        ["finetune", "--quiet", *_options(model=base_dir, task="sst2", data=glue_dir, out=out, max_steps=60,
+                                           batch_size=16, lr=3e-3, seed=0, save_every=30, eval_every=30)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_run_directory_and_learning(teacher_dir, glue_dir):
+    run = teacher_dir
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "results.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-60"]
+    assert {"model.safetensors", "config.json", "geokd.json"} <= {p.name for p in (run / "final").iterdir()}
+    records = _records(run)
+    assert [r["step"] for r in records] == list(range(1, 61))
+    assert {"step", "loss", "task", "lr", "examples_per_s", "epoch"} <= set(records[0])
+    assert "eval" in records[29]
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.5 * first, (first, last)  # the toy task is learnable
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == "sst2" and results["split"] == "dev"
+    assert results["metrics"]["accuracy"] > 0.8
+    env = json.loads((run / "env.json").read_text())
+    assert env["data"]["train"].startswith("sha256:") and env["world_size"] == 1
+
+
+def test_final_model_reloads_with_plain_transformers_and_reproduces_the_dev_metric(teacher_dir, glue_dir):
+    from geokd import data as data_lib
+    from geokd.tasks import compute_metrics, get_task
+
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir / "final").eval()
+    tokenizer = BertTokenizer.from_pretrained(teacher_dir / "final")
+    task = get_task("sst2")
+    dev = data_lib.load_split(task, glue_dir, "dev")
+    batch = data_lib.make_collate_fn(tokenizer, task)(data_lib.tokenize_examples(dev, tokenizer, 128))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    metrics = compute_metrics(task, logits.argmax(-1).numpy(), batch["labels"].numpy())
+    results = json.loads((teacher_dir / "results.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize(
+    "student, loss, features",
+    [("truncate:2", "procrustes", "cls"), ("shrink:layers=2,hidden=16,heads=2", "proj", "tokens")],
+)
+def test_distill_logs_every_term_and_moves_the_student(
+    teacher_dir, glue_dir, tmp_path, student, loss, features
+):
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["distill", "--quiet", *_options(teacher=teacher_dir / "final", student=student, task="sst2", data=glue_dir,
+                                          out=out, loss=loss, features=features, max_steps=12, batch_size=16,
+                                          lr=2e-3, seed=1)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = _records(out)
+    feature_terms = [k for k in records[0] if k.startswith(f"feature/{loss}/")]
+    assert feature_terms == ["feature/" + loss + "/1->2", "feature/" + loss + "/2->4"]
+    assert {"task", "kl", "loss"} <= set(records[0])
+    first, last = records[0], records[-1]
+    assert sum(last[k] for k in feature_terms) < sum(first[k] for k in feature_terms)
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    if student.startswith("truncate"):
+        teacher = load_file(str(teacher_dir / "final" / "model.safetensors"))
+        moved = [k for k in weights if k in teacher and weights[k].shape == teacher[k].shape
+                 and not torch.equal(weights[k], teacher[k])]  # fmt: skip
+        assert moved, "training did not change the truncated student"
+    assert not any("proj" in k or "feature_losses" in k for k in weights)  # auxiliary heads stay out
+
+
+def _distill_config(teacher_dir, glue_dir, out, **extra):
+    flags = dict(teacher=str(teacher_dir / "final"), student="truncate:2", task="sst2", data=str(glue_dir),
+                 out=str(out), loss="gram", features="tokens", max_steps=8, batch_size=16, lr=2e-3, seed=3,
+                 save_every=4)  # fmt: skip
+    flags.update(extra)
+    return resolve_config("distill", flags=flags)
+
+
+def test_resume_reaches_the_same_final_weights(teacher_dir, glue_dir, tmp_path):
+    straight = train(_distill_config(teacher_dir, glue_dir, tmp_path / "a"))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_six(record):
+        if record["step"] == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(_distill_config(teacher_dir, glue_dir, tmp_path / "b"), progress=stop_after_six)
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = train(_distill_config(teacher_dir, glue_dir, tmp_path / "b", resume="auto"))
+    assert resumed.steps == straight.steps == 8
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert [r["loss"] for r in _records(tmp_path / "a")] == [r["loss"] for r in _records(tmp_path / "b")]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(teacher_dir, glue_dir, tmp_path):
+    config = _distill_config(
+        teacher_dir, glue_dir, tmp_path / "nan", lr=1e12, max_grad_norm=1e30, max_steps=30, save_every=1
+    )
+    with pytest.raises(
+        GeokdError, match=r"non-finite loss at step (\d+) .*the last checkpoint, .*step-\d+, is kept"
+    ) as info:
+        train(config)
+    bad_step = int(str(info.value).split("step ")[1].split(" ")[0])
+    assert (tmp_path / "nan" / "checkpoints" / f"step-{bad_step - 1}").is_dir()
+    assert not (tmp_path / "nan" / "checkpoints" / f"step-{bad_step}").exists()
+    assert not (tmp_path / "nan" / "final").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--task", "nope"], "unknown task"),
+        (["--data", "/no/such/dir"], "no such file or folder"),
+        (["--layers", "9:9"], "9"),
+        (["--loss", "mse", "--student", "shrink:layers=2,hidden=16,heads=2"], "mse needs equal widths"),
+    ],
+)
+def test_distill_bad_input_is_one_line_exit_2(teacher_dir, glue_dir, tmp_path, args, fragment):
+    base = _options(teacher=teacher_dir / "final", student="truncate:2", task="sst2", data=glue_dir,
+                    out=tmp_path / "run", max_steps=2)  # fmt: skip
+    result = runner.invoke(app, ["distill", "--quiet", *base, *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+
+
+def test_headless_teacher_is_refused_naming_finetune(base_dir, glue_dir, tmp_path):
+    result = runner.invoke(
+        app,
+        ["distill", "--quiet", *_options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir,
+                                          out=tmp_path / "run", max_steps=2)],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "geokd finetune" in result.output and "Traceback" not in result.output
+
+
+def test_existing_run_directory_is_not_overwritten(teacher_dir, glue_dir, base_dir):
+    before = (teacher_dir / "results.json").read_text()
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--quiet",
+            *_options(model=base_dir, task="sst2", data=glue_dir, out=teacher_dir, max_steps=1),
+        ],
+    )
+    assert result.exit_code == 2 and "already holds a run; pass --resume auto" in result.output
+    assert (teacher_dir / "results.json").read_text() == before
