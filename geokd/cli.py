@@ -188,6 +188,55 @@ def _render_synthetic(result: dict) -> None:
 _COMMON_HELP = "Options may also come from --config FILE.yaml and --set key=value (flags win)."
 
 
+def _render_run_summary(summary: dict) -> None:
+    cfg = summary["config"]
+    table = Table(title=f"geokd {cfg['mode']}: resolved configuration", show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in cfg.items():
+        if value is not None:
+            table.add_row(key, str(value))
+    console.print(table)
+    models = Table(title="models")
+    for column in ("role", "model", "parameters", "layers", "hidden"):
+        models.add_column(column)
+    for role in ("teacher", "student"):
+        info = summary[role]
+        if info is not None:
+            models.add_row(role, str(info["name"]), f"{info['parameters']:,}", str(info["layers"]), str(info["hidden"]))
+    if summary["teacher"] is not None:
+        ratio = summary["student"]["parameters"] / summary["teacher"]["parameters"]
+        models.caption = f"student / teacher parameters: {ratio:.1%}"
+    console.print(models)
+    if summary["layer_pairs"]:
+        pairs = Table(title=f"layer mapping ({cfg['loss']}, features={cfg['features']})")
+        pairs.add_column("student hidden state")
+        pairs.add_column("teacher hidden state")
+        for s_layer, t_layer in summary["layer_pairs"]:
+            pairs.add_row(str(s_layer), str(t_layer))
+        console.print(pairs)
+    resumed = f", resuming from {summary['resumed_from']}" if summary["resumed_from"] else ""
+    console.print(
+        f"device {summary['device']} ({summary['precision']}); {summary['train_examples']} train / "
+        f"{summary['dev_examples']} dev examples; {summary['total_steps']} steps{resumed}",
+        highlight=False,
+    )
+
+
+@app.command()
+def models() -> None:
+    """List the short model names accepted by --model, --teacher and --student."""
+    from geokd.models import list_aliases
+
+    table = Table(title="model aliases (or pass a local directory or a Hugging Face id)")
+    for column in ("alias", "resolves to", "description"):
+        table.add_column(column)
+    for alias in list_aliases():
+        table.add_row(alias.name, alias.target, alias.description)
+    console.print(table)
+    console.print("students may also be truncate:N (N of the teacher's blocks) or shrink:layers=L,hidden=H,heads=A")
+
+
 def _run_training(
     mode: str, config_file: Path | None, overrides: list[str] | None, flags: dict, quiet: bool
 ) -> None:
@@ -218,7 +267,7 @@ def _run_training(
                 info = f"epoch {record['epoch']:.2f} {terms} {record['examples_per_s']:.0f} ex/s"
                 bar.update(task_id, total=record["total_steps"], completed=record["step"], info=info)
 
-            result = train(config, progress=on_step)
+            result = train(config, progress=on_step, on_start=_render_run_summary)
         table = Table(title=f"{mode} finished: {result.steps} steps, dev metrics")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -278,7 +327,9 @@ def distill(
     temperature: float = _O(None, help="KD temperature τ (default 2.0)."),
     layers: str = _O(None, help="uniform (default), last, or student:teacher pairs '2:4,4:8'."),
     features: str = _O(None, help="cls (default), mean or tokens: rows per example or per token."),
-    finetune_teacher: bool = _O(None, "--finetune-teacher", help="Fine-tune a head-less teacher first."),
+    finetune_teacher: bool = _O(
+        None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."
+    ),
     out: str = _O(None, help="Run directory."),
     epochs: float = _O(None, help="Epochs (default 3)."),
     max_steps: int = _O(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),

@@ -19,6 +19,7 @@ epoch's shuffled order, so a resumed run reaches the same final weights as an un
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -336,8 +337,44 @@ def evaluate(
     return compute_metrics(task, torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy())
 
 
-def train(config: RunConfig, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Fine-tune (mode="finetune") or distil (mode="distill") according to `config`."""
+def _finetune_teacher_first(config: RunConfig, run_dir: Path, progress: Callable | None) -> RunConfig:
+    """`--finetune-teacher`: fine-tune the head-less teacher on the task inside RUN/teacher (reused
+    on resume), then distil from RUN/teacher/final."""
+    teacher_run = run_dir / "teacher"
+    if not (teacher_run / "final" / "config.json").is_file():
+        teacher_config = RunConfig(
+            mode="finetune",
+            student=config.teacher,
+            task=config.task,
+            data=config.data,
+            text_fields=config.text_fields,
+            label_field=config.label_field,
+            max_length=config.max_length,
+            epochs=config.epochs,
+            max_steps=config.max_steps,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            grad_accum=config.grad_accum,
+            seed=config.seed,
+            device=config.device,
+            trust_remote_code=config.trust_remote_code,
+            out=str(teacher_run),
+            resume="auto" if teacher_run.exists() else None,
+        )
+        train(teacher_config, progress=progress)
+    return dataclasses.replace(config, teacher=str(teacher_run / "final"))
+
+
+def train(
+    config: RunConfig,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Fine-tune (mode="finetune") or distil (mode="distill") according to `config`.
+
+    `on_start` receives a summary (config, models with parameter counts, layer mapping, device and
+    precision with the reason, data sizes, steps) before the first step; `progress` receives every
+    logged record."""
     import transformers
 
     from geokd import data as data_lib
@@ -350,6 +387,9 @@ def train(config: RunConfig, progress: Callable[[dict[str, Any]], None] | None =
     transformers.utils.logging.disable_progress_bar()
     runtime = resolve_runtime(config.device)
     run_dir = prepare_run_dir(config)
+    requested = config
+    if config.mode == "distill" and config.finetune_teacher:
+        config = _finetune_teacher_first(config, run_dir, progress)
     seed_everything(config.seed)
 
     # Data. A custom task's label names are inferred from its train split and reused for dev.
@@ -449,7 +489,34 @@ def train(config: RunConfig, progress: Callable[[dict[str, Any]], None] | None =
             state["position"]["epoch"],
             state["position"]["cursor"],
         )
-    save_config(config, run_dir / "config.yaml")
+    save_config(requested, run_dir / "config.yaml")
+    if on_start is not None:
+        on_start(
+            {
+                "config": config.to_dict(),
+                "student": {
+                    "name": config.student,
+                    "parameters": models_lib.count_parameters(student.model),
+                    "layers": student.num_layers,
+                    "hidden": student.config.hidden_size,
+                },
+                "teacher": None
+                if teacher is None
+                else {
+                    "name": config.teacher,
+                    "parameters": models_lib.count_parameters(teacher.model),
+                    "layers": teacher.num_layers,
+                    "hidden": teacher.config.hidden_size,
+                },
+                "layer_pairs": layer_pairs,
+                "device": str(runtime.device),
+                "precision": runtime.reason,
+                "train_examples": len(train_features),
+                "dev_examples": len(dev_features),
+                "total_steps": total_steps,
+                "resumed_from": str(checkpoint) if checkpoint is not None else None,
+            }
+        )
     write_json(
         run_dir / "env.json",
         env_info(

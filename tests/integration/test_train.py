@@ -239,3 +239,52 @@ def test_existing_run_directory_is_not_overwritten(teacher_dir, glue_dir, base_d
     )
     assert result.exit_code == 2 and "already holds a run; pass --resume auto" in result.output
     assert (teacher_dir / "results.json").read_text() == before
+
+
+def test_finetune_teacher_flag_trains_the_headless_teacher_first(base_dir, glue_dir, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["distill", "--quiet", "--finetune-teacher",
+         *_options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir, out=out, max_steps=4,
+                   batch_size=16, lr=3e-3)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "teacher" / "final" / "model.safetensors").is_file()
+    assert (out / "teacher" / "results.json").is_file() and (out / "results.json").is_file()
+    env = json.loads((out / "env.json").read_text())
+    assert env["teacher"]["path_or_id"].endswith("teacher/final")
+
+
+def test_run_summary_is_printed_before_training(teacher_dir, glue_dir, tmp_path):
+    result = runner.invoke(
+        app,
+        ["distill", "--quiet", *_options(teacher=teacher_dir / "final", student="truncate:2", task="sst2",
+                                          data=glue_dir, out=tmp_path / "run", max_steps=1)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for fragment in ("resolved configuration", "parameters", "layer mapping", "device cpu", "float32"):
+        assert fragment in result.output, fragment
+
+
+def test_custom_task_from_jsonl(base_dir, tmp_path):
+    rng = random.Random(5)
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    for split, n in (("train", 64), ("dev", 16)):
+        rows = [{"text": _sentence(rng, i % 2), "y": "pos" if i % 2 else "neg"} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["finetune", "--quiet", *_options(model=base_dir, task="custom", data=folder, text_fields="text",
+                                          label_field="y", out=out, max_steps=3, batch_size=16)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_models_lists_aliases():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "bert-base" in result.output and "truncate:N" in result.output
