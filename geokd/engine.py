@@ -588,6 +588,12 @@ def train(
             progress({**record, "total_steps": total_steps})
 
     metrics = evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
+    other_splits = {}  # MNLI: dev_mismatched next to dev_matched
+    for split in task.eval_splits[1:]:
+        extra = data_lib.tokenize_examples(
+            data_lib.load_split(task, config.data, split), tokenizer, config.max_length
+        )
+        other_splits[split] = evaluate(student.model, extra, collate, runtime, task, config.batch_size)
     final_dir = run_dir / "final"
     if runtime.is_main:
         save_final(
@@ -602,9 +608,10 @@ def train(
                 "steps": step,
             },
         )
-        write_results(
-            run_dir, task.name, dev_split.split, metrics, {"steps": step, "geokd_version": geokd.__version__}
-        )
+        extra_results = {"steps": step, "geokd_version": geokd.__version__}
+        if other_splits:
+            extra_results["other_splits"] = other_splits
+        write_results(run_dir, task.name, dev_split.split, metrics, extra_results)
     return TrainResult(run_dir=run_dir, steps=step, metrics=metrics, final_dir=final_dir)
 
 

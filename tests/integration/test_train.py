@@ -288,3 +288,39 @@ def test_custom_task_from_jsonl(base_dir, tmp_path):
 def test_models_lists_aliases():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0 and "bert-base" in result.output and "truncate:N" in result.output
+
+
+def test_mnli_reports_matched_and_mismatched_dev(base_dir, tmp_path):
+    header = (
+        "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
+        "sentence2_parse sentence1 sentence2"
+    ).split()
+    rng = random.Random(7)
+    folder = tmp_path / "MNLI"
+    folder.mkdir()
+    names = ["entailment", "neutral", "contradiction"]
+    for split, n, extra in (
+        ("train", 30, ["label1"]),
+        ("dev_matched", 9, ["label1"] * 5),
+        ("dev_mismatched", 6, ["label1"] * 5),
+    ):
+        lines = ["\t".join(header + extra + ["gold_label"])]
+        for i in range(n):
+            label = names[i % 3]
+            row = [str(i), "1", f"{i}n", "fiction", "( x )", "( y )", "(ROOT x)", "(ROOT y)",
+                   _sentence(rng, i % 2), _sentence(rng, 0)] + [label] * (len(extra) + 1)  # fmt: skip
+            lines.append("\t".join(row))
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--quiet",
+            *_options(model=base_dir, task="mnli", data=folder, out=out, max_steps=2, batch_size=8),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["split"] == "dev_matched" and set(results["metrics"]) == {"accuracy"}
+    assert set(results["other_splits"]) == {"dev_mismatched"}
