@@ -203,7 +203,9 @@ def _render_run_summary(summary: dict) -> None:
     for role in ("teacher", "student"):
         info = summary[role]
         if info is not None:
-            models.add_row(role, str(info["name"]), f"{info['parameters']:,}", str(info["layers"]), str(info["hidden"]))
+            models.add_row(
+                role, str(info["name"]), f"{info['parameters']:,}", str(info["layers"]), str(info["hidden"])
+            )
     if summary["teacher"] is not None:
         ratio = summary["student"]["parameters"] / summary["teacher"]["parameters"]
         models.caption = f"student / teacher parameters: {ratio:.1%}"
@@ -234,7 +236,9 @@ def models() -> None:
     for alias in list_aliases():
         table.add_row(alias.name, alias.target, alias.description)
     console.print(table)
-    console.print("students may also be truncate:N (N of the teacher's blocks) or shrink:layers=L,hidden=H,heads=A")
+    console.print(
+        "students may also be truncate:N (N of the teacher's blocks) or shrink:layers=L,hidden=H,heads=A"
+    )
 
 
 def _run_training(

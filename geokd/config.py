@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -87,6 +88,12 @@ def validation_problems(config: RunConfig) -> list[str]:
     from geokd.losses import feature_loss_names
 
     p: list[str] = []
+    for f in fields(RunConfig):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(f"{f.name}: must be a finite number, got {value}")
+    if p:
+        return p
     if config.mode not in MODES:
         p.append(f"mode: must be one of {', '.join(MODES)}, got {config.mode!r}")
     if not config.student:

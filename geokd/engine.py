@@ -42,6 +42,18 @@ from geokd.errors import GeokdError
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime, resolve_runtime
 
+
+def _current_key_format() -> dict[str, bool]:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    params = inspect.signature(PreTrainedModel.save_pretrained).parameters
+    return {"save_original_format": False} if "save_original_format" in params else {}
+
+
+_CURRENT_KEY_FORMAT = _current_key_format()
+
 # Config keys that may differ between an interrupted run and its resumption.
 _RESUMABLE_DIFFERENCES = {"resume", "eval_every", "save_every", "device", "out"}
 
@@ -156,7 +168,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    student.save_pretrained(tmp / "student", safe_serialization=True)
+    # Current key names (not an old checkpoint's LayerNorm.gamma/beta), so load_weights matches.
+    student.save_pretrained(tmp / "student", safe_serialization=True, **_CURRENT_KEY_FORMAT)
     tokenizer.save_pretrained(tmp / "student")
     torch.save(
         {
@@ -207,11 +220,14 @@ class MetricsLog:
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = path
         if truncate_after_step is not None and path.exists():  # resume: drop lines past the checkpoint
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
-            ]
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if record.get("step", 0) <= truncate_after_step:
+                    kept.append(line)
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
@@ -249,8 +265,10 @@ def resolve_resume(config: RunConfig, run_dir: Path) -> Path | None:
     return Path(config.resume)
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(n_examples / batch_size) // grad_accum)
+def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epochs: float) -> int:
+    """Optimizer steps for `epochs` passes: micro-batches rounded up, then grouped by grad_accum."""
+    micro_batches = math.ceil(n_examples / batch_size) * epochs
+    return max(1, math.ceil(micro_batches / grad_accum))
 
 
 def prepare_run_dir(config: RunConfig) -> Path:
@@ -392,6 +410,11 @@ def train(
         config = _finetune_teacher_first(config, run_dir, progress)
     seed_everything(config.seed)
 
+    if config.data is not None and Path(config.data).is_file():
+        raise GeokdError(
+            f"--data: {config.data!r} is a single file, so train and dev would be the same rows; pass a "
+            "folder holding train and dev files (train.tsv/dev.tsv, or train/dev .csv/.jsonl)"
+        )
     # Data. A custom task's label names are inferred from its train split and reused for dev.
     train_split = data_lib.load_split(
         get_task(config.task, text_fields=config.text_fields, label_field=config.label_field),
@@ -423,6 +446,13 @@ def train(
             trust_remote_code=config.trust_remote_code,
         )
     tokenizer = student.tokenizer
+    for loaded in (student, teacher):
+        limit = getattr(loaded.config, "max_position_embeddings", None) if loaded is not None else None
+        if limit is not None and config.max_length > limit:
+            raise GeokdError(
+                f"--max-length: {config.max_length} tokens exceeds the model's {limit} positions; "
+                f"use --max-length {limit} or less"
+            )
     train_features = data_lib.tokenize_examples(train_split, tokenizer, config.max_length)
     dev_features = data_lib.tokenize_examples(dev_split, tokenizer, config.max_length)
     collate = data_lib.make_collate_fn(tokenizer, task)
@@ -468,8 +498,9 @@ def train(
         return models_lib.extract_features(hidden_states, attention_mask, student_layers, config.features)
 
     # Optimisation
-    per_epoch = steps_per_epoch(len(train_features), config.batch_size, config.grad_accum)
-    total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+    total_steps = config.max_steps or total_optimizer_steps(
+        len(train_features), config.batch_size, config.grad_accum, config.epochs
+    )
     params = [p for p in [*student.model.parameters(), *objective.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
@@ -480,9 +511,15 @@ def train(
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         load_weights(student.model, checkpoint / "student")
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise GeokdError(
+                f"--resume: checkpoint {str(checkpoint)!r} was written with another loss, layer map or model "
+                f"({type(exc).__name__}); resume with the options of that run"
+            ) from None
         set_rng_state(state["rng"])
         step, epoch, cursor = (
             state["position"]["step"],
@@ -560,6 +597,8 @@ def train(
                 terms_sum[name] = terms_sum.get(name, 0.0) + value / config.grad_accum
             window_examples += batch["labels"].shape[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # never let NaN/inf reach the weights or a checkpoint
+            _check_finite(LossOutput(total=grad_norm, terms={"grad_norm": grad_norm}), step + 1, run_dir)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -634,6 +673,6 @@ __all__ = [
     "save_config",
     "seed_everything",
     "set_rng_state",
-    "steps_per_epoch",
+    "total_optimizer_steps",
     "write_results",
 ]

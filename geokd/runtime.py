@@ -58,11 +58,22 @@ def resolve_runtime(device: str = "auto") -> Runtime:
             raise GeokdError(
                 f"--device {device}: CUDA is not available on this machine; use --device cpu or auto"
             )
+        if dev.type == "mps" and not (
+            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        ):
+            raise GeokdError(
+                f"--device {device}: Apple MPS is not available on this machine; use --device cpu or auto"
+            )
         why = f"--device {device}"
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise GeokdError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
         major, minor = torch.cuda.get_device_capability(index)
-        if torch.cuda.is_bf16_supported():
+        if major >= 8:  # native bf16 (Ampere and newer); is_bf16_supported() also admits emulation
             return Runtime(
                 dev,
                 torch.bfloat16,

@@ -58,7 +58,7 @@ def base_dir(tmp_path_factory) -> Path:
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -206,9 +206,17 @@ def test_non_finite_loss_stops_with_a_clear_message(teacher_dir, glue_dir, tmp_p
         (["--data", "/no/such/dir"], "no such file or folder"),
         (["--layers", "9:9"], "9"),
         (["--loss", "mse", "--student", "shrink:layers=2,hidden=16,heads=2"], "mse needs equal widths"),
+        (["--data", "TRAIN_FILE"], "is a single file, so train and dev would be the same rows"),
+        (["--max-length", "1000"], "--max-length: 1000 tokens exceeds the model's 128 positions"),
+        (["--set", "lr=nan"], "lr: must be a finite number"),
+        (
+            ["--layers", "1:2", "--resume", "/no/such/checkpoint"],
+            "checkpoint '/no/such/checkpoint' does not exist",
+        ),
     ],
 )
 def test_distill_bad_input_is_one_line_exit_2(teacher_dir, glue_dir, tmp_path, args, fragment):
+    args = [str(glue_dir / "train.tsv") if a == "TRAIN_FILE" else a for a in args]
     base = _options(teacher=teacher_dir / "final", student="truncate:2", task="sst2", data=glue_dir,
                     out=tmp_path / "run", max_steps=2)  # fmt: skip
     result = runner.invoke(app, ["distill", "--quiet", *base, *args])
