@@ -282,36 +282,56 @@ def _run_training(
 
 
 _O = typer.Option
+# Options shared by finetune and distill (one definition each: same flag, same help).
+_TASK = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'.")
+_DATA = _O(
+    None, help="Folder of GLUE TSVs (train.tsv, dev.tsv) or of train/dev CSV/JSONL, or a datasets name."
+)
+_TEXT_FIELDS = _O(None, "--text-fields", help="Custom task: comma-separated text columns.")
+_LABEL_FIELD = _O(None, "--label-field", help="Custom task: label column.")
+_OUT = _O(None, help="Run directory.")
+_EPOCHS = _O(None, help="Epochs (default 3).")
+_MAX_STEPS = _O(None, "--max-steps", help="Optimizer steps (overrides --epochs).")
+_LR = _O(None, help="Peak learning rate (default 5e-5).")
+_BATCH_SIZE = _O(None, "--batch-size", help="Examples per micro-batch (default 32).")
+_GRAD_ACCUM = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 1).")
+_MAX_LENGTH = _O(None, "--max-length", help="Tokens per example (default 128).")
+_SEED = _O(None, help="Random seed (default 42).")
+_EVAL_EVERY = _O(None, "--eval-every", help="Evaluate on dev every N steps (and at the end).")
+_SAVE_EVERY = _O(None, "--save-every", help="Checkpoint every N steps.")
+_RESUME = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path.")
+_DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
+_CONFIG = _O(None, "--config", help="YAML file of options.")
+_SET = _O(None, "--set", help="key=value override (repeatable).")
+_QUIET = _O(False, "--quiet", help="No progress bar.")
+_NOT_CONFIG_KEYS = ("config_file", "overrides", "quiet")
 
 
 @app.command(help=f"Fine-tune a model on a task with the task loss only. {_COMMON_HELP}")
 def finetune(
     model: str = _O(None, "--model", help="Local directory, Hugging Face id or alias (geokd models)."),
-    task: str = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'."),
-    data: str = _O(None, help="GLUE-format directory, a CSV/TSV/JSONL file, or a datasets name."),
-    text_fields: str = _O(None, "--text-fields", help="Custom task: comma-separated text columns."),
-    label_field: str = _O(None, "--label-field", help="Custom task: label column."),
-    out: str = _O(None, help="Run directory."),
-    epochs: float = _O(None, help="Epochs (default 3)."),
-    max_steps: int = _O(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    lr: float = _O(None, help="Peak learning rate (default 5e-5)."),
-    batch_size: int = _O(None, "--batch-size", help="Examples per micro-batch (default 32)."),
-    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 1)."),
-    max_length: int = _O(None, "--max-length", help="Tokens per example (default 128)."),
-    seed: int = _O(None, help="Random seed (default 42)."),
-    eval_every: int = _O(None, "--eval-every", help="Evaluate on dev every N steps (and at the end)."),
-    save_every: int = _O(None, "--save-every", help="Checkpoint every N steps."),
-    resume: str = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path."),
-    device: str = _O(None, help="auto (default), cpu, cuda, cuda:N or mps."),
-    config_file: Path = _O(None, "--config", help="YAML file of options."),
-    overrides: list[str] = _O(None, "--set", help="key=value override (repeatable)."),
-    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+    task: str = _TASK,
+    data: str = _DATA,
+    text_fields: str = _TEXT_FIELDS,
+    label_field: str = _LABEL_FIELD,
+    out: str = _OUT,
+    epochs: float = _EPOCHS,
+    max_steps: int = _MAX_STEPS,
+    lr: float = _LR,
+    batch_size: int = _BATCH_SIZE,
+    grad_accum: int = _GRAD_ACCUM,
+    max_length: int = _MAX_LENGTH,
+    seed: int = _SEED,
+    eval_every: int = _EVAL_EVERY,
+    save_every: int = _SAVE_EVERY,
+    resume: str = _RESUME,
+    device: str = _DEVICE,
+    config_file: Path = _CONFIG,
+    overrides: list[str] = _SET,
+    quiet: bool = _QUIET,
 ) -> None:
-    flags = dict(
-        student=model, task=task, data=data, text_fields=text_fields, label_field=label_field, out=out,
-        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-        max_length=max_length, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, device=device,
-    )  # fmt: skip
+    flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
+    flags["student"] = flags.pop("model")  # the model being trained is the config's `student`
     _run_training("finetune", config_file, overrides, flags, quiet)
 
 
@@ -321,10 +341,10 @@ def distill(
     student: str = _O(
         None, help="Student: directory/id/alias, truncate:N or shrink:layers=4,hidden=256,heads=4."
     ),
-    task: str = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'."),
-    data: str = _O(None, help="GLUE-format directory, a CSV/TSV/JSONL file, or a datasets name."),
-    text_fields: str = _O(None, "--text-fields", help="Custom task: comma-separated text columns."),
-    label_field: str = _O(None, "--label-field", help="Custom task: label column."),
+    task: str = _TASK,
+    data: str = _DATA,
+    text_fields: str = _TEXT_FIELDS,
+    label_field: str = _LABEL_FIELD,
     loss: str = _O(None, help="Feature loss: procrustes (default), gram, cka, proj, mse, cosine, or none."),
     alpha: float = _O(None, help="Feature weight α in [0, 1] (default 0.5); KL gets 1 − α."),
     gamma: float = _O(None, help="Task-loss weight γ (default 1.0)."),
@@ -334,29 +354,23 @@ def distill(
     finetune_teacher: bool = _O(
         None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."
     ),
-    out: str = _O(None, help="Run directory."),
-    epochs: float = _O(None, help="Epochs (default 3)."),
-    max_steps: int = _O(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    lr: float = _O(None, help="Peak learning rate (default 5e-5)."),
-    batch_size: int = _O(None, "--batch-size", help="Examples per micro-batch (default 32)."),
-    grad_accum: int = _O(None, "--grad-accum", help="Micro-batches per optimizer step (default 1)."),
-    max_length: int = _O(None, "--max-length", help="Tokens per example (default 128)."),
-    seed: int = _O(None, help="Random seed (default 42)."),
-    eval_every: int = _O(None, "--eval-every", help="Evaluate on dev every N steps (and at the end)."),
-    save_every: int = _O(None, "--save-every", help="Checkpoint every N steps."),
-    resume: str = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path."),
-    device: str = _O(None, help="auto (default), cpu, cuda, cuda:N or mps."),
-    config_file: Path = _O(None, "--config", help="YAML file of options."),
-    overrides: list[str] = _O(None, "--set", help="key=value override (repeatable)."),
-    quiet: bool = _O(False, "--quiet", help="No progress bar."),
+    out: str = _OUT,
+    epochs: float = _EPOCHS,
+    max_steps: int = _MAX_STEPS,
+    lr: float = _LR,
+    batch_size: int = _BATCH_SIZE,
+    grad_accum: int = _GRAD_ACCUM,
+    max_length: int = _MAX_LENGTH,
+    seed: int = _SEED,
+    eval_every: int = _EVAL_EVERY,
+    save_every: int = _SAVE_EVERY,
+    resume: str = _RESUME,
+    device: str = _DEVICE,
+    config_file: Path = _CONFIG,
+    overrides: list[str] = _SET,
+    quiet: bool = _QUIET,
 ) -> None:
-    flags = dict(
-        teacher=teacher, student=student, task=task, data=data, text_fields=text_fields, label_field=label_field,
-        loss=loss, alpha=alpha, gamma=gamma, temperature=temperature, layers=layers, features=features,
-        finetune_teacher=finetune_teacher, out=out, epochs=epochs, max_steps=max_steps, lr=lr,
-        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, eval_every=eval_every,
-        save_every=save_every, resume=resume, device=device,
-    )  # fmt: skip
+    flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
     _run_training("distill", config_file, overrides, flags, quiet)
 
 
