@@ -579,7 +579,10 @@ def train(
     stream = batches(order, cursor, config.batch_size, train_features, collate)
     window_start, window_examples = time.perf_counter(), 0
     while step < total_steps:
-        terms_sum: dict[str, float] = {}
+        # Draw the step's micro-batches first, so each is weighted by its share of the step's
+        # examples (an epoch's short last batch counts for what it holds): sums and counts, never
+        # an average of averages.
+        micro_batches = []
         for _ in range(config.grad_accum):
             try:
                 first, batch = next(stream)
@@ -589,13 +592,18 @@ def train(
                 stream = batches(order, 0, config.batch_size, train_features, collate)
                 first, batch = next(stream)
             cursor = first + batch["labels"].shape[0]
+            micro_batches.append(batch)
+        step_examples = sum(batch["labels"].shape[0] for batch in micro_batches)
+        terms_sum: dict[str, float] = {}
+        for batch in micro_batches:
+            weight = batch["labels"].shape[0] / step_examples
             batch = {k: v.to(runtime.device) for k, v in batch.items()}
             output = distill_step(student.model, objective, batch, runtime, teacher_outputs, student_features)
             _check_finite(output, step + 1, run_dir)
-            (output.total / config.grad_accum).backward()
+            (output.total * weight).backward()
             for name, value in output.as_floats().items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + value / config.grad_accum
-            window_examples += batch["labels"].shape[0]
+                terms_sum[name] = terms_sum.get(name, 0.0) + value * weight
+        window_examples += step_examples
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if not torch.isfinite(grad_norm):  # never let NaN/inf reach the weights or a checkpoint
             _check_finite(LossOutput(total=grad_norm, terms={"grad_norm": grad_norm}), step + 1, run_dir)
