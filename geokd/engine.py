@@ -59,13 +59,6 @@ _RESUMABLE_DIFFERENCES = {"resume", "eval_every", "save_every", "device", "out"}
 
 
 @dataclass
-class StepInput:
-    """One micro-batch on the device."""
-
-    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, (token_type_ids), labels: [B, T] / [B]
-
-
-@dataclass
 class TrainResult:
     run_dir: Path
     steps: int
@@ -676,9 +669,7 @@ __all__ = [
     "load_trainer_state",
     "prepare_run_dir",
     "resolve_resume",
-    "resolve_runtime",
     "save_checkpoint",
-    "save_config",
     "seed_everything",
     "set_rng_state",
     "total_optimizer_steps",
