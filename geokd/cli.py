@@ -241,44 +241,112 @@ def models() -> None:
     )
 
 
+def _progress_columns(label: str) -> tuple:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    return (
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+
+
 def _run_training(
-    mode: str, config_file: Path | None, overrides: list[str] | None, flags: dict, quiet: bool
+    mode: str,
+    config_file: Path | None,
+    overrides: list[str] | None,
+    flags: dict,
+    quiet: bool,
+    seeds_text: str | None = None,
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
     from geokd.config import resolve_config
-    from geokd.engine import train
+    from geokd.engine import parse_seeds, train, train_seeds
 
     with user_errors():
+        seeds = parse_seeds(seeds_text) if seeds_text is not None else None
+        if seeds is not None and flags.get("seed") is not None:
+            raise GeokdError(
+                f"--seed {flags['seed']} and --seeds {seeds_text} contradict each other; pass one of them"
+            )
         config = resolve_config(mode, file=config_file, overrides=overrides, flags=flags)
         config.validate()
-        columns = (
-            TextColumn(f"[bold]{mode}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=err_console, disable=quiet, transient=False) as bar:
-            task_id = bar.add_task(mode, total=None, info="loading")
+        bars: list[Progress] = []
 
-            def on_step(record: dict) -> None:
-                terms = " ".join(
-                    f"{k.split('/')[-1] if k.startswith('feature/') else k}={v:.4f}"
-                    for k, v in record.items()
-                    if k in ("loss", "task", "kl") or k.startswith("feature/")
-                )
-                info = f"epoch {record['epoch']:.2f} {terms} {record['examples_per_s']:.0f} ex/s"
-                bar.update(task_id, total=record["total_steps"], completed=record["step"], info=info)
+        def on_step(record: dict) -> None:
+            bar = bars[-1]
+            terms = " ".join(
+                f"{k.split('/')[-1] if k.startswith('feature/') else k}={v:.4f}"
+                for k, v in record.items()
+                if k in ("loss", "task", "kl") or k.startswith("feature/")
+            )
+            info = f"epoch {record['epoch']:.2f} {terms} {record['examples_per_s']:.0f} ex/s"
+            bar.update(bar.task_ids[0], total=record["total_steps"], completed=record["step"], info=info)
 
-            result = train(config, progress=on_step, on_start=_render_run_summary)
-        table = Table(title=f"{mode} finished: {result.steps} steps, dev metrics")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, value in result.metrics.items():
-            table.add_row(name, f"{value:.4f}")
-        console.print(table)
-        console.print(f"run directory: {result.run_dir}  final model: {result.final_dir}")
+        if seeds is None:
+            with Progress(*_progress_columns(mode), console=err_console, disable=quiet) as bar:
+                bar.add_task(mode, total=None, info="loading")
+                bars.append(bar)
+                result = train(config, progress=on_step, on_start=_render_run_summary)
+            _render_train_result(mode, result)
+            return
+
+        def open_bar() -> None:
+            if bars:
+                bars[-1].stop()
+            bar = Progress(*_progress_columns(mode), console=err_console, disable=quiet)
+            bar.add_task(mode, total=None, info="loading")
+            bar.start()
+            bars.append(bar)
+
+        def on_seed(index: int, seed: int, run_dir: Path, skipped: bool) -> None:
+            if bars:
+                bars[-1].stop()
+            state = "already finished, kept" if skipped else "starting"
+            console.rule(f"seed {seed} ({index + 1} of {len(seeds)}): {run_dir} {state}")
+            if not skipped:
+                open_bar()
+
+        def on_seed_step(record: dict) -> None:
+            if not bars:  # the --finetune-teacher run, before the first seed
+                open_bar()
+            on_step(record)
+
+        try:
+            results = train_seeds(
+                config, seeds, progress=on_seed_step, on_start=_render_run_summary, on_seed=on_seed
+            )
+        finally:
+            if bars:
+                bars[-1].stop()
+        for result in results:
+            _render_train_result(mode, result)
+        _finish_seeds(Path(config.out), [r.run_dir for r in results])
+
+
+def _render_train_result(mode: str, result) -> None:
+    table = Table(title=f"{mode} finished: {result.steps} steps, dev metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    console.print(f"run directory: {result.run_dir}  final model: {result.final_dir}")
+
+
+def _finish_seeds(root: Path, run_dirs: list[Path]) -> None:
+    """After --seeds: the compare table over the seed runs, also written as OUT/compare.json."""
+    from geokd.artifacts import write_json
+    from geokd.compare import compare_runs, plot_comparison
+
+    comparison = compare_runs([str(d) for d in run_dirs])
+    _render_comparison(comparison)
+    write_json(root / "compare.json", comparison)
+    plot_comparison(comparison, root / "compare.png")
+    console.print(f"wrote {root / 'compare.json'} and {root / 'compare.png'}")
 
 
 _O = typer.Option
@@ -304,7 +372,10 @@ _DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
 _CONFIG = _O(None, "--config", help="YAML file of options.")
 _SET = _O(None, "--set", help="key=value override (repeatable).")
 _QUIET = _O(False, "--quiet", help="No progress bar.")
-_NOT_CONFIG_KEYS = ("config_file", "overrides", "quiet")
+_SEEDS = _O(
+    None, "--seeds", help="Run once per seed, e.g. 1,2,3, into OUT/seed-K/, then print the compare table."
+)
+_NOT_CONFIG_KEYS = ("config_file", "overrides", "quiet", "seeds")
 
 
 @app.command(help=f"Fine-tune a model on a task with the task loss only. {_COMMON_HELP}")
@@ -322,6 +393,7 @@ def finetune(
     grad_accum: int = _GRAD_ACCUM,
     max_length: int = _MAX_LENGTH,
     seed: int = _SEED,
+    seeds: str = _SEEDS,
     eval_every: int = _EVAL_EVERY,
     save_every: int = _SAVE_EVERY,
     resume: str = _RESUME,
@@ -332,7 +404,7 @@ def finetune(
 ) -> None:
     flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
     flags["student"] = flags.pop("model")  # the model being trained is the config's `student`
-    _run_training("finetune", config_file, overrides, flags, quiet)
+    _run_training("finetune", config_file, overrides, flags, quiet, seeds)
 
 
 @app.command(help=f"Distil a teacher into a student: γ·task + α·Σ feature + (1−α)·τ²·KL. {_COMMON_HELP}")
@@ -362,6 +434,7 @@ def distill(
     grad_accum: int = _GRAD_ACCUM,
     max_length: int = _MAX_LENGTH,
     seed: int = _SEED,
+    seeds: str = _SEEDS,
     eval_every: int = _EVAL_EVERY,
     save_every: int = _SAVE_EVERY,
     resume: str = _RESUME,
@@ -371,7 +444,208 @@ def distill(
     quiet: bool = _QUIET,
 ) -> None:
     flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
-    _run_training("distill", config_file, overrides, flags, quiet)
+    _run_training("distill", config_file, overrides, flags, quiet, seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval / compare
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(
+        ..., help="A run directory, its final/, an export, a model folder or a Hugging Face id."
+    ),
+    task: str = _O(None, help="Task (default: the one the model was trained on, from its geokd.json)."),
+    data: str = _O(
+        None, help="GLUE task folder, a data file, or a datasets name (default: the model's training data)."
+    ),
+    split: str = _O(None, help="Split to score (default: dev; MNLI: dev_matched and dev_mismatched)."),
+    text_fields: str = _TEXT_FIELDS,
+    label_field: str = _LABEL_FIELD,
+    batch_size: int = _O(64, "--batch-size", help="Examples per batch at the longest length."),
+    max_length: int = _O(128, "--max-length", help="Tokens per example."),
+    limit: int = _O(None, help="Score only the first N examples of the split."),
+    json_path: Path = _O(None, "--json", help="Also write the result JSON here."),
+    teacher: str = _O(None, help="Teacher for the geometry report (with --geometry)."),
+    geometry: bool = _O(False, "--geometry", help="Report the geometry of the model against --teacher."),
+    layers: str = _O(None, help="Geometry layer pairs: uniform (default, or the run's), last, or '2:4,4:8'."),
+    features: str = _O(None, help="Geometry rows: cls (default, or the run's) or mean."),
+    epsilon: float = _O(0.1, help="Geometry: pairs with |centred cosine| <= epsilon are epsilon-orthogonal."),
+    plot_path: Path = _O(None, "--plot", help="Geometry: write a PNG heat-map here."),
+    device: str = _DEVICE,
+    trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow custom model code."),
+    quiet: bool = _QUIET,
+) -> None:
+    """Score a model on a task split with the GLUE metrics (+ geometry against a teacher)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from geokd.artifacts import check_output_path, write_json
+    from geokd.evaluate import default_eval_path, evaluate_model, plot_geometry
+
+    with user_errors():
+        if json_path is not None:
+            check_output_path(json_path, "--json")
+        if plot_path is not None:
+            if not geometry:
+                raise GeokdError("--plot draws the geometry report; add --geometry --teacher TEACHER")
+            check_output_path(plot_path, "--plot")
+        columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err_console, disable=quiet, transient=True) as bar:
+            bar_task = bar.add_task("eval", total=None)
+            result = evaluate_model(
+                model,
+                task,
+                data,
+                split,
+                text_fields=text_fields,
+                label_field=label_field,
+                batch_size=batch_size,
+                max_length=max_length,
+                limit=limit,
+                device=device or "auto",
+                trust_remote_code=trust_remote_code,
+                teacher=teacher,
+                geometry=geometry,
+                layers=layers,
+                features=features,
+                epsilon=epsilon,
+                on_batch=lambda k: bar.advance(bar_task, k),
+                on_total=lambda n: bar.update(bar_task, total=n),
+            )
+        _render_eval(result)
+        written = []
+        for path in (default_eval_path(result), json_path):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(path, result)
+                written.append(str(path))
+        if plot_path is not None:
+            plot_geometry(result["geometry"], plot_path, title=f"{model} vs {teacher}")
+            written.append(str(plot_path))
+        if written:
+            console.print(f"wrote {', '.join(written)}")
+
+
+def _render_eval(result: dict) -> None:
+    model = result["model"]
+    table = Table(title=f"{result['task']}: {model['given']}")
+    table.add_column("split")
+    table.add_column("examples", justify="right")
+    names = list(result["metrics"])
+    for name in names:
+        table.add_column(name + (" *" if name == result["primary_metric"] else ""), justify="right")
+    table.add_column("examples/s", justify="right")
+    splits = {result["split"]: result, **result.get("other_splits", {})}
+    for split, entry in splits.items():
+        table.add_row(
+            split,
+            str(entry["n_examples"]),
+            *(f"{entry['metrics'][n]:.4f}" for n in names),
+            f"{entry['examples_per_s']:.0f}",
+        )
+    mapping = model["label_mapping"]["kind"].replace("_", " ")
+    table.caption = (
+        f"{model['parameters']:,} parameters, labels {mapping}; data {result['data']['fingerprint'][:19]}; "
+        f"{result['settings']['device']}; {result['elapsed_s']:.1f} s"
+    )
+    console.print(table)
+    for warning in result["warnings"]:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+    report = result.get("geometry")
+    if report is None:
+        return
+    geo = Table(
+        title=(
+            f"geometry vs {report['teacher']['name']}: {report['n_examples']} {report['split']} examples, "
+            f"{report['features']} rows, eps={report['epsilon']:g}"
+        )
+    )
+    for column in (
+        "student",
+        "teacher",
+        "procrustes",
+        "gram",
+        "1 - cka",
+        "teacher eps-pairs",
+        "preserved",
+        "%",
+    ):
+        geo.add_column(column, justify="right")
+    for entry in report["layer_pairs"]:
+        geo.add_row(
+            str(entry["student_layer"]),
+            str(entry["teacher_layer"]),
+            f"{entry['procrustes']:.4f}",
+            f"{entry['gram']:.4f}",
+            f"{entry['cka']:.4f}",
+            f"{entry['teacher_pairs']:,}",
+            f"{entry['preserved_pairs']:,}",
+            _fmt(100.0 * entry["preserved_fraction"] if entry["teacher_pairs"] else None, ".1f"),
+        )
+    geo.caption = "procrustes: squared, normalised (0..2); gram: normalised; layer 0 = embeddings"
+    console.print(geo)
+
+
+@app.command()
+def compare(
+    runs: list[str] = typer.Argument(
+        ..., help="Run directories (or dirs of seed-K runs, or eval JSON files)."
+    ),
+    metric: str = _O(None, help="Metric to compare (default: the task's primary metric)."),
+    baseline: str = _O(
+        None, help="Baseline group label, or a key=value naming one group (default: the first)."
+    ),
+    json_path: Path = _O(None, "--json", help="Write the comparison as JSON here."),
+    plot_path: Path = _O(None, "--plot", help="Write a PNG of per-seed points and group means here."),
+) -> None:
+    """Group runs by configuration (minus the seed) and test each group against a baseline."""
+    from geokd.artifacts import check_output_path, write_json
+    from geokd.compare import compare_runs, plot_comparison
+
+    with user_errors():
+        for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+            if path is not None:
+                check_output_path(path, option)
+        comparison = compare_runs(runs, metric=metric, baseline=baseline)
+        _render_comparison(comparison)
+        if json_path is not None:
+            write_json(json_path, comparison)
+            console.print(f"wrote {json_path}")
+        if plot_path is not None:
+            plot_comparison(comparison, plot_path)
+            console.print(f"wrote {plot_path}")
+
+
+def _render_comparison(comparison: dict) -> None:
+    table = Table(
+        title=f"{comparison['task']}: {comparison['metric']} by configuration (baseline: {comparison['baseline']})"
+    )
+    for column in ("group", "n", "mean ± std", "Δ vs baseline", "95% CI of Δ", "Welch p", "paired p (pairs)"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for group in comparison["groups"]:
+        versus = group["vs_baseline"]
+        spread = f" ± {group['std']:.4f}" if group["std"] is not None else ""
+        if versus is None:
+            cells = ["baseline", "", "", ""]
+        else:
+            ci = versus["ci95"]
+            paired = versus["paired"]
+            cells = [
+                f"{versus['difference']:+.4f}",
+                f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" + (" (paired)" if versus["ci_paired"] else "") if ci else "-",
+                _fmt(versus["welch"]["p"], ".3g"),
+                f"{_fmt(paired['p'], '.3g')} ({paired['n_pairs']})" if paired else "-",
+            ]
+        table.add_row(group["label"], str(group["n"]), f"{group['mean']:.4f}{spread}", *cells)
+    console.print(table)
+    for note in comparison["notes"]:
+        err_console.print(f"[bold yellow]note:[/bold yellow] {note}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

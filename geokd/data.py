@@ -257,6 +257,8 @@ def _read_delimited(
         raise GeokdError(
             f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
         ) from None
+    except OSError as exc:
+        raise GeokdError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from None
     except csv.Error as exc:
         raise GeokdError(f"{path}: unreadable as delimited text ({exc}); check the file") from None
     return columns, rows
@@ -286,6 +288,8 @@ def _read_jsonl(path: Path) -> list[_Row]:
         raise GeokdError(
             f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
         ) from None
+    except OSError as exc:
+        raise GeokdError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from None
     return rows
 
 

@@ -39,6 +39,7 @@ import geokd
 from geokd.artifacts import atomic_path, write_json
 from geokd.config import RunConfig, read_config, save_config
 from geokd.errors import GeokdError
+from geokd.evaluate import check_max_length, predict
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime, resolve_runtime
 
@@ -330,22 +331,14 @@ def evaluate(
     task: Any,
     batch_size: int,
 ) -> dict[str, float]:
-    """Task metrics of `model` on tokenised examples, in order, under inference mode."""
+    """Task metrics of `model` on tokenised examples: length-sorted batches under inference mode
+    (`geokd.evaluate.predict`), predictions in the examples' order."""
     from geokd.tasks import compute_metrics
 
-    was_training = model.training
-    model.eval()
-    predictions, labels = [], []
-    with torch.inference_mode():
-        for first in range(0, len(features), batch_size):
-            batch = collate(features[first : first + batch_size])
-            inputs = {k: v.to(runtime.device) for k, v in batch.items() if k not in ("labels", "example_id")}
-            with runtime.autocast():
-                logits = model(**inputs).logits.float()  # [B, C]
-            predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
-            labels.append(batch["labels"])
-    model.train(was_training)
-    return compute_metrics(task, torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy())
+    logits = predict(model, features, collate, runtime, batch_size).logits  # [n, C]
+    predictions = logits[:, 0] if task.is_regression else logits.argmax(dim=-1)
+    labels = np.asarray([f["labels"] for f in features])
+    return compute_metrics(task, predictions.numpy(), labels)
 
 
 def _finetune_teacher_first(config: RunConfig, run_dir: Path, progress: Callable | None) -> RunConfig:
@@ -440,12 +433,8 @@ def train(
         )
     tokenizer = student.tokenizer
     for loaded in (student, teacher):
-        limit = getattr(loaded.config, "max_position_embeddings", None) if loaded is not None else None
-        if limit is not None and config.max_length > limit:
-            raise GeokdError(
-                f"--max-length: {config.max_length} tokens exceeds the model's {limit} positions; "
-                f"use --max-length {limit} or less"
-            )
+        if loaded is not None:
+            check_max_length(loaded, config.max_length)
     train_features = data_lib.tokenize_examples(train_split, tokenizer, config.max_length)
     dev_features = data_lib.tokenize_examples(dev_split, tokenizer, config.max_length)
     collate = data_lib.make_collate_fn(tokenizer, task)
@@ -655,11 +644,83 @@ def train(
     return TrainResult(run_dir=run_dir, steps=step, metrics=metrics, final_dir=final_dir)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 1,2,3` -> [1, 2, 3]: distinct non-negative integers, in the order given."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if not item.isdigit()]
+    if not items or bad:
+        raise GeokdError(
+            f"--seeds: expected comma-separated non-negative integers such as 1,2,3, got {text!r}"
+        )
+    seeds = [int(item) for item in items]
+    if len(set(seeds)) != len(seeds):
+        raise GeokdError(
+            f"--seeds: seed {next(s for s in seeds if seeds.count(s) > 1)} is repeated in {text!r}"
+        )
+    return seeds
+
+
+def train_seeds(
+    config: RunConfig,
+    seeds: list[int],
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+    on_seed: Callable[[int, int, Path, bool], None] | None = None,
+) -> list[TrainResult]:
+    """Run one configuration once per seed, into `OUT/seed-K/` (issue #4).
+
+    With `--finetune-teacher`, the teacher is fine-tuned once (in `OUT/teacher`, with the first
+    seed) and shared, so the seeds vary the student only. With `--resume auto`, a seed whose run
+    already finished (has results.json) is kept as it is and the others are resumed or started.
+    `on_seed(index, seed, run_dir, skipped)` is told before each seed."""
+    config.validate()
+    if not config.out:
+        raise GeokdError("--out: no run directory given; pass --out RUN_DIR")
+    if config.resume not in (None, "auto"):
+        raise GeokdError(
+            f"--resume: with --seeds only 'auto' is accepted (each seed resumes its own run), got {config.resume!r}"
+        )
+    root = Path(config.out)
+    if root.exists() and not root.is_dir():
+        raise GeokdError(f"--out: {str(root)!r} is a file; give a directory")
+    if config.resume is None and root.exists() and any(root.iterdir()):
+        raise GeokdError(
+            f"--out: {str(root)!r} is not empty; pass --resume auto to continue these seeds or choose a new --out"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if config.mode == "distill" and config.finetune_teacher:
+        config = _finetune_teacher_first(dataclasses.replace(config, seed=seeds[0]), root, progress)
+        config = dataclasses.replace(config, finetune_teacher=False)
+    results = []
+    for index, seed in enumerate(seeds):
+        run_dir = root / f"seed-{seed}"
+        finished = config.resume == "auto" and (run_dir / "results.json").is_file()
+        if on_seed is not None:
+            on_seed(index, seed, run_dir, finished)
+        if finished:
+            saved = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+            check_resume_config(read_config(run_dir / "config.yaml"), dataclasses.replace(config, seed=seed))
+            results.append(
+                TrainResult(
+                    run_dir=run_dir,
+                    steps=saved.get("steps", 0),
+                    metrics=saved["metrics"],
+                    final_dir=run_dir / "final",
+                )
+            )
+            continue
+        seed_config = dataclasses.replace(config, seed=seed, out=str(run_dir))
+        results.append(train(seed_config, progress=progress, on_start=on_start))
+    return results
+
+
 __all__ = [
     "MetricsLog",
     "evaluate",
     "train",
     "TrainResult",
+    "parse_seeds",
+    "train_seeds",
     "batches",
     "distill_step",
     "env_info",

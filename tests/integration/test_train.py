@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
+from toyglue import options, sentence
+from transformers import AutoModelForSequenceClassification, BertTokenizer
 from typer.testing import CliRunner
 
 from geokd import GeokdError
@@ -20,68 +21,6 @@ from geokd.config import resolve_config
 from geokd.engine import train
 
 runner = CliRunner()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-POSITIVE = ["good", "great", "fine", "nice"]
-NEGATIVE = ["bad", "awful", "poor", "sad"]
-FILLER = [f"w{i}" for i in range(40)]
-
-
-def _sentence(rng: random.Random, label: int) -> str:
-    words = rng.sample(FILLER, rng.randint(3, 9))
-    words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
-    return " ".join(words)
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> Path:
-    """A toy sentiment task in the SST-2 TSV layout: the label is carried by one word."""
-    root = tmp_path_factory.mktemp("glue") / "SST-2"
-    root.mkdir()
-    rng = random.Random(0)
-    for split, n in (("train", 128), ("dev", 48)):
-        labels = [i % 2 for i in range(n)]
-        lines = ["sentence\tlabel"] + [f"{_sentence(rng, y)}\t{y}" for y in labels]
-        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A head-less 4-layer, 32-wide BERT with its tokenizer (a 'pretrained encoder')."""
-    folder = tmp_path_factory.mktemp("base")
-    vocab = SPECIAL + POSITIVE + NEGATIVE + FILLER
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _options(**kwargs) -> list[str]:
-    args = []
-    for key, value in kwargs.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(base_dir, glue_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    result = runner.invoke(
-        app,
-        ["finetune", "--quiet", *_options(model=base_dir, task="sst2", data=glue_dir, out=out, max_steps=60,
-                                           batch_size=16, lr=3e-3, seed=0, save_every=30, eval_every=30)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def _records(run: Path) -> list[dict]:
@@ -134,7 +73,7 @@ def test_distill_logs_every_term_and_moves_the_student(
     out = tmp_path / "run"
     result = runner.invoke(
         app,
-        ["distill", "--quiet", *_options(teacher=teacher_dir / "final", student=student, task="sst2", data=glue_dir,
+        ["distill", "--quiet", *options(teacher=teacher_dir / "final", student=student, task="sst2", data=glue_dir,
                                           out=out, loss=loss, features=features, max_steps=12, batch_size=16,
                                           lr=2e-3, seed=1)],
     )  # fmt: skip
@@ -217,7 +156,7 @@ def test_non_finite_loss_stops_with_a_clear_message(teacher_dir, glue_dir, tmp_p
 )
 def test_distill_bad_input_is_one_line_exit_2(teacher_dir, glue_dir, tmp_path, args, fragment):
     args = [str(glue_dir / "train.tsv") if a == "TRAIN_FILE" else a for a in args]
-    base = _options(teacher=teacher_dir / "final", student="truncate:2", task="sst2", data=glue_dir,
+    base = options(teacher=teacher_dir / "final", student="truncate:2", task="sst2", data=glue_dir,
                     out=tmp_path / "run", max_steps=2)  # fmt: skip
     result = runner.invoke(app, ["distill", "--quiet", *base, *args])
     assert result.exit_code == 2, result.output
@@ -228,7 +167,7 @@ def test_distill_bad_input_is_one_line_exit_2(teacher_dir, glue_dir, tmp_path, a
 def test_headless_teacher_is_refused_naming_finetune(base_dir, glue_dir, tmp_path):
     result = runner.invoke(
         app,
-        ["distill", "--quiet", *_options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir,
+        ["distill", "--quiet", *options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir,
                                           out=tmp_path / "run", max_steps=2)],
     )  # fmt: skip
     assert result.exit_code == 2
@@ -242,7 +181,7 @@ def test_existing_run_directory_is_not_overwritten(teacher_dir, glue_dir, base_d
         [
             "finetune",
             "--quiet",
-            *_options(model=base_dir, task="sst2", data=glue_dir, out=teacher_dir, max_steps=1),
+            *options(model=base_dir, task="sst2", data=glue_dir, out=teacher_dir, max_steps=1),
         ],
     )
     assert result.exit_code == 2 and "already holds a run; pass --resume auto" in result.output
@@ -254,7 +193,7 @@ def test_finetune_teacher_flag_trains_the_headless_teacher_first(base_dir, glue_
     result = runner.invoke(
         app,
         ["distill", "--quiet", "--finetune-teacher",
-         *_options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir, out=out, max_steps=4,
+         *options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir, out=out, max_steps=4,
                    batch_size=16, lr=3e-3)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -267,7 +206,7 @@ def test_finetune_teacher_flag_trains_the_headless_teacher_first(base_dir, glue_
 def test_run_summary_is_printed_before_training(teacher_dir, glue_dir, tmp_path):
     result = runner.invoke(
         app,
-        ["distill", "--quiet", *_options(teacher=teacher_dir / "final", student="truncate:2", task="sst2",
+        ["distill", "--quiet", *options(teacher=teacher_dir / "final", student="truncate:2", task="sst2",
                                           data=glue_dir, out=tmp_path / "run", max_steps=1)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -280,12 +219,12 @@ def test_custom_task_from_jsonl(base_dir, tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
     for split, n in (("train", 64), ("dev", 16)):
-        rows = [{"text": _sentence(rng, i % 2), "y": "pos" if i % 2 else "neg"} for i in range(n)]
+        rows = [{"text": sentence(rng, i % 2), "y": "pos" if i % 2 else "neg"} for i in range(n)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     result = runner.invoke(
         app,
-        ["finetune", "--quiet", *_options(model=base_dir, task="custom", data=folder, text_fields="text",
+        ["finetune", "--quiet", *options(model=base_dir, task="custom", data=folder, text_fields="text",
                                           label_field="y", out=out, max_steps=3, batch_size=16)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -316,7 +255,7 @@ def test_mnli_reports_matched_and_mismatched_dev(base_dir, tmp_path):
         for i in range(n):
             label = names[i % 3]
             row = [str(i), "1", f"{i}n", "fiction", "( x )", "( y )", "(ROOT x)", "(ROOT y)",
-                   _sentence(rng, i % 2), _sentence(rng, 0)] + [label] * (len(extra) + 1)  # fmt: skip
+                   sentence(rng, i % 2), sentence(rng, 0)] + [label] * (len(extra) + 1)  # fmt: skip
             lines.append("\t".join(row))
         (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
@@ -325,7 +264,7 @@ def test_mnli_reports_matched_and_mismatched_dev(base_dir, tmp_path):
         [
             "finetune",
             "--quiet",
-            *_options(model=base_dir, task="mnli", data=folder, out=out, max_steps=2, batch_size=8),
+            *options(model=base_dir, task="mnli", data=folder, out=out, max_steps=2, batch_size=8),
         ],
     )
     assert result.exit_code == 0, result.output

@@ -1,0 +1,686 @@
+"""`geokd eval`: task metrics of any model on a task split, and the geometry report of a student
+against a teacher (issue #4).
+
+* `evaluate_model(...)` loads a model (a run directory, its `final/`, an export, a local folder or
+  a Hugging Face id), checks that its head fits the task, predicts with `predict` and scores with
+  `geokd.tasks.compute_metrics`. The result is a JSON-ready dict: task, split, n_examples, metrics,
+  model identity (path, weights SHA-256, parameters, label mapping, the run's own record), data
+  source and fingerprint, settings, geokd version, elapsed time.
+* **Labels.** Predictions are returned in the task's label ids (the `datasets` glue convention, e.g.
+  RTE entailment = 0). A model whose `id2label` names the labels (`ENTAILMENT`, `not_entailment`:
+  case, `-`, `_` and spaces ignored) is mapped by name, so a head trained with another order still
+  scores correctly; generic names (`LABEL_0`, `0`) are taken as ids. Names that are neither are an
+  error, never a silent guess.
+* **Throughput.** `predict` sorts the examples by length (longest first), packs each batch up to a
+  token budget (`batch_size` examples at the longest length: shorter inputs share a batch with more
+  of their kind), runs under `torch.inference_mode()`, keeps results on the device until the end
+  (one host sync) and returns them in input order. `bench/eval.py` measures it against fixed-order
+  batching.
+* **Geometry report.** `geometry_report(...)` forwards student and teacher over the split, pools
+  every hidden state (`cls` or `mean` rows, one per example) and reports, for each mapped layer
+  pair, the loss library's Procrustes distance, Gram distance and 1 − linear CKA in float64, and
+  how many of the teacher's ε-orthogonal example pairs (|centred cosine| ≤ ε) stay ε-orthogonal in
+  the student. The three distances are also computed for every student × teacher layer
+  combination (the heat-map of `plot_geometry`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+import geokd
+from geokd.errors import GeokdError
+from geokd.runtime import Runtime
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from geokd.data import DataSplit
+    from geokd.models import LoadedModel
+    from geokd.tasks import TaskSpec
+
+GEOMETRY_FEATURES = ("cls", "mean")
+GEOMETRY_METRICS = ("procrustes", "gram", "cka")
+# Names transformers gives labels it knows nothing about, and bare ids.
+_GENERIC_LABEL = re.compile(r"(?:label_?)?(\d+)", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching and prediction
+# --------------------------------------------------------------------------------------------
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of example indices, longest first, each padded to at most `batch_size` × the
+    longest length in tokens (so every batch is at most as large as the first one, and short
+    inputs are packed more densely). Every index appears exactly once."""
+    if batch_size < 1:
+        raise GeokdError(f"--batch-size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not order:
+        return []
+    budget = batch_size * max(1, lengths[order[0]])
+    result, start = [], 0
+    while start < len(order):
+        width = max(1, lengths[order[start]])  # the batch's longest: the order is descending
+        size = max(1, budget // width)
+        result.append(order[start : start + size])
+        start += size
+    return result
+
+
+def fixed_order_batches(n: int, batch_size: int) -> list[list[int]]:
+    """The naive baseline: `batch_size` examples at a time in dataset order."""
+    return [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
+
+
+@dataclass
+class Predictions:
+    """What `predict` returns, in input order: `logits [n, C]` float32 on the CPU and, when asked,
+    `features[l] [n, d]` = pooled hidden state `l` (0 = embeddings) in float32."""
+
+    logits: torch.Tensor
+    features: list[torch.Tensor] | None = None
+
+
+def predict(
+    model: torch.nn.Module,
+    features: Sequence[dict[str, Any]],
+    collate: Callable,
+    runtime: Runtime,
+    batch_size: int,
+    *,
+    sort_by_length: bool = True,
+    pool: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Predictions:
+    """Forward `model` over tokenised `features` under inference mode.
+
+    `sort_by_length=False` gives fixed-order batches (the naive baseline). `pool` (`cls`/`mean`)
+    also returns every hidden state pooled to one row per example. `on_batch(k)` is told the number
+    of examples of each finished batch (for a progress bar)."""
+    from geokd.models import extract_features
+
+    n = len(features)
+    if n == 0:
+        raise GeokdError("eval: no examples to predict; the split is empty")
+    plan = (
+        length_sorted_batches([len(f["input_ids"]) for f in features], batch_size)
+        if sort_by_length
+        else fixed_order_batches(n, batch_size)
+    )
+    was_training = model.training
+    model.eval()
+    indices, logits_parts, pooled_parts = [], [], []
+    with torch.inference_mode():
+        for batch_indices in plan:
+            batch = collate([features[i] for i in batch_indices])
+            inputs = {
+                k: v.to(runtime.device, non_blocking=True)
+                for k, v in batch.items()
+                if k not in ("labels", "example_id")
+            }
+            with runtime.autocast():
+                out = model(**inputs, output_hidden_states=pool is not None)
+            logits_parts.append(out.logits.float())  # [B, C]
+            if pool is not None:
+                layers = list(range(len(out.hidden_states)))
+                rows = extract_features(out.hidden_states, inputs["attention_mask"], layers, pool)
+                pooled_parts.append([r.float() for r in rows])  # L+1 x [B, d]
+            indices.append(torch.as_tensor(batch_indices))
+            if on_batch is not None:
+                on_batch(len(batch_indices))
+    model.train(was_training)
+    position = torch.cat(indices)  # [n]: batch row -> input index
+    inverse = torch.empty_like(position)
+    inverse[position] = torch.arange(n)
+    logits = torch.cat(logits_parts).cpu()[inverse]  # one host sync, input order
+    pooled = None
+    if pool is not None:
+        pooled = [
+            torch.cat([part[layer] for part in pooled_parts]).cpu()[inverse]  # [n, d]
+            for layer in range(len(pooled_parts[0]))
+        ]
+    return Predictions(logits=logits, features=pooled)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+def _normalize_label(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
+@dataclass(frozen=True)
+class LabelMapping:
+    """How the model's output ids become the task's label ids. `kind`: `regression` (one output),
+    `by_id` (generic model labels: output i is task label i) or `by_name` (matched by name)."""
+
+    kind: Literal["regression", "by_id", "by_name"]
+    model_to_task: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model_to_task": list(self.model_to_task)}
+
+    def apply(self, logits: torch.Tensor) -> np.ndarray:
+        """Task predictions from model logits `[n, C]`: scores `[n]` or task label ids `[n]`."""
+        if self.kind == "regression":
+            return logits[:, 0].numpy().astype(np.float64)
+        model_ids = logits.argmax(dim=-1).numpy()
+        return np.asarray(self.model_to_task, dtype=np.int64)[model_ids]
+
+
+def _model_label_names(config: Any) -> list[str]:
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return [id2label.get(i, f"LABEL_{i}") for i in range(int(config.num_labels))]
+
+
+def label_mapping(task: TaskSpec, config: Any, model_name: str) -> LabelMapping:
+    """Check that a model's head fits `task` and say how its outputs map to the task's labels.
+
+    Raises a GeokdError for a head of the wrong kind or size (a 2-label model on STS-B), and for
+    label names that name other labels than the task's."""
+    n = int(config.num_labels)
+    names = _model_label_names(config)
+    shown = ", ".join(f"{i}={name}" for i, name in enumerate(names))
+    if task.is_regression:
+        if n != 1:
+            raise GeokdError(
+                f"eval: task {task.name!r} is a regression (one output score) but model {model_name!r} has a "
+                f"{n}-label classification head ({shown}); evaluate a model fine-tuned on {task.name}"
+            )
+        return LabelMapping("regression")
+    space = ", ".join(f"{i}={name}" for i, name in enumerate(task.label_names))
+    if n == 1:
+        raise GeokdError(
+            f"eval: model {model_name!r} has a regression head (one output) but task {task.name!r} has "
+            f"{task.num_labels} labels ({space}); evaluate a model fine-tuned on {task.name}"
+        )
+    if n != task.num_labels:
+        raise GeokdError(
+            f"eval: model {model_name!r} has {n} labels ({shown}) but task {task.name!r} has "
+            f"{task.num_labels} ({space}); evaluate a model fine-tuned on {task.name}"
+        )
+    generic = [_GENERIC_LABEL.fullmatch(name) for name in names]
+    if all(generic):
+        ids = tuple(int(m[1]) for m in generic if m is not None)
+        if sorted(ids) == list(range(n)):
+            return LabelMapping("by_id", ids)
+    wanted = {_normalize_label(name): i for i, name in enumerate(task.label_names)}
+    mapped = tuple(wanted.get(_normalize_label(name), -1) for name in names)
+    if -1 in mapped or sorted(mapped) != list(range(n)):
+        raise GeokdError(
+            f"eval: the labels of model {model_name!r} ({shown}) are not the labels of task {task.name!r} "
+            f"({space}); evaluate a model fine-tuned on {task.name}, or fix id2label in its config.json"
+        )
+    kind: Literal["by_id", "by_name"] = "by_id" if mapped == tuple(range(n)) else "by_name"
+    return LabelMapping(kind, mapped)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and task resolution
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """`model` as given, the directory (or id) to load, the run directory it belongs to (if any)
+    and the run's own record of the model (`final/geokd.json`, if any)."""
+
+    given: str
+    load: str
+    run_dir: Path | None
+    record: dict[str, Any] | None
+
+
+def locate_model(model: str) -> ModelLocation:
+    """A run directory means its `final/`; a run's `final/` knows its run directory. Anything else
+    (an export, a model folder, a Hugging Face id, an alias) is loaded as given."""
+    path = Path(model).expanduser()
+    run_dir = None
+    load = model
+    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        if not (path / "final" / "config.json").is_file():
+            raise GeokdError(
+                f"eval: {model!r} is a run directory without a final model (no final/config.json); the run "
+                "has not finished: resume it (--resume auto) or pass a checkpoint's student/ folder"
+            )
+        run_dir, load = path, str(path / "final")
+    elif path.is_dir() and path.name == "final" and (path.parent / "config.yaml").is_file():
+        run_dir = path.parent
+    record = None
+    record_path = Path(load).expanduser() / "geokd.json"
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise GeokdError(
+                f"eval: {str(record_path)!r} is unreadable ({exc}); the model folder is damaged, re-export it"
+            ) from None
+    return ModelLocation(given=model, load=load, run_dir=run_dir, record=record)
+
+
+def _resolve_task(
+    task: str | None,
+    text_fields: str | None,
+    label_field: str | None,
+    location: ModelLocation,
+    config: Any,
+) -> TaskSpec:
+    """`--task`, or the task the model was trained on (its geokd.json). A custom task takes its label
+    names from the model's id2label (what training stored), or 0..k-1 for generic names."""
+    from geokd.tasks import custom_task, get_task
+
+    record_cfg = (location.record or {}).get("config") or {}
+    name = task or record_cfg.get("task")
+    if name is None:
+        raise GeokdError(
+            f"eval: no --task given and {location.given!r} does not record one; pass --task (e.g. --task rte)"
+        )
+    if task is None:  # inherit a custom task's fields too
+        text_fields = text_fields or record_cfg.get("text_fields")
+        label_field = label_field or record_cfg.get("label_field")
+    spec = get_task(name, text_fields=text_fields, label_field=label_field)
+    if spec.glue:
+        return spec
+    if int(config.num_labels) == 1:
+        return custom_task(spec.text_fields, spec.label_field, num_labels=1)
+    names = _model_label_names(config)
+    if all(_GENERIC_LABEL.fullmatch(n) for n in names):
+        return custom_task(spec.text_fields, spec.label_field, num_labels=len(names))
+    return custom_task(spec.text_fields, spec.label_field, label_names=names)
+
+
+def _task_key(name: Any) -> str | None:
+    from geokd.tasks import _normalize_task_name
+
+    return _normalize_task_name(name) if isinstance(name, str) else None
+
+
+def check_max_length(loaded: LoadedModel, max_length: int, option: str = "--max-length") -> None:
+    """Refuse a token budget beyond the model's position table."""
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise GeokdError(
+            f"{option}: {max_length} tokens exceeds the model's {limit} positions; use {option} {limit} or less"
+        )
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_eval_split(task: TaskSpec, data: str | None, split: str, limit: int | None) -> DataSplit:
+    from dataclasses import replace
+
+    from geokd.data import load_split
+
+    loaded = load_split(task, data, split)
+    if limit is not None:
+        loaded = replace(loaded, examples=loaded.examples[:limit])
+    return loaded
+
+
+def _validate_common(batch_size: int, max_length: int, limit: int | None) -> None:
+    problems = []
+    if batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {batch_size}")
+    if max_length < 2:
+        problems.append(f"--max-length must be at least 2, got {max_length}")
+    if limit is not None and limit < 1:
+        problems.append(f"--limit must be at least 1, got {limit} (leave it out to use every example)")
+    if problems:
+        raise GeokdError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# geokd eval
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    model: str,
+    task: str | None = None,
+    data: str | None = None,
+    split: str | None = None,
+    *,
+    text_fields: str | None = None,
+    label_field: str | None = None,
+    batch_size: int = 64,
+    max_length: int = 128,
+    limit: int | None = None,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    teacher: str | None = None,
+    geometry: bool = False,
+    layers: str | None = None,
+    features: str | None = None,
+    epsilon: float = 0.1,
+    on_batch: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on `task` (default: the task it was trained on) and return the result dict
+    described in the module docstring. `split` None means every evaluation split of the task (dev;
+    MNLI: dev_matched, then dev_mismatched under `other_splits`). With `geometry=True` and a
+    `teacher`, the result also holds `geometry` (see `geometry_report`), on the first split."""
+    from geokd.data import make_collate_fn, tokenize_examples
+    from geokd.models import count_parameters, load_model
+    from geokd.runtime import resolve_runtime
+    from geokd.tasks import compute_metrics, resolve_split
+
+    started = time.perf_counter()
+    _validate_common(batch_size, max_length, limit)
+    if geometry != (teacher is not None):
+        raise GeokdError(
+            "eval: --geometry and --teacher go together (the report compares the model with a teacher); "
+            "pass both or neither"
+        )
+    if geometry and not 0.0 < epsilon < 1.0:
+        raise GeokdError(f"--epsilon must be in (0, 1), got {epsilon}; 0.1 is a common choice")
+    _quiet_transformers()
+    location = locate_model(model)
+    loaded = load_model(location.load, trust_remote_code=trust_remote_code)
+    head_missing = [k for k in loaded.new_weights if not k.startswith(loaded.model.base_model_prefix + ".")]
+    if head_missing:
+        raise GeokdError(
+            f"eval: model {model!r} has no trained task head (its checkpoint lacks {', '.join(head_missing)}); "
+            f"fine-tune it first (geokd finetune --model {model}) and evaluate the result"
+        )
+    spec = _resolve_task(task, text_fields, label_field, location, loaded.config)
+    recorded = (location.record or {}).get("config") or {}
+    trained_on = _task_key(recorded.get("task"))
+    if data is None and trained_on == spec.name and isinstance(recorded.get("data"), str):
+        # `geokd eval RUN`: the run's own data, when it is still where training read it.
+        data = recorded["data"] if Path(recorded["data"]).exists() else None
+    mapping = label_mapping(spec, loaded.config, model)
+    check_max_length(loaded, max_length)
+    splits = list(spec.eval_splits) if split is None else [resolve_split(spec, split)]
+    warnings = []
+    if trained_on is not None and trained_on != spec.name:
+        warnings.append(f"the model was trained on task {trained_on!r}, evaluated here on {spec.name!r}")
+
+    runtime = resolve_runtime(device)
+    loaded.model.to(runtime.device)
+    collate = make_collate_fn(loaded.tokenizer, spec)
+    loaded_splits = [_load_eval_split(spec, data, name, limit) for name in splits]
+    if on_total is not None:
+        on_total(sum(len(s) for s in loaded_splits))
+    geometry_features = None
+    if geometry:
+        trained_rows = recorded.get("features") if recorded.get("features") in GEOMETRY_FEATURES else None
+        geometry_features = features or trained_rows or "cls"
+        if geometry_features not in GEOMETRY_FEATURES:
+            raise GeokdError(
+                f"--features: the geometry report compares one row per example, so it takes cls or mean, got "
+                f"{geometry_features!r}"
+            )
+    per_split, student_rows = {}, None
+    for index, data_split in enumerate(loaded_splits):
+        tokenized = tokenize_examples(data_split, loaded.tokenizer, max_length)
+        pool = geometry_features if index == 0 else None
+        tic = time.perf_counter()
+        out = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=pool, on_batch=on_batch)
+        seconds = time.perf_counter() - tic
+        if index == 0:
+            student_rows = out.features
+        labels = np.asarray([f["labels"] for f in tokenized])
+        per_split[data_split.split] = {
+            "n_examples": len(tokenized),
+            "metrics": compute_metrics(spec, mapping.apply(out.logits), labels),
+            "data": {"source": data_split.source, "fingerprint": data_split.fingerprint, "limit": limit},
+            "predict_s": seconds,
+            "examples_per_s": len(tokenized) / max(seconds, 1e-9),
+        }
+    first = splits[0]
+    result: dict[str, Any] = {
+        "task": spec.name,
+        "split": first,
+        "n_examples": per_split[first]["n_examples"],
+        "metrics": per_split[first]["metrics"],
+        "primary_metric": spec.primary_metric,
+        "model": {
+            **loaded.source.to_dict(),
+            "given": model,
+            "run_dir": str(location.run_dir) if location.run_dir is not None else None,
+            "model_type": getattr(loaded.config, "model_type", None),
+            "parameters": count_parameters(loaded.model),
+            "num_labels": int(loaded.config.num_labels),
+            "id2label": {str(i): name for i, name in enumerate(_model_label_names(loaded.config))},
+            "label_mapping": mapping.to_dict(),
+            "geokd_record": location.record,
+        },
+        "data": per_split[first]["data"],
+        "settings": {
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "device": str(runtime.device),
+            "precision": runtime.reason,
+            "batching": "length-sorted, token budget batch_size x longest",
+        },
+        "predict_s": per_split[first]["predict_s"],
+        "examples_per_s": per_split[first]["examples_per_s"],
+        "geokd_version": geokd.__version__,
+        "warnings": warnings,
+    }
+    if len(splits) > 1:
+        result["other_splits"] = {name: per_split[name] for name in splits[1:]}
+    if geometry:
+        assert teacher is not None and geometry_features is not None
+        result["geometry"] = geometry_report(
+            loaded,
+            teacher,
+            loaded_splits[0],
+            layers=layers or recorded.get("layers") or "uniform",
+            features=geometry_features,
+            epsilon=epsilon,
+            batch_size=batch_size,
+            max_length=max_length,
+            runtime=runtime,
+            trust_remote_code=trust_remote_code,
+            student_rows=student_rows,
+        )
+    result["elapsed_s"] = time.perf_counter() - started
+    return result
+
+
+def default_eval_path(result: dict[str, Any]) -> Path | None:
+    """`RUN/eval/<task>-<split>.json` when the model belongs to a run directory, else None."""
+    run_dir = result["model"]["run_dir"]
+    if run_dir is None:
+        return None
+    return Path(run_dir) / "eval" / f"{result['task']}-{result['split']}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry report
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_centred(rows: torch.Tensor) -> torch.Tensor:
+    """Rows centred over the set, each scaled to unit length (float64). A row that is zero after
+    centring has no direction: it becomes NaN, so every cosine with it is NaN and no pair with it
+    counts as ε-orthogonal (`|NaN| <= ε` is False)."""
+    x = rows.double()
+    x = x - x.mean(dim=0, keepdim=True)
+    norms = x.square().sum(dim=1, keepdim=True).sqrt()
+    return torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.full_like(x, math.nan))
+
+
+def preserved_pairs(
+    student: torch.Tensor, teacher: torch.Tensor, epsilon: float, chunk: int = 2048
+) -> dict[str, int]:
+    """Count example pairs i < j by ε-orthogonality of their centred cosines (a pair with a row that
+    is constant after centring, such as the [CLS] embedding at layer 0, never counts).
+
+    Returns `teacher_pairs` (|cos_t| ≤ ε), `student_pairs` (|cos_s| ≤ ε), `preserved_pairs` (both)
+    and `all_pairs` = n(n−1)/2. Computed in row blocks of `chunk`, so no n×n matrix is held."""
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"row counts differ: {student.shape[0]} vs {teacher.shape[0]}")
+    s, t = _unit_centred(student), _unit_centred(teacher)
+    n = s.shape[0]
+    counts = {"teacher_pairs": 0, "student_pairs": 0, "preserved_pairs": 0}
+    columns = torch.arange(n)
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(n, start + chunk))
+        upper = columns[None, :] > rows[:, None]  # [c, n]: pairs i < j only
+        ortho_t = ((t[rows] @ t.T).abs() <= epsilon) & upper
+        ortho_s = ((s[rows] @ s.T).abs() <= epsilon) & upper
+        counts["teacher_pairs"] += int(ortho_t.sum())
+        counts["student_pairs"] += int(ortho_s.sum())
+        counts["preserved_pairs"] += int((ortho_t & ortho_s).sum())
+    counts["all_pairs"] = n * (n - 1) // 2
+    return counts
+
+
+def geometry_distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """The loss library's Procrustes (squared, normalised), Gram (normalised) and 1 − CKA, in float64.
+
+    Procrustes treats singular values of SᵀT below about 1e-6·σ_max as zero (the library's rank
+    tolerance), so a model compared with itself can read a few 1e-6 rather than 0 when its
+    features are ill-conditioned."""
+    from geokd.losses import cka, gram, procrustes
+
+    s, t = student.double(), teacher.double()
+    return {
+        "procrustes": float(procrustes(s, t)),
+        "gram": float(gram(s, t)),
+        "cka": float(cka(s, t)),
+    }
+
+
+def geometry_report(
+    student: LoadedModel,
+    teacher: str,
+    data_split: DataSplit,
+    *,
+    layers: str,
+    features: str,
+    epsilon: float,
+    batch_size: int,
+    max_length: int,
+    runtime: Runtime,
+    trust_remote_code: bool = False,
+    student_rows: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The geometry of `student` against `teacher` on `data_split` (rows = examples, pooled by
+    `features`). Each model reads the texts through its own tokenizer, so any two models compare.
+    `student_rows` (every hidden state pooled by `features`, from `predict`) saves a second student
+    forward pass."""
+    from geokd.data import make_collate_fn, tokenize_examples
+    from geokd.models import load_model, parse_layer_map
+
+    if features not in GEOMETRY_FEATURES:
+        raise GeokdError(
+            f"--features: the geometry report compares one row per example, so it takes cls or mean, got "
+            f"{features!r}"
+        )
+    teacher_model = load_model(teacher, trust_remote_code=trust_remote_code)
+    check_max_length(teacher_model, max_length)
+    pairs = parse_layer_map(layers, student.num_layers, teacher_model.num_layers)
+    teacher_model.model.to(runtime.device)
+    pooled = {"student": student_rows}
+    for role, loaded in (("student", student), ("teacher", teacher_model)):
+        if pooled.get(role) is not None:
+            continue
+        tokenized = tokenize_examples(data_split, loaded.tokenizer, max_length)
+        collate = make_collate_fn(loaded.tokenizer, data_split.task)
+        pooled[role] = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=features).features
+    s_rows, t_rows = pooled["student"], pooled["teacher"]
+    assert s_rows is not None and t_rows is not None
+    grid = {name: [[0.0] * len(t_rows) for _ in s_rows] for name in GEOMETRY_METRICS}
+    for i, s in enumerate(s_rows):
+        for j, t in enumerate(t_rows):
+            for name, value in geometry_distances(s, t).items():
+                grid[name][i][j] = value
+    entries = []
+    for s_layer, t_layer in pairs:
+        counts = preserved_pairs(s_rows[s_layer], t_rows[t_layer], epsilon)
+        entries.append(
+            {
+                "student_layer": s_layer,
+                "teacher_layer": t_layer,
+                **{name: grid[name][s_layer][t_layer] for name in GEOMETRY_METRICS},
+                **counts,
+                "preserved_fraction": counts["preserved_pairs"] / counts["teacher_pairs"]
+                if counts["teacher_pairs"]
+                else math.nan,
+            }
+        )
+    return {
+        "teacher": teacher_model.source.to_dict(),
+        "split": data_split.split,
+        "n_examples": len(data_split),
+        "features": features,
+        "layers": layers,
+        "epsilon": epsilon,
+        "layer_pairs": entries,
+        "grid": {
+            "student_layers": list(range(len(s_rows))),
+            "teacher_layers": list(range(len(t_rows))),
+            **grid,
+        },
+    }
+
+
+def plot_geometry(report: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Heat-maps of Procrustes, Gram and CKA similarity over every student × teacher layer, with the
+    mapped pairs outlined and their preserved-pair fraction written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    grid = report["grid"]
+    panels = (
+        ("procrustes", "Procrustes distance² (0 = same geometry)", "viridis_r"),
+        ("gram", "Gram distance (0 = same geometry)", "viridis_r"),
+        ("cka", "linear CKA (1 = same geometry)", "viridis"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(grid["student_layers"]) + 2.5), squeeze=False)
+    for ax, (name, label, cmap) in zip(axes[0], panels, strict=True):
+        values = np.asarray(grid[name], dtype=float)
+        if name == "cka":
+            values = 1.0 - values
+        image = ax.imshow(values, cmap=cmap, aspect="auto", origin="lower")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("teacher hidden state (0 = embeddings)")
+        ax.set_ylabel("student hidden state")
+        ax.set_xticks(grid["teacher_layers"])
+        ax.set_yticks(grid["student_layers"])
+        for entry in report["layer_pairs"]:
+            s, t = entry["student_layer"], entry["teacher_layer"]
+            ax.add_patch(Rectangle((t - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            if name == "procrustes" and math.isfinite(entry["preserved_fraction"]):
+                ax.text(
+                    t,
+                    s,
+                    f"{entry['preserved_fraction']:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                )
+    fig.suptitle(
+        (title + "\n" if title else "")
+        + f"{report['n_examples']} {report['split']} examples, {report['features']} rows; red = mapped pairs "
+        f"(Procrustes panel: share of the teacher's ε={report['epsilon']:g}-orthogonal pairs preserved)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,218 @@
+"""`geokd eval` end to end on the tiny fine-tuned teacher (issue #4): metrics equal to the training
+run's and to a plain-transformers re-computation, the JSON record, the run's eval/ file, the
+geometry report against the loss library, `--seeds`, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from toyglue import options
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+from typer.testing import CliRunner
+
+from geokd.cli import app
+from geokd.losses import cka, gram, procrustes
+
+runner = CliRunner()
+
+
+def _eval(*args: str):
+    return runner.invoke(app, ["eval", "--quiet", *map(str, args)])
+
+
+def test_eval_of_a_run_reproduces_its_dev_metrics_and_records_itself(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    result = _eval(teacher_dir, "--task", "sst2", "--data", glue_dir, "--json", out, "--batch-size", 5)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    trained = json.loads((teacher_dir / "results.json").read_text())
+    assert record["task"] == "sst2" and record["split"] == "dev" and record["n_examples"] == 48
+    assert record["metrics"] == pytest.approx(trained["metrics"], abs=1e-12)
+    model = record["model"]
+    assert model["run_dir"] == str(teacher_dir) and model["path_or_id"] == str(
+        (teacher_dir / "final").resolve()
+    )
+    assert len(model["weights_sha256"]) == 64 and model["parameters"] > 0
+    assert model["label_mapping"] == {"kind": "by_id", "model_to_task": [0, 1]}
+    assert model["geokd_record"]["config"]["task"] == "sst2"
+    assert record["data"]["fingerprint"].startswith("sha256:") and record["geokd_version"]
+    assert record["elapsed_s"] > 0 and record["examples_per_s"] > 0
+    # The run directory keeps its own copy, under eval/<task>-<split>.json.
+    assert json.loads((teacher_dir / "eval" / "sst2-dev.json").read_text())["metrics"] == record["metrics"]
+
+
+def test_eval_defaults_to_the_recorded_task_and_data_and_limits(teacher_dir):
+    result = _eval(teacher_dir / "final", "--limit", 10, "--json", teacher_dir / "limited.json")
+    assert result.exit_code == 0, result.output
+    record = json.loads((teacher_dir / "limited.json").read_text())
+    assert record["n_examples"] == 10 and record["data"]["limit"] == 10
+
+
+def test_eval_accepts_a_single_file_and_a_renamed_label_order(teacher_dir, glue_dir, tmp_path):
+    """A model whose head lists the labels in the other order, with names, is mapped by name: the
+    metric is unchanged, although its raw output ids are swapped."""
+    swapped = tmp_path / "swapped"
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir / "final")
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight.flip(0))
+        model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    model.config.id2label = {0: "POSITIVE", 1: "NEGATIVE"}
+    model.config.label2id = {"POSITIVE": 0, "NEGATIVE": 1}
+    model.save_pretrained(swapped)
+    for name in os.listdir(teacher_dir / "final"):
+        if name.startswith(("tokenizer", "vocab", "special")):
+            (swapped / name).write_bytes((teacher_dir / "final" / name).read_bytes())
+    result = _eval(swapped, "--task", "sst2", "--data", glue_dir / "dev.tsv", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "s.json").read_text())
+    trained = json.loads((teacher_dir / "results.json").read_text())
+    assert record["model"]["label_mapping"] == {"kind": "by_name", "model_to_task": [1, 0]}
+    assert record["metrics"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
+    assert record["data"]["source"].endswith("dev.tsv")
+
+
+def test_geometry_report_equals_the_loss_library_on_the_same_features(
+    teacher_dir, base_dir, glue_dir, tmp_path
+):
+    from geokd import data as data_lib
+    from geokd.models import extract_features
+    from geokd.tasks import get_task
+
+    out, plot = tmp_path / "geo.json", tmp_path / "geo.png"
+    result = _eval(teacher_dir, "--teacher", base_dir, "--geometry", "--features", "mean", "--layers", "1:2,4:4",
+                   "--json", out, "--plot", plot, "--epsilon", 0.2)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["geometry"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert report["n_examples"] == 48 and report["features"] == "mean" and report["epsilon"] == 0.2
+    assert [(e["student_layer"], e["teacher_layer"]) for e in report["layer_pairs"]] == [(1, 2), (4, 4)]
+    assert len(report["grid"]["procrustes"]) == 5 and len(report["grid"]["procrustes"][0]) == 5
+
+    # Recompute independently: plain forward, one batch, the loss library in float64.
+    dev = data_lib.load_split(get_task("sst2"), glue_dir, "dev")
+
+    def rows(folder, cls=AutoModelForSequenceClassification):
+        from transformers import BertTokenizer
+
+        tokenizer = BertTokenizer.from_pretrained(folder)
+        model = cls.from_pretrained(folder).eval()
+        batch = data_lib.make_collate_fn(tokenizer, get_task("sst2"))(
+            data_lib.tokenize_examples(dev, tokenizer)
+        )
+        with torch.no_grad():
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"], output_hidden_states=True).hidden_states  # fmt: skip
+        return extract_features(hidden, batch["attention_mask"], list(range(len(hidden))), "mean")
+
+    student, teacher = rows(teacher_dir / "final"), rows(base_dir, BertForSequenceClassification)
+    for entry in report["layer_pairs"]:
+        s, t = student[entry["student_layer"]].double(), teacher[entry["teacher_layer"]].double()
+        assert entry["procrustes"] == pytest.approx(float(procrustes(s, t)), abs=1e-6)
+        assert entry["gram"] == pytest.approx(float(gram(s, t)), abs=1e-6)
+        assert entry["cka"] == pytest.approx(float(cka(s, t)), abs=1e-6)
+        assert 0 <= entry["preserved_pairs"] <= entry["teacher_pairs"] <= 48 * 47 // 2
+    # The model against itself: zero distances and every pair preserved.
+    self_check = _eval(
+        teacher_dir, "--teacher", teacher_dir / "final", "--geometry", "--json", tmp_path / "self.json"
+    )
+    assert self_check.exit_code == 0, self_check.output
+    for entry in json.loads((tmp_path / "self.json").read_text())["geometry"]["layer_pairs"]:
+        # Procrustes reads a few 1e-6 here: singular values below ~1e-6·σ_max count as zero.
+        assert entry["procrustes"] < 1e-5 and entry["cka"] < 1e-6
+        assert entry["preserved_pairs"] == entry["teacher_pairs"]
+
+
+def test_distill_over_seeds_writes_one_run_per_seed_and_the_comparison(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "seeds"
+    args = ["distill", "--quiet", "--seeds", "3,1", *options(teacher=teacher_dir / "final", student="truncate:2",
+            task="sst2", data=glue_dir, out=out, max_steps=3, batch_size=16)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for seed in (3, 1):
+        assert (out / f"seed-{seed}" / "results.json").is_file()
+        assert f"seed: {seed}" in (out / f"seed-{seed}" / "config.yaml").read_text()
+    comparison = json.loads((out / "compare.json").read_text())
+    (group,) = comparison["groups"]
+    assert group["n"] == 2 and [r["seed"] for r in group["runs"]] == [3, 1]
+    assert (out / "compare.png").is_file()
+    # Resuming keeps finished seeds and only runs the new one.
+    before = (out / "seed-3" / "results.json").stat().st_mtime_ns
+    again = runner.invoke(app, [*args[:3], "3,1,2", *args[4:], "--resume", "auto"])
+    assert again.exit_code == 0, again.output
+    assert (out / "seed-3" / "results.json").stat().st_mtime_ns == before
+    assert json.loads((out / "compare.json").read_text())["groups"][0]["n"] == 3
+    # A used --out without --resume, and --seed with --seeds, are refused.
+    assert runner.invoke(app, args).exit_code == 2
+    clash = runner.invoke(app, [*args, "--seed", "5"])
+    assert clash.exit_code == 2 and "contradict" in clash.output
+
+
+def _one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+
+
+def test_bad_inputs_are_one_line_errors(teacher_dir, base_dir, glue_dir, tmp_path, monkeypatch):
+    # A model without a task head.
+    _one_line_error(_eval(base_dir, "--task", "sst2", "--data", glue_dir), "has no trained task head")
+    # A 2-label model on STS-B (a regression task).
+    stsb = tmp_path / "STS-B"
+    stsb.mkdir()
+    (stsb / "dev.tsv").write_text("sentence1\tsentence2\tscore\ngood\tbad\t2.5\n")
+    _one_line_error(
+        _eval(teacher_dir, "--task", "stsb", "--data", stsb), "is a regression (one output score)"
+    )
+    # An empty split.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dev.tsv").write_text("sentence\tlabel\n")
+    _one_line_error(_eval(teacher_dir, "--task", "sst2", "--data", empty), "has no data rows (empty split)")
+    # An unreadable file (as root, chmod 0 does not stop reads: geokd.data's open refuses it instead).
+    locked = tmp_path / "locked.tsv"
+    locked.write_text("sentence\tlabel\ngood\t1\n")
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):
+        import builtins
+
+        import geokd.data
+
+        def refuse(path, *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return builtins.open(path, *args, **kwargs)
+
+        monkeypatch.setattr(geokd.data, "open", refuse, raising=False)
+    _one_line_error(
+        _eval(teacher_dir, "--task", "sst2", "--data", locked), "cannot read the file (Permission denied)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--geometry"], "--geometry and --teacher go together"),
+        (["--plot", "x.png"], "--plot draws the geometry report"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--max-length", "4096"], "exceeds the model's 128 positions"),
+        (["--split", "test"], "has no split 'test'"),
+        (["--task", "rte"], "are not the labels of task 'rte'"),
+        (["--teacher", "{base}", "--geometry", "--features", "tokens"], "takes cls or mean"),
+        (["--json", "/nonexistent/dir/x.json"], "does not exist"),
+    ],
+)
+def test_bad_options_are_one_line_errors(teacher_dir, base_dir, args, fragment):
+    args = [a.format(base=base_dir) for a in args]
+    _one_line_error(_eval(teacher_dir, *args), fragment)
+
+
+def test_eval_of_an_unfinished_run_says_so(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("mode: finetune\n")
+    _one_line_error(_eval(run, "--task", "sst2"), "has not finished")

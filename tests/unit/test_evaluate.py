@@ -1,0 +1,237 @@
+"""geokd.evaluate: batching plans, prediction order, label mapping, and the geometry statistics
+against references written from their definitions (issue #4)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+from geokd import GeokdError
+from geokd.data import Example, collate, tokenize_examples
+from geokd.evaluate import (
+    LabelMapping,
+    fixed_order_batches,
+    geometry_distances,
+    label_mapping,
+    length_sorted_batches,
+    predict,
+    preserved_pairs,
+)
+from geokd.losses import cka, gram, procrustes
+from geokd.runtime import resolve_runtime
+from geokd.synthetic import centred_cosines, orthogonal_pairs
+from geokd.tasks import get_task
+
+# --------------------------------------------------------------------------------------------
+# Batching plans
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 50])
+def test_length_sorted_batches_cover_every_index_once_within_the_token_budget(batch_size):
+    rng = random.Random(batch_size)
+    lengths = [rng.randint(1, 60) for _ in range(103)]
+    plan = length_sorted_batches(lengths, batch_size)
+    flat = [i for batch in plan for i in batch]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
+    budget = batch_size * max(lengths)
+    for batch in plan:
+        assert len(batch) * max(lengths[i] for i in batch) <= budget
+    assert len(plan[0]) == min(batch_size, len(lengths))  # the longest batch holds batch_size
+    # Short inputs are packed more densely than the first (longest) batch.
+    assert max(len(b) for b in plan) >= len(plan[0])
+
+
+def test_length_sorted_batches_edge_cases():
+    assert length_sorted_batches([], 4) == []
+    assert length_sorted_batches([5, 5, 5], 2) == [[0, 1], [2]]  # ties keep input order
+    assert length_sorted_batches([0, 0], 1) == [[0], [1]]  # zero-length inputs still batch
+    with pytest.raises(GeokdError, match="batch-size"):
+        length_sorted_batches([3], 0)
+    assert fixed_order_batches(5, 2) == [[0, 1], [2, 3], [4]]
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30)]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    rng = random.Random(0)
+    examples = [
+        Example(i, (" ".join(f"w{rng.randrange(30)}" for _ in range(rng.randint(1, 20))),), i % 3)
+        for i in range(37)
+    ]
+    features = tokenize_examples(examples, tokenizer, max_length=32)
+    return model, tokenizer, features
+
+
+def _collate(features):
+    return collate(features, pad_token_id=0, regression=False)
+
+
+def test_predict_returns_input_order_and_matches_unbatched_forwards(tiny_classifier):
+    model, _, features = tiny_classifier
+    runtime = resolve_runtime("cpu")
+    sorted_out = predict(model, features, _collate, runtime, batch_size=4, pool="mean")
+    fixed_out = predict(model, features, _collate, runtime, batch_size=4, sort_by_length=False, pool="mean")
+    with torch.no_grad():
+        single = torch.cat([model(**{k: v for k, v in _collate([f]).items() if k not in ("labels", "example_id")})
+                            .logits for f in features])  # fmt: skip
+    torch.testing.assert_close(sorted_out.logits, single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed_out.logits, single, atol=1e-5, rtol=1e-5)
+    assert sorted_out.features is not None and len(sorted_out.features) == 3  # embeddings + 2 blocks
+    for a, b in zip(sorted_out.features, fixed_out.features, strict=True):
+        assert a.shape == (len(features), 16)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert model.training is False
+
+
+def test_predict_reports_progress_and_refuses_empty_input(tiny_classifier):
+    model, _, features = tiny_classifier
+    seen = []
+    predict(model, features, _collate, resolve_runtime("cpu"), batch_size=5, on_batch=seen.append)
+    assert sum(seen) == len(features)
+    with pytest.raises(GeokdError, match="empty"):
+        predict(model, [], _collate, resolve_runtime("cpu"), batch_size=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Label mapping
+# --------------------------------------------------------------------------------------------
+
+
+def _config(num_labels, id2label=None):
+    config = BertConfig(num_labels=num_labels)
+    if id2label is not None:
+        config.id2label = dict(enumerate(id2label))
+    return config
+
+
+def test_generic_labels_are_ids_and_named_labels_are_matched_by_name():
+    rte = get_task("rte")  # 0 = entailment, 1 = not_entailment
+    assert label_mapping(rte, _config(2), "m") == LabelMapping("by_id", (0, 1))
+    assert label_mapping(rte, _config(2, ["1", "0"]), "m").model_to_task == (1, 0)
+    swapped = label_mapping(rte, _config(2, ["NOT_ENTAILMENT", "Entailment"]), "m")
+    assert swapped == LabelMapping("by_name", (1, 0))
+    mnli = get_task("mnli")  # roberta-large-mnli's order: CONTRADICTION, NEUTRAL, ENTAILMENT
+    mapping = label_mapping(mnli, _config(3, ["CONTRADICTION", "NEUTRAL", "ENTAILMENT"]), "m")
+    assert mapping.model_to_task == (2, 1, 0)
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 5.0, 0.0]])
+    np.testing.assert_array_equal(mapping.apply(logits), [2, 0, 1])  # task ids
+    assert label_mapping(get_task("mrpc"), _config(2, ["not equivalent", "equivalent"]), "m").kind == "by_id"
+
+
+@pytest.mark.parametrize(
+    ("task", "config", "fragment"),
+    [
+        ("stsb", _config(2), "regression (one output score) but model 'm' has a 2-label"),
+        ("rte", _config(1), "regression head"),
+        ("rte", _config(3), "has 3 labels"),
+        ("sst2", _config(2, ["neg", "pos"]), "are not the labels of task 'sst2'"),
+        ("sst2", _config(2, ["positive", "positive"]), "are not the labels"),
+    ],
+)
+def test_heads_that_do_not_fit_the_task_are_one_line_errors(task, config, fragment):
+    with pytest.raises(GeokdError) as info:
+        label_mapping(get_task(task), config, "m")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_regression_mapping_returns_scores():
+    mapping = label_mapping(get_task("stsb"), _config(1), "m")
+    np.testing.assert_allclose(mapping.apply(torch.tensor([[1.5], [4.0]])), [1.5, 4.0])
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_counts(student, teacher, epsilon):
+    """Pairs i < j from explicit n×n centred-cosine matrices (geokd.synthetic's definitions)."""
+    a_t = orthogonal_pairs(centred_cosines(teacher), epsilon)
+    a_s = orthogonal_pairs(centred_cosines(student), epsilon)
+    upper = np.triu(np.ones_like(a_t), k=1)
+    return {
+        "teacher_pairs": int((a_t & upper).sum()),
+        "student_pairs": int((a_s & upper).sum()),
+        "preserved_pairs": int((a_t & a_s & upper).sum()),
+    }
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_preserved_pairs_match_the_dense_definition_in_any_chunking(chunk):
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(150, 40, generator=gen)
+    student = teacher[:, :12] + 0.3 * torch.randn(150, 12, generator=gen)
+    counts = preserved_pairs(student, teacher, 0.1, chunk=chunk)
+    assert {k: counts[k] for k in ("teacher_pairs", "student_pairs", "preserved_pairs")} == _reference_counts(
+        student, teacher, 0.1
+    )
+    assert counts["all_pairs"] == 150 * 149 // 2
+    assert counts["teacher_pairs"] > 0 and 0 < counts["preserved_pairs"] < counts["teacher_pairs"]
+
+
+def test_preserved_pairs_brute_force_and_invariances():
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    student = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    centred_t, centred_s = teacher - teacher.mean(0), student - student.mean(0)
+    expected = 0
+    for i, j in itertools.combinations(range(30), 2):
+        cos_t = float(centred_t[i] @ centred_t[j] / (centred_t[i].norm() * centred_t[j].norm()))
+        cos_s = float(centred_s[i] @ centred_s[j] / (centred_s[i].norm() * centred_s[j].norm()))
+        expected += abs(cos_t) <= 0.3 and abs(cos_s) <= 0.3
+    assert preserved_pairs(student, teacher, 0.3)["preserved_pairs"] == expected
+    # Invariant to a rotation, a global scale and a translation of either side.
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))
+    moved = 3.0 * teacher @ q + 5.0
+    assert preserved_pairs(student, moved, 0.3) == preserved_pairs(student, teacher, 0.3)
+    # A model compared with itself preserves every pair.
+    same = preserved_pairs(teacher, teacher, 0.3)
+    assert same["preserved_pairs"] == same["teacher_pairs"] == same["student_pairs"]
+
+
+def test_constant_rows_are_never_counted_as_orthogonal():
+    # Integer rows A and -A around an exact zero mean, plus one row equal to the mean: that row is
+    # exactly zero once centred (no direction), and no pair with it may count.
+    gen = torch.Generator().manual_seed(2)
+    half = torch.randint(-5, 6, (12, 6), generator=gen).double()
+    teacher = torch.cat([torch.zeros(1, 6, dtype=torch.float64), half, -half])
+    student = torch.randn(25, 4, generator=gen, dtype=torch.float64)
+    counts = preserved_pairs(student, teacher, 0.5)
+    a_t = orthogonal_pairs(centred_cosines(teacher), 0.5)  # takes the zero row's cosines as 0
+    a_s = orthogonal_pairs(centred_cosines(student), 0.5)
+    a_t[0, :] = a_t[:, 0] = False  # ... which must not count
+    upper = np.triu(np.ones_like(a_t), k=1)
+    assert counts["teacher_pairs"] == int((a_t & upper).sum()) < 24 * 23 // 2 + 24
+    assert counts["preserved_pairs"] == int((a_t & a_s & upper).sum())
+    assert counts["student_pairs"] == int((a_s & upper).sum())
+    # A layer whose rows are all equal (e.g. the [CLS] embedding at layer 0) has no pairs at all.
+    constant = torch.full((25, 6), 0.5, dtype=torch.float64)
+    assert preserved_pairs(student, constant, 0.5)["teacher_pairs"] == 0
+
+
+def test_geometry_distances_are_the_loss_library_in_float64():
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(50, 10, generator=gen), torch.randn(50, 24, generator=gen)
+    values = geometry_distances(s, t)
+    assert values["procrustes"] == float(procrustes(s.double(), t.double()))
+    assert values["gram"] == float(gram(s.double(), t.double()))
+    assert values["cka"] == float(cka(s.double(), t.double()))
+    same = geometry_distances(t, t)
+    assert abs(same["procrustes"]) < 1e-10 and abs(same["gram"]) < 1e-7 and abs(same["cka"]) < 1e-10
