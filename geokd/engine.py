@@ -289,13 +289,17 @@ def write_results(
 
 def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: dict[str, Any]) -> None:
     """Write the Hugging Face folder (config, tokenizer, model.safetensors) plus geokd.json
-    provenance into a temporary directory, then rename it into place."""
+    provenance (with the SHA-256 of the weights, checked by `geokd eval`) into a temporary
+    directory, then rename it into place."""
     tmp = final_dir.with_name(f".{final_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    from geokd.models import weights_sha256
+
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / "geokd.json", {"geokd_version": geokd.__version__, **provenance})
+    record = {"geokd_version": geokd.__version__, **provenance, "weights_sha256": weights_sha256(tmp)}
+    write_json(tmp / "geokd.json", record)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     tmp.rename(final_dir)

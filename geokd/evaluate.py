@@ -409,6 +409,13 @@ def evaluate_model(
     check_max_length(loaded, max_length)
     splits = list(spec.eval_splits) if split is None else [resolve_split(spec, split)]
     warnings = []
+    recorded_sha = (location.record or {}).get("weights_sha256")
+    if recorded_sha and loaded.source.weights_sha256 and recorded_sha != loaded.source.weights_sha256:
+        warnings.append(
+            f"the weights in {location.load!r} (sha256 {loaded.source.weights_sha256[:12]}) are not the ones its "
+            f"geokd.json records (sha256 {recorded_sha[:12]}): they were changed after training, so the record "
+            "does not describe them"
+        )
     if trained_on is not None and trained_on != spec.name:
         warnings.append(f"the model was trained on task {trained_on!r}, evaluated here on {spec.name!r}")
 

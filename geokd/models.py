@@ -325,6 +325,18 @@ def _sha256(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(folder: str | Path) -> str | None:
+    """SHA-256 of the weights a model folder holds (shards concatenated in name order), as recorded
+    in `ModelSource.weights_sha256`; None when the folder has no weights file."""
+
+    def find(filename: str) -> Path | None:
+        path = Path(folder) / filename
+        return path if path.is_file() else None
+
+    files = _weights_files(find)
+    return _sha256(files) if files else None
+
+
 def _weights_files(find: Callable[[str], Path | None]) -> list[Path]:
     """The checkpoint files transformers would read, given `find(filename) -> Path | None`."""
     for filename in _WEIGHTS_NAMES:

@@ -41,6 +41,7 @@ def test_eval_of_a_run_reproduces_its_dev_metrics_and_records_itself(teacher_dir
     assert model["geokd_record"]["config"]["task"] == "sst2"
     assert record["data"]["fingerprint"].startswith("sha256:") and record["geokd_version"]
     assert record["elapsed_s"] > 0 and record["examples_per_s"] > 0
+    assert record["warnings"] == [] and model["geokd_record"]["weights_sha256"] == model["weights_sha256"]
     # The run directory keeps its own copy, under eval/<task>-<split>.json.
     assert json.loads((teacher_dir / "eval" / "sst2-dev.json").read_text())["metrics"] == record["metrics"]
 
@@ -73,6 +74,21 @@ def test_eval_accepts_a_single_file_and_a_renamed_label_order(teacher_dir, glue_
     assert record["model"]["label_mapping"] == {"kind": "by_name", "model_to_task": [1, 0]}
     assert record["metrics"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
     assert record["data"]["source"].endswith("dev.tsv")
+
+
+def test_eval_warns_when_the_weights_are_not_the_recorded_ones(teacher_dir, glue_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(teacher_dir / "final", copy)
+    model = AutoModelForSequenceClassification.from_pretrained(copy)
+    with torch.no_grad():
+        model.classifier.bias.add_(0.01)
+    model.save_pretrained(copy)  # geokd.json stays: its weights_sha256 no longer matches
+    result = _eval(copy, "--data", glue_dir, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    (warning,) = json.loads((tmp_path / "e.json").read_text())["warnings"]
+    assert "changed after training" in warning and "warning:" in result.output
 
 
 def test_geometry_report_equals_the_loss_library_on_the_same_features(
@@ -149,6 +165,28 @@ def test_distill_over_seeds_writes_one_run_per_seed_and_the_comparison(teacher_d
     assert runner.invoke(app, args).exit_code == 2
     clash = runner.invoke(app, [*args, "--seed", "5"])
     assert clash.exit_code == 2 and "contradict" in clash.output
+
+
+def test_seeds_with_finetune_teacher_share_one_teacher(base_dir, glue_dir, tmp_path):
+    import yaml
+
+    out = tmp_path / "ft"
+    result = runner.invoke(app, ["distill", "--quiet", "--seeds", "1,2", "--finetune-teacher",
+                                 *options(teacher=base_dir, student="truncate:2", task="sst2", data=glue_dir,
+                                          out=out, max_steps=2, batch_size=16)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "teacher" / "final" / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "compare.json",
+        "compare.png",
+        "seed-1",
+        "seed-2",
+        "teacher",
+    ]
+    for seed in (1, 2):
+        config = yaml.safe_load((out / f"seed-{seed}" / "config.yaml").read_text())
+        assert config["teacher"] == str(out / "teacher" / "final") and config["seed"] == seed
+        assert not (out / f"seed-{seed}" / "teacher").exists()
 
 
 def _one_line_error(result, fragment: str) -> None:
