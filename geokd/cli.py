@@ -469,7 +469,7 @@ def eval_command(
     text_fields: str = _TEXT_FIELDS,
     label_field: str = _LABEL_FIELD,
     batch_size: int = _O(64, "--batch-size", help="Examples per batch at the longest length."),
-    max_length: int = _O(128, "--max-length", help="Tokens per example."),
+    max_length: int = _O(None, "--max-length", help="Tokens per example (default: the run's, else 128)."),
     limit: int = _O(None, help="Score only the first N examples of the split."),
     json_path: Path = _O(None, "--json", help="Also write the result JSON here."),
     teacher: str = _O(None, help="Teacher for the geometry report (with --geometry)."),
@@ -512,6 +512,7 @@ def eval_command(
                 trust_remote_code=trust_remote_code,
                 teacher=teacher,
                 geometry=geometry,
+                geometry_grid=plot_path is not None,
                 layers=layers,
                 features=features,
                 epsilon=epsilon,
@@ -520,11 +521,21 @@ def eval_command(
             )
         _render_eval(result)
         written = []
-        for path in (default_eval_path(result), json_path):
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(path, result)
-                written.append(str(path))
+        if json_path is not None:
+            write_json(json_path, result)
+            written.append(str(json_path))
+        run_copy = default_eval_path(result["model"]["run_dir"], result["task"], result["split"], limit)
+        if run_copy is not None:
+            try:
+                run_copy.parent.mkdir(exist_ok=True)
+                write_json(run_copy, result)
+                written.append(str(run_copy))
+            except OSError as exc:  # a read-only run directory: the result is still printed (and --json)
+                err_console.print(
+                    f"[bold yellow]warning:[/bold yellow] could not write {run_copy} ({exc.strerror}); "
+                    "pass --json PATH to keep the result",
+                    highlight=False,
+                )
         if plot_path is not None:
             plot_geometry(result["geometry"], plot_path, title=f"{model} vs {teacher}")
             written.append(str(plot_path))

@@ -3,14 +3,16 @@ group against a baseline with honest statistics (issue #4).
 
 Inputs are run directories (`results.json` + `config.yaml`; a directory of `seed-K/` runs, as
 `--seeds` writes, stands for all of them) or `geokd eval --json` files of models trained by geokd.
+All must be scored on the same task and split, and each run may appear once.
 For each group: n, mean and sample standard deviation (ddof = 1) of the metric. Against the
 baseline group:
 
 * Welch's t-test (`scipy.stats.ttest_ind(equal_var=False)`): two-sided p-value, t and the
   Welch–Satterthwaite degrees of freedom. Needs 2 or more runs on each side.
-* The paired t-test (`scipy.stats.ttest_rel`) over the seeds both groups ran, when there are at
-  least two: a seed fixes the data order and the student initialisation on both sides, so pairing
-  removes that share of the variance.
+* The paired t-test (`scipy.stats.ttest_rel`) when both groups ran exactly the same seeds (at
+  least two, none repeated): a seed fixes the data order and the student initialisation on both
+  sides, so pairing removes that share of the variance. A partial overlap is compared as
+  independent samples, with a note.
 * A bootstrap 95% confidence interval of the difference of means (`scipy.stats.bootstrap`,
   percentile method, 10,000 resamples, fixed generator): of the paired differences when paired,
   else of the two independent samples. With 3 seeds a bootstrap interval is rough: it cannot be
@@ -43,9 +45,11 @@ CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class RunResult:
-    """One finished run: where it is, its config (as saved), seed, task, split and metrics."""
+    """One finished run: where it is (`identity`: the run directory, also for an eval JSON of a
+    run's model), its config (as saved), seed, task, what it was scored on, and its metrics."""
 
     path: str
+    identity: str
     config: dict[str, Any]
     seed: int | None
     task: str
@@ -60,14 +64,24 @@ class Group:
     runs: list[RunResult] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GeokdError(
+            f"compare: {str(path)!r} is not text; pass run directories or files written by geokd eval --json"
+        ) from None
     except OSError as exc:
         raise GeokdError(f"compare: cannot read {str(path)!r} ({exc.strerror}); check the path") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise GeokdError(
-            f"compare: {str(path)!r} is not valid JSON ({exc.msg}); the file is damaged"
+            f"compare: {str(path)!r} is not valid JSON ({exc.msg}); pass run directories or files written by "
+            "geokd eval --json"
         ) from None
     if not isinstance(data, dict):
         raise GeokdError(f"compare: {str(path)!r} does not hold a JSON object")
@@ -86,21 +100,47 @@ def _check_result(data: dict[str, Any], where: str) -> None:
         raise GeokdError(f"compare: {where}: metric {bad[0]!r} is not a number ({metrics[bad[0]]!r})")
 
 
-def load_run(path: str | Path) -> RunResult:
-    """Read one run directory (results.json + config.yaml) or one `geokd eval --json` file."""
+def _read_config(config_file: Path) -> dict[str, Any]:
     import yaml
 
+    try:
+        config = yaml.safe_load(_read_text(config_file))
+    except yaml.YAMLError as exc:
+        raise GeokdError(
+            f"compare: {str(config_file)!r} is not valid YAML ({type(exc).__name__}); the run is damaged"
+        ) from None
+    if not isinstance(config, dict):
+        raise GeokdError(f"compare: {str(config_file)!r} does not hold a mapping; the run is damaged")
+    return config
+
+
+def load_run(path: str | Path) -> RunResult:
+    """Read one run directory (results.json + config.yaml) or one `geokd eval --json` file.
+
+    The config is always the run's `config.yaml` (what was asked for) when the run directory is at
+    hand, so a run and an eval of its model group alike; an eval JSON of a model whose run
+    directory is gone falls back to the config recorded in the model's geokd.json. The split of an
+    eval JSON names its `--limit` too (`dev[:10]`), so partial scores never pool with full ones."""
     target = Path(path)
     if target.is_file():
         data = _read_json(target)
         _check_result(data, repr(str(target)))
-        record = ((data.get("model") or {}).get("geokd_record") or {}).get("config")
-        if not isinstance(record, dict):
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        run_dir = model.get("run_dir")
+        record = model.get("geokd_record") if isinstance(model.get("geokd_record"), dict) else {}
+        if isinstance(run_dir, str) and (Path(run_dir) / "config.yaml").is_file():
+            config, identity = _read_config(Path(run_dir) / "config.yaml"), str(Path(run_dir).resolve())
+        elif isinstance(record.get("config"), dict):
+            config, identity = record["config"], str(target.resolve())
+        else:
             raise GeokdError(
                 f"compare: {str(target)!r} evaluates a model geokd did not train (no recorded config), so it "
                 "cannot be grouped; pass run directories instead"
             )
-        config = record
+        split = str(data.get("split", ""))
+        limit = (data.get("data") or {}).get("limit") if isinstance(data.get("data"), dict) else None
+        if limit:
+            split += f"[:{limit}]"
     elif target.is_dir():
         results, config_file = target / "results.json", target / "config.yaml"
         if not results.is_file() or not config_file.is_file():
@@ -111,39 +151,41 @@ def load_run(path: str | Path) -> RunResult:
             )
         data = _read_json(results)
         _check_result(data, repr(str(results)))
-        try:
-            config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise GeokdError(
-                f"compare: cannot read {str(config_file)!r} ({exc}); the run is damaged"
-            ) from None
-        if not isinstance(config, dict):
-            raise GeokdError(f"compare: {str(config_file)!r} does not hold a mapping; the run is damaged")
+        config, identity = _read_config(config_file), str(target.resolve())
+        split = str(data.get("split", ""))
     else:
         raise GeokdError(f"compare: no such run directory or file: {str(target)!r}; check the path")
     seed = config.get("seed")
     return RunResult(
         path=str(target),
+        identity=identity,
         config=config,
         seed=int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None,
         task=str(data["task"]),
-        split=str(data.get("split", "")),
+        split=split,
         metrics={k: float(v) for k, v in data["metrics"].items()},
     )
 
 
-def expand_paths(paths: list[str]) -> list[Path]:
+def expand_paths(paths: list[str]) -> tuple[list[Path], list[str]]:
     """Each argument as given, except a directory that is not itself a run but holds `seed-K/`
-    runs (what `--seeds` writes), which stands for those runs in seed order."""
+    runs (what `--seeds` writes), which stands for its finished seed runs in seed order. Returns
+    the paths and notes on unfinished seed runs left out."""
     expanded: list[Path] = []
+    notes: list[str] = []
     for given in paths:
         path = Path(given)
-        seeds = sorted(path.glob("seed-*/results.json")) if path.is_dir() else []
-        if path.is_dir() and not (path / "results.json").is_file() and seeds:
-            expanded.extend(sorted((p.parent for p in seeds), key=lambda p: (len(p.name), p.name)))
+        seed_dirs = [p for p in path.glob("seed-*") if p.is_dir()] if path.is_dir() else []
+        if path.is_dir() and not (path / "results.json").is_file() and seed_dirs:
+            seed_dirs.sort(key=lambda p: (len(p.name), p.name))
+            finished = [p for p in seed_dirs if (p / "results.json").is_file()]
+            unfinished = [p.name for p in seed_dirs if p not in finished]
+            if unfinished:
+                notes.append(f"{str(path)!r}: left out unfinished {', '.join(unfinished)} (no results.json)")
+            expanded.extend(finished)
         else:
             expanded.append(path)
-    return expanded
+    return expanded, notes
 
 
 def _short(value: Any, width: int = 40) -> str:
@@ -166,6 +208,11 @@ def group_runs(runs: list[RunResult]) -> list[Group]:
         values = dict(group.key)
         parts = [f"{k}={_short(json.loads(values[k])) if k in values else '-'}" for k in varying]
         group.label = ", ".join(parts) if parts else "all runs"
+    seen: dict[str, int] = {}
+    for group in ordered:  # shortened values can collide: number the repeats
+        seen[group.label] = seen.get(group.label, 0) + 1
+        if seen[group.label] > 1:
+            group.label += f" (#{seen[group.label]})"
     return ordered
 
 
@@ -275,16 +322,28 @@ def compare_runs(paths: list[str], metric: str | None = None, baseline: str | No
     """Load, group and compare runs; returns the JSON-ready comparison (see the module docstring)."""
     if not paths:
         raise GeokdError("compare: no runs given; pass two or more run directories")
-    runs = [load_run(p) for p in expand_paths(paths)]
-    tasks = sorted({r.task for r in runs})
-    if len(tasks) > 1:
+    expanded, notes = expand_paths(paths)
+    if not expanded:
         raise GeokdError(
-            f"compare: the runs are on different tasks ({', '.join(tasks)}); compare runs of one task at a time"
+            f"compare: no finished runs in {', '.join(map(repr, paths))}; wait for a run to finish"
         )
+    runs = [load_run(p) for p in expanded]
+    first_seen: dict[str, RunResult] = {}
+    for run in runs:
+        if run.identity in first_seen:
+            raise GeokdError(
+                f"compare: {run.path!r} and {first_seen[run.identity].path!r} are the same run; pass each run once"
+            )
+        first_seen[run.identity] = run
+    for what, values in (("tasks", {r.task for r in runs}), ("splits", {r.split for r in runs})):
+        if len(values) > 1:
+            raise GeokdError(
+                f"compare: the runs are scored on different {what} ({', '.join(sorted(values))}); compare runs "
+                f"scored on the same {what[:-1]}"
+            )
     metric = _pick_metric(runs, metric)
     groups = group_runs(runs)
     base = _pick_baseline(groups, baseline)
-    notes = []
     rows = []
     for group in groups:
         values = np.asarray([r.metrics[metric] for r in group.runs], dtype=np.float64)
@@ -307,7 +366,8 @@ def compare_runs(paths: list[str], metric: str | None = None, baseline: str | No
             entry["vs_baseline"] = _versus(group, base, metric, notes)
         rows.append(entry)
     return {
-        "task": tasks[0],
+        "task": runs[0].task,
+        "split": runs[0].split,
         "metric": metric,
         "baseline": base.label,
         "groups": rows,
@@ -321,13 +381,24 @@ def compare_runs(paths: list[str], metric: str | None = None, baseline: str | No
     }
 
 
+def _seed_values(group: Group, metric: str) -> dict[int, float] | None:
+    """seed -> value when every run of the group has a seed and no seed repeats, else None."""
+    seeds = [r.seed for r in group.runs]
+    if any(seed is None for seed in seeds) or len(set(seeds)) != len(seeds):
+        return None
+    return {r.seed: r.metrics[metric] for r in group.runs if r.seed is not None}
+
+
 def _versus(group: Group, base: Group, metric: str, notes: list[str]) -> dict[str, Any]:
+    """The group against the baseline. The paired test and a paired interval apply when both groups
+    ran exactly the same seeds (at least two, none repeated); otherwise the samples are treated
+    as independent, and a partial overlap is noted rather than used."""
     a = np.asarray([r.metrics[metric] for r in group.runs], dtype=np.float64)
     b = np.asarray([r.metrics[metric] for r in base.runs], dtype=np.float64)
-    seeds_a = {r.seed: r.metrics[metric] for r in group.runs if r.seed is not None}
-    seeds_b = {r.seed: r.metrics[metric] for r in base.runs if r.seed is not None}
-    common = sorted(set(seeds_a) & set(seeds_b))
-    paired = len(common) >= 2
+    seeds_a, seeds_b = _seed_values(group, metric), _seed_values(base, metric)
+    paired = (
+        seeds_a is not None and seeds_b is not None and set(seeds_a) == set(seeds_b) and len(seeds_a) >= 2
+    )
     welch = welch_test(a, b)
     result: dict[str, Any] = {
         "difference": float(a.mean() - b.mean()),
@@ -339,6 +410,8 @@ def _versus(group: Group, base: Group, metric: str, notes: list[str]) -> dict[st
     if len(a) >= 2 and len(b) >= 2 and welch["p"] is None:
         notes.append(f"{group.label!r} vs {base.label!r}: no variance on either side, so no Welch t-test")
     if paired:
+        assert seeds_a is not None and seeds_b is not None
+        common = sorted(seeds_a)
         pa = np.asarray([seeds_a[s] for s in common])
         pb = np.asarray([seeds_b[s] for s in common])
         result["paired"] = {**paired_test(pa, pb), "n_pairs": len(common), "seeds": common}
@@ -347,8 +420,12 @@ def _versus(group: Group, base: Group, metric: str, notes: list[str]) -> dict[st
                 f"{group.label!r} vs {base.label!r}: the paired differences are constant, so no paired test"
             )
         ci = bootstrap_ci(pa, pb, paired=True)
-        result["difference_paired"] = float((pa - pb).mean())
     else:
+        if seeds_a and seeds_b and set(seeds_a) & set(seeds_b):
+            notes.append(
+                f"{group.label!r} vs {base.label!r}: the groups ran different seed sets, so no paired test; "
+                "compared as independent samples"
+            )
         ci = bootstrap_ci(a, b, paired=False)
     result["ci95"] = list(ci) if ci is not None else None
     return result

@@ -650,7 +650,7 @@ def train(
 
 def parse_seeds(text: str) -> list[int]:
     """`--seeds 1,2,3` -> [1, 2, 3]: distinct non-negative integers, in the order given."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
+    items = [item.strip() for item in text.split(",")]
     bad = [item for item in items if not item.isdigit()]
     if not items or bad:
         raise GeokdError(

@@ -20,8 +20,8 @@ against a teacher (issue #4).
   every hidden state (`cls` or `mean` rows, one per example) and reports, for each mapped layer
   pair, the loss library's Procrustes distance, Gram distance and 1 − linear CKA in float64, and
   how many of the teacher's ε-orthogonal example pairs (|centred cosine| ≤ ε) stay ε-orthogonal in
-  the student. The three distances are also computed for every student × teacher layer
-  combination (the heat-map of `plot_geometry`).
+  the student. On request (`--plot`) the three distances are also computed for every student ×
+  teacher layer combination (the heat-map of `plot_geometry`).
 """
 
 from __future__ import annotations
@@ -119,26 +119,30 @@ def predict(
     )
     was_training = model.training
     model.eval()
-    indices, logits_parts, pooled_parts = [], [], []
-    with torch.inference_mode():
-        for batch_indices in plan:
-            batch = collate([features[i] for i in batch_indices])
-            inputs = {
-                k: v.to(runtime.device, non_blocking=True)
-                for k, v in batch.items()
-                if k not in ("labels", "example_id")
-            }
-            with runtime.autocast():
-                out = model(**inputs, output_hidden_states=pool is not None)
-            logits_parts.append(out.logits.float())  # [B, C]
-            if pool is not None:
-                layers = list(range(len(out.hidden_states)))
-                rows = extract_features(out.hidden_states, inputs["attention_mask"], layers, pool)
-                pooled_parts.append([r.float() for r in rows])  # L+1 x [B, d]
-            indices.append(torch.as_tensor(batch_indices))
-            if on_batch is not None:
-                on_batch(len(batch_indices))
-    model.train(was_training)
+    indices: list[torch.Tensor] = []
+    logits_parts: list[torch.Tensor] = []
+    pooled_parts: list[list[torch.Tensor]] = []
+    try:
+        with torch.inference_mode():
+            for batch_indices in plan:
+                batch = collate([features[i] for i in batch_indices])
+                inputs = {
+                    k: v.to(runtime.device, non_blocking=True)
+                    for k, v in batch.items()
+                    if k not in ("labels", "example_id")
+                }
+                with runtime.autocast():
+                    out = model(**inputs, output_hidden_states=pool is not None)
+                logits_parts.append(out.logits.float())  # [B, C]
+                if pool is not None:
+                    layers = list(range(len(out.hidden_states)))
+                    rows = extract_features(out.hidden_states, inputs["attention_mask"], layers, pool)
+                    pooled_parts.append([r.float() for r in rows])  # L+1 x [B, d]
+                indices.append(torch.as_tensor(batch_indices))
+                if on_batch is not None:
+                    on_batch(len(batch_indices))
+    finally:
+        model.train(was_training)
     position = torch.cat(indices)  # [n]: batch row -> input index
     inverse = torch.empty_like(position)
     inverse[position] = torch.arange(n)
@@ -296,9 +300,9 @@ def _resolve_task(
     if int(config.num_labels) == 1:
         return custom_task(spec.text_fields, spec.label_field, num_labels=1)
     names = _model_label_names(config)
-    if all(_GENERIC_LABEL.fullmatch(n) for n in names):
+    if all(re.fullmatch(r"LABEL_\d+", n) for n in names):  # transformers' placeholders: no names known
         return custom_task(spec.text_fields, spec.label_field, num_labels=len(names))
-    return custom_task(spec.text_fields, spec.label_field, label_names=names)
+    return custom_task(spec.text_fields, spec.label_field, label_names=names)  # what training stored
 
 
 def _task_key(name: Any) -> str | None:
@@ -360,12 +364,13 @@ def evaluate_model(
     text_fields: str | None = None,
     label_field: str | None = None,
     batch_size: int = 64,
-    max_length: int = 128,
+    max_length: int | None = None,
     limit: int | None = None,
     device: str = "auto",
     trust_remote_code: bool = False,
     teacher: str | None = None,
     geometry: bool = False,
+    geometry_grid: bool = False,
     layers: str | None = None,
     features: str | None = None,
     epsilon: float = 0.1,
@@ -382,16 +387,24 @@ def evaluate_model(
     from geokd.tasks import compute_metrics, resolve_split
 
     started = time.perf_counter()
-    _validate_common(batch_size, max_length, limit)
+    _validate_common(batch_size, max_length or 128, limit)
     if geometry != (teacher is not None):
         raise GeokdError(
             "eval: --geometry and --teacher go together (the report compares the model with a teacher); "
             "pass both or neither"
         )
+    stray = [name for name, value in (("--layers", layers), ("--features", features)) if value is not None]
+    if stray and not geometry:
+        raise GeokdError(
+            f"{', '.join(stray)} only apply to the geometry report; add --geometry --teacher TEACHER"
+        )
     if geometry and not 0.0 < epsilon < 1.0:
         raise GeokdError(f"--epsilon must be in (0, 1), got {epsilon}; 0.1 is a common choice")
     _quiet_transformers()
     location = locate_model(model)
+    recorded = (location.record or {}).get("config") or {}
+    if max_length is None:  # the run's own truncation, so `geokd eval RUN` reproduces results.json
+        max_length = recorded.get("max_length") if isinstance(recorded.get("max_length"), int) else 128
     loaded = load_model(location.load, trust_remote_code=trust_remote_code)
     head_missing = [k for k in loaded.new_weights if not k.startswith(loaded.model.base_model_prefix + ".")]
     if head_missing:
@@ -400,7 +413,6 @@ def evaluate_model(
             f"fine-tune it first (geokd finetune --model {model}) and evaluate the result"
         )
     spec = _resolve_task(task, text_fields, label_field, location, loaded.config)
-    recorded = (location.record or {}).get("config") or {}
     trained_on = _task_key(recorded.get("task"))
     if data is None and trained_on == spec.name and isinstance(recorded.get("data"), str):
         # `geokd eval RUN`: the run's own data, when it is still where training read it.
@@ -498,17 +510,19 @@ def evaluate_model(
             runtime=runtime,
             trust_remote_code=trust_remote_code,
             student_rows=student_rows,
+            grid=geometry_grid,
         )
     result["elapsed_s"] = time.perf_counter() - started
     return result
 
 
-def default_eval_path(result: dict[str, Any]) -> Path | None:
-    """`RUN/eval/<task>-<split>.json` when the model belongs to a run directory, else None."""
-    run_dir = result["model"]["run_dir"]
+def default_eval_path(run_dir: str | Path | None, task: str, split: str, limit: int | None) -> Path | None:
+    """`RUN/eval/<task>-<split>.json` for a model that belongs to a run directory (None otherwise);
+    `<task>-<split>-first<N>.json` for a `--limit N` evaluation, so it never replaces a full one."""
     if run_dir is None:
         return None
-    return Path(run_dir) / "eval" / f"{result['task']}-{result['split']}.json"
+    suffix = f"-first{limit}" if limit is not None else ""
+    return Path(run_dir) / "eval" / f"{task}-{split}{suffix}.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,11 +595,13 @@ def geometry_report(
     runtime: Runtime,
     trust_remote_code: bool = False,
     student_rows: list[torch.Tensor] | None = None,
+    grid: bool = False,
 ) -> dict[str, Any]:
     """The geometry of `student` against `teacher` on `data_split` (rows = examples, pooled by
     `features`). Each model reads the texts through its own tokenizer, so any two models compare.
     `student_rows` (every hidden state pooled by `features`, from `predict`) saves a second student
-    forward pass."""
+    forward pass. `grid=True` also computes the three distances for every student × teacher layer
+    combination (what `plot_geometry` draws; (L_s+1)·(L_t+1) float64 evaluations)."""
     from geokd.data import make_collate_fn, tokenize_examples
     from geokd.models import load_model, parse_layer_map
 
@@ -594,8 +610,8 @@ def geometry_report(
             f"--features: the geometry report compares one row per example, so it takes cls or mean, got "
             f"{features!r}"
         )
-    teacher_model = load_model(teacher, trust_remote_code=trust_remote_code)
-    check_max_length(teacher_model, max_length)
+    teacher_model = load_model(locate_model(teacher).load, trust_remote_code=trust_remote_code)
+    check_max_length(teacher_model, max_length, option="--max-length (for the teacher)")
     pairs = parse_layer_map(layers, student.num_layers, teacher_model.num_layers)
     teacher_model.model.to(runtime.device)
     pooled = {"student": student_rows}
@@ -607,11 +623,6 @@ def geometry_report(
         pooled[role] = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=features).features
     s_rows, t_rows = pooled["student"], pooled["teacher"]
     assert s_rows is not None and t_rows is not None
-    grid = {name: [[0.0] * len(t_rows) for _ in s_rows] for name in GEOMETRY_METRICS}
-    for i, s in enumerate(s_rows):
-        for j, t in enumerate(t_rows):
-            for name, value in geometry_distances(s, t).items():
-                grid[name][i][j] = value
     entries = []
     for s_layer, t_layer in pairs:
         counts = preserved_pairs(s_rows[s_layer], t_rows[t_layer], epsilon)
@@ -619,13 +630,21 @@ def geometry_report(
             {
                 "student_layer": s_layer,
                 "teacher_layer": t_layer,
-                **{name: grid[name][s_layer][t_layer] for name in GEOMETRY_METRICS},
+                **geometry_distances(s_rows[s_layer], t_rows[t_layer]),
                 **counts,
+                # None (JSON null), not NaN, when the teacher layer has no ε-orthogonal pair
                 "preserved_fraction": counts["preserved_pairs"] / counts["teacher_pairs"]
                 if counts["teacher_pairs"]
-                else math.nan,
+                else None,
             }
         )
+    table = None
+    if grid:
+        table = {name: [[0.0] * len(t_rows) for _ in s_rows] for name in GEOMETRY_METRICS}
+        for i, s in enumerate(s_rows):
+            for j, t in enumerate(t_rows):
+                for name, value in geometry_distances(s, t).items():
+                    table[name][i][j] = value
     return {
         "teacher": teacher_model.source.to_dict(),
         "split": data_split.split,
@@ -634,10 +653,12 @@ def geometry_report(
         "layers": layers,
         "epsilon": epsilon,
         "layer_pairs": entries,
-        "grid": {
+        "grid": None
+        if table is None
+        else {
             "student_layers": list(range(len(s_rows))),
             "teacher_layers": list(range(len(t_rows))),
-            **grid,
+            **table,
         },
     }
 
@@ -652,6 +673,8 @@ def plot_geometry(report: dict[str, Any], path: str | Path, title: str = "") -> 
     from matplotlib.patches import Rectangle
 
     grid = report["grid"]
+    if grid is None:
+        raise ValueError("plot_geometry needs a report computed with grid=True")
     panels = (
         ("procrustes", "Procrustes distance² (0 = same geometry)", "viridis_r"),
         ("gram", "Gram distance (0 = same geometry)", "viridis_r"),
@@ -672,7 +695,7 @@ def plot_geometry(report: dict[str, Any], path: str | Path, title: str = "") -> 
         for entry in report["layer_pairs"]:
             s, t = entry["student_layer"], entry["teacher_layer"]
             ax.add_patch(Rectangle((t - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-            if name == "procrustes" and math.isfinite(entry["preserved_fraction"]):
+            if name == "procrustes" and entry["preserved_fraction"] is not None:
                 ax.text(
                     t,
                     s,

@@ -51,6 +51,8 @@ def test_eval_defaults_to_the_recorded_task_and_data_and_limits(teacher_dir):
     assert result.exit_code == 0, result.output
     record = json.loads((teacher_dir / "limited.json").read_text())
     assert record["n_examples"] == 10 and record["data"]["limit"] == 10
+    # A partial evaluation never takes the place of the full one inside the run.
+    assert json.loads((teacher_dir / "eval" / "sst2-dev-first10.json").read_text())["n_examples"] == 10
 
 
 def test_eval_accepts_a_single_file_and_a_renamed_label_order(teacher_dir, glue_dir, tmp_path):
@@ -132,11 +134,11 @@ def test_geometry_report_equals_the_loss_library_on_the_same_features(
         assert entry["cka"] == pytest.approx(float(cka(s, t)), abs=1e-6)
         assert 0 <= entry["preserved_pairs"] <= entry["teacher_pairs"] <= 48 * 47 // 2
     # The model against itself: zero distances and every pair preserved.
-    self_check = _eval(
-        teacher_dir, "--teacher", teacher_dir / "final", "--geometry", "--json", tmp_path / "self.json"
-    )
+    self_check = _eval(teacher_dir, "--teacher", teacher_dir, "--geometry", "--json", tmp_path / "self.json")
     assert self_check.exit_code == 0, self_check.output
-    for entry in json.loads((tmp_path / "self.json").read_text())["geometry"]["layer_pairs"]:
+    self_report = json.loads((tmp_path / "self.json").read_text())["geometry"]
+    assert self_report["grid"] is None  # the all-layers grid is computed for --plot only
+    for entry in self_report["layer_pairs"]:
         # Procrustes reads a few 1e-6 here: singular values below ~1e-6·σ_max count as zero.
         assert entry["procrustes"] < 1e-5 and entry["cka"] < 1e-6
         assert entry["preserved_pairs"] == entry["teacher_pairs"]
@@ -235,6 +237,7 @@ def test_bad_inputs_are_one_line_errors(teacher_dir, base_dir, glue_dir, tmp_pat
     ("args", "fragment"),
     [
         (["--geometry"], "--geometry and --teacher go together"),
+        (["--layers", "last"], "--layers only apply to the geometry report"),
         (["--plot", "x.png"], "--plot draws the geometry report"),
         (["--limit", "0"], "--limit must be at least 1"),
         (["--max-length", "4096"], "exceeds the model's 128 positions"),

@@ -114,6 +114,48 @@ def test_degenerate_statistics_are_none_not_nan():
     assert paired_test(np.array([0.6, 0.7]), np.array([0.5, 0.6]))["p"] is None  # constant difference
 
 
+def test_partial_seed_overlap_is_compared_as_independent_samples(tmp_path):
+    base = [
+        _run(tmp_path, f"a{s}", v, s, loss="proj")
+        for s, v in zip((1, 2, 3, 4), (0.6, 0.61, 0.7, 0.71), strict=True)
+    ]
+    other = [_run(tmp_path, f"b{s}", v, s) for s, v in zip((1, 2, 9), (0.62, 0.63, 0.70), strict=True)]
+    result = compare_runs([str(p) for p in base + other])
+    versus = result["groups"][1]["vs_baseline"]
+    assert versus["paired"] is None and versus["ci_paired"] is False
+    low, high = versus["ci95"]
+    assert low < versus["difference"] < high  # the interval is about the difference in the table
+    assert any("different seed sets" in note for note in result["notes"])
+
+
+def test_the_same_run_twice_and_mixed_splits_are_refused(tmp_path):
+    run = _run(tmp_path, "a", 0.6, 1)
+    with pytest.raises(GeokdError, match="are the same run"):
+        compare_runs([str(run), str(tmp_path / "." / "a")])
+    # An eval JSON of the run's model is the same run, too.
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps({"task": "rte", "split": "dev", "metrics": {"accuracy": 0.6},
+                                     "model": {"run_dir": str(run)}, "data": {"limit": None}}))  # fmt: skip
+    with pytest.raises(GeokdError, match="are the same run"):
+        compare_runs([str(run), str(eval_json)])
+    limited = tmp_path / "limited.json"
+    limited.write_text(json.dumps({"task": "rte", "split": "dev", "metrics": {"accuracy": 0.6},
+                                   "model": {"run_dir": str(_run(tmp_path, "b", 0.6, 2))}, "data": {"limit": 10}}))  # fmt: skip
+    with pytest.raises(GeokdError, match=r"different splits \(dev, dev\[:10\]\)"):
+        compare_runs([str(run), str(limited)])
+
+
+def test_files_that_are_not_results_are_one_line_errors(tmp_path):
+    png = tmp_path / "compare.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(GeokdError, match="is not text"):
+        compare_runs([str(png)])
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"task": "rte", "metrics": {"accuracy": 0.5}, "model": "x"}))
+    with pytest.raises(GeokdError, match="did not train"):
+        compare_runs([str(odd)])
+
+
 def test_single_run_groups_get_a_note_and_no_statistics(tmp_path):
     runs = [
         _run(tmp_path, "a", 0.6, 1, loss="proj"),
@@ -125,6 +167,14 @@ def test_single_run_groups_get_a_note_and_no_statistics(tmp_path):
     assert base["std"] is None and base["n"] == 1
     assert other["vs_baseline"]["welch"]["p"] is None and other["vs_baseline"]["ci95"] is None
     assert any("'loss=proj' has 1 run" in note for note in result["notes"])
+
+
+def test_unfinished_seed_runs_are_left_out_with_a_note(tmp_path):
+    for s in (1, 2):
+        _run(tmp_path / "g", f"seed-{s}", 0.5 + s / 100, s)
+    (tmp_path / "g" / "seed-3").mkdir()
+    result = compare_runs([str(tmp_path / "g")])
+    assert result["groups"][0]["n"] == 2 and any("unfinished seed-3" in n for n in result["notes"])
 
 
 def test_seed_directories_expand_and_baseline_and_metric_can_be_chosen(tmp_path):

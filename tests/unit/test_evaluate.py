@@ -44,8 +44,12 @@ def test_length_sorted_batches_cover_every_index_once_within_the_token_budget(ba
     for batch in plan:
         assert len(batch) * max(lengths[i] for i in batch) <= budget
     assert len(plan[0]) == min(batch_size, len(lengths))  # the longest batch holds batch_size
-    # Short inputs are packed more densely than the first (longest) batch.
-    assert max(len(b) for b in plan) >= len(plan[0])
+
+
+def test_short_inputs_are_packed_into_larger_batches():
+    lengths = [60] * 8 + [6] * 100
+    plan = length_sorted_batches(lengths, 4)
+    assert [len(b) for b in plan] == [4, 4, 40, 40, 20]  # budget 4 x 60 = 240 tokens per batch
 
 
 def test_length_sorted_batches_edge_cases():
@@ -86,7 +90,10 @@ def _collate(features):
 def test_predict_returns_input_order_and_matches_unbatched_forwards(tiny_classifier):
     model, _, features = tiny_classifier
     runtime = resolve_runtime("cpu")
+    model.train()  # predict switches to eval mode (no dropout) and restores the caller's mode
     sorted_out = predict(model, features, _collate, runtime, batch_size=4, pool="mean")
+    assert model.training is True
+    model.eval()
     fixed_out = predict(model, features, _collate, runtime, batch_size=4, sort_by_length=False, pool="mean")
     with torch.no_grad():
         single = torch.cat([model(**{k: v for k, v in _collate([f]).items() if k not in ("labels", "example_id")})
@@ -97,7 +104,6 @@ def test_predict_returns_input_order_and_matches_unbatched_forwards(tiny_classif
     for a, b in zip(sorted_out.features, fixed_out.features, strict=True):
         assert a.shape == (len(features), 16)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert model.training is False
 
 
 def test_predict_reports_progress_and_refuses_empty_input(tiny_classifier):
@@ -149,6 +155,21 @@ def test_heads_that_do_not_fit_the_task_are_one_line_errors(task, config, fragme
     with pytest.raises(GeokdError) as info:
         label_mapping(get_task(task), config, "m")
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_custom_models_keep_the_label_names_training_stored():
+    from geokd.evaluate import ModelLocation, _resolve_task
+
+    location = ModelLocation(given="m", load="m", run_dir=None, record=None)
+    ratings = _config(3, ["1", "2", "3"])  # a custom task trained on ratings 1..3
+    spec = _resolve_task("custom", "text", "rating", location, ratings)
+    assert spec.label_names == ("1", "2", "3")
+    assert label_mapping(spec, ratings, "m") == LabelMapping("by_id", (0, 1, 2))
+    words = _config(2, ["pos", "neg"])
+    spec = _resolve_task("custom", "text", "y", location, words)
+    assert spec.label_names == ("pos", "neg") and label_mapping(spec, words, "m").model_to_task == (0, 1)
+    anonymous = _resolve_task("custom", "text", "y", location, _config(2))  # LABEL_0, LABEL_1
+    assert anonymous.label_names == ("0", "1")
 
 
 def test_regression_mapping_returns_scores():
