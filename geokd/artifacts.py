@@ -58,3 +58,22 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+
+
+def update_markdown_section(path: str | os.PathLike, name: str, body: str, title: str = "# Results") -> None:
+    """Put `body` between `<!-- geokd:NAME:start -->` and `<!-- geokd:NAME:end -->` in the markdown
+    file at `path`, atomically: the marked section is replaced if present, appended otherwise, and
+    everything outside the markers (hand-written analysis, other scripts' sections) is kept. A new
+    file starts with `title`."""
+    target = Path(path)
+    start, end = f"<!-- geokd:{name}:start -->", f"<!-- geokd:{name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = target.read_text(encoding="utf-8") if target.exists() else f"{title}\n"
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")

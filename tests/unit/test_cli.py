@@ -67,3 +67,17 @@ def test_usage_errors_from_the_console_script_are_one_line(args):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("geokd ")
+
+
+def test_update_markdown_section_replaces_only_its_block(tmp_path):
+    from geokd.artifacts import update_markdown_section
+
+    path = tmp_path / "results.md"
+    update_markdown_section(path, "a", "## A\n\nfirst")
+    path.write_text(path.read_text() + "\nhand-written notes\n")
+    update_markdown_section(path, "b", "## B")
+    update_markdown_section(path, "a", "## A\n\nsecond")
+    text = path.read_text()
+    assert text.startswith("# Results\n") and "first" not in text and "second" in text
+    assert text.index("second") < text.index("hand-written notes") < text.index("## B")
+    assert text.count("<!-- geokd:a:start -->") == 1 and text.count("<!-- geokd:b:end -->") == 1
