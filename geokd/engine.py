@@ -265,7 +265,8 @@ def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epo
     return max(1, math.ceil(micro_batches / grad_accum))
 
 
-def prepare_run_dir(config: RunConfig) -> Path:
+def _check_out_dir(config: RunConfig, holds: str) -> Path:
+    """`--out` must name a directory that is new or empty, unless resuming."""
     if not config.out:
         raise GeokdError("--out: no run directory given; pass --out RUN_DIR")
     run_dir = Path(config.out)
@@ -273,8 +274,13 @@ def prepare_run_dir(config: RunConfig) -> Path:
         raise GeokdError(f"--out: {str(run_dir)!r} is a file; give a directory")
     if config.resume is None and run_dir.exists() and any(run_dir.iterdir()):
         raise GeokdError(
-            f"--out: {str(run_dir)!r} already holds a run; pass --resume auto to continue it or choose a new --out"
+            f"--out: {str(run_dir)!r} already holds {holds}; pass --resume auto to continue or choose a new --out"
         )
+    return run_dir
+
+
+def prepare_run_dir(config: RunConfig) -> Path:
+    run_dir = _check_out_dir(config, "a run")
     if config.resume is not None and (run_dir / "config.yaml").exists():
         check_resume_config(read_config(run_dir / "config.yaml"), config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -678,19 +684,11 @@ def train_seeds(
     already finished (has results.json) is kept as it is and the others are resumed or started.
     `on_seed(index, seed, run_dir, skipped)` is told before each seed."""
     config.validate()
-    if not config.out:
-        raise GeokdError("--out: no run directory given; pass --out RUN_DIR")
     if config.resume not in (None, "auto"):
         raise GeokdError(
             f"--resume: with --seeds only 'auto' is accepted (each seed resumes its own run), got {config.resume!r}"
         )
-    root = Path(config.out)
-    if root.exists() and not root.is_dir():
-        raise GeokdError(f"--out: {str(root)!r} is a file; give a directory")
-    if config.resume is None and root.exists() and any(root.iterdir()):
-        raise GeokdError(
-            f"--out: {str(root)!r} is not empty; pass --resume auto to continue these seeds or choose a new --out"
-        )
+    root = _check_out_dir(config, "runs")
     root.mkdir(parents=True, exist_ok=True)
     if config.mode == "distill" and config.finetune_teacher:
         config = _finetune_teacher_first(dataclasses.replace(config, seed=seeds[0]), root, progress)
