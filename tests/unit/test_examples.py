@@ -42,4 +42,4 @@ def test_glue_teachers_quick_runs_end_to_end(tmp_path):
     text = results.read_text()
     assert "| rte | 64 | accuracy (primary) |" in text and "| stsb | 64 | pearson |" in text
     assert "spearman (primary)" in text and "loss=procrustes" in text
-    assert (tmp_path / "rte_seeds.png").is_file()
+    assert (tmp_path / "stsb_seeds.png").is_file()
