@@ -275,6 +275,9 @@ def _run_training(
         config = resolve_config(mode, file=config_file, overrides=overrides, flags=flags)
         config.validate()
         bars: list[Progress] = []
+        # Without a terminal (a log file, CI) a live bar cannot redraw: plain lines, about 20 per run.
+        live = err_console.is_terminal
+        bar_off = quiet or not live
 
         def on_step(record: dict) -> None:
             bar = bars[-1]
@@ -285,9 +288,18 @@ def _run_training(
             )
             info = f"epoch {record['epoch']:.2f} {terms} {record['examples_per_s']:.0f} ex/s"
             bar.update(bar.task_ids[0], total=record["total_steps"], completed=record["step"], info=info)
+            every = max(1, record["total_steps"] // 20)
+            if (
+                not live
+                and not quiet
+                and (record["step"] % every == 0 or record["step"] == record["total_steps"])
+            ):
+                err_console.print(
+                    f"{mode} step {record['step']}/{record['total_steps']} {info}", highlight=False
+                )
 
         if seeds is None:
-            with Progress(*_progress_columns(mode), console=err_console, disable=quiet) as bar:
+            with Progress(*_progress_columns(mode), console=err_console, disable=bar_off) as bar:
                 bar.add_task(mode, total=None, info="loading")
                 bars.append(bar)
                 result = train(config, progress=on_step, on_start=_render_run_summary)
@@ -297,7 +309,7 @@ def _run_training(
         def open_bar() -> None:
             if bars:
                 bars[-1].stop()
-            bar = Progress(*_progress_columns(mode), console=err_console, disable=quiet)
+            bar = Progress(*_progress_columns(mode), console=err_console, disable=bar_off)
             bar.add_task(mode, total=None, info="loading")
             bar.start()
             bars.append(bar)
@@ -496,7 +508,9 @@ def eval_command(
                 raise GeokdError("--plot draws the geometry report; add --geometry --teacher TEACHER")
             check_output_path(plot_path, "--plot")
         columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err_console, disable=quiet, transient=True) as bar:
+        # Off when stderr is not a terminal: a transient bar would still leave a blank line there.
+        bar_off = quiet or not err_console.is_terminal
+        with Progress(*columns, console=err_console, disable=bar_off, transient=True) as bar:
             bar_task = bar.add_task("eval", total=None)
             result = evaluate_model(
                 model,
@@ -560,9 +574,10 @@ def _render_eval(result: dict) -> None:
             *(f"{entry['metrics'][n]:.4f}" for n in names),
             f"{entry['examples_per_s']:.0f}",
         )
-    mapping = model["label_mapping"]["kind"].replace("_", " ")
+    kind = model["label_mapping"]["kind"]
+    mapping = "regression head" if kind == "regression" else f"labels mapped {kind.replace('_', ' ')}"
     table.caption = (
-        f"{model['parameters']:,} parameters, labels {mapping}; data {result['data']['fingerprint'][:19]}; "
+        f"{model['parameters']:,} parameters, {mapping}; data {result['data']['fingerprint'][:19]}; "
         f"{result['settings']['device']}; {result['elapsed_s']:.1f} s"
     )
     console.print(table)

@@ -257,3 +257,21 @@ def test_eval_of_an_unfinished_run_says_so(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("mode: finetune\n")
     _one_line_error(_eval(run, "--task", "sst2"), "has not finished")
+
+
+def test_without_a_terminal_errors_are_exactly_one_line_and_progress_is_plain_lines(
+    teacher_dir, base_dir, glue_dir, tmp_path
+):
+    """No --quiet: a progress display must not add lines around an error, and training still
+    reports progress as plain lines when stderr is not a terminal (a log file, CI)."""
+    failed = runner.invoke(app, ["eval", str(base_dir), "--task", "sst2", "--data", str(glue_dir)])
+    assert failed.exit_code == 2 and len(failed.output.splitlines()) == 1, failed.output
+    failed = runner.invoke(app, ["finetune", *options(model=base_dir, task="sst2", data=tmp_path / "none",
+                                                      out=tmp_path / "x")])  # fmt: skip
+    assert failed.exit_code == 2 and len(failed.output.splitlines()) == 1, failed.output
+    done = runner.invoke(app, ["finetune", *options(model=base_dir, task="sst2", data=glue_dir, out=tmp_path / "r",
+                                                    max_steps=4, batch_size=16)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert [line.split()[:3] for line in done.output.splitlines() if line.startswith("finetune step")] == [
+        ["finetune", "step", f"{k}/4"] for k in (1, 2, 3, 4)
+    ]
