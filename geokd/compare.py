@@ -40,6 +40,7 @@ from geokd.errors import GeokdError
 # Config keys that say how a run was executed, not what was trained: never a reason to split groups.
 IGNORED_KEYS = ("seed", "out", "resume", "device", "eval_every", "save_every")
 N_RESAMPLES = 10_000
+SMALL_SAMPLE = 5  # below this many runs a side, the bootstrap interval gets a caveat note
 CONFIDENCE = 0.95
 
 
@@ -428,6 +429,13 @@ def _versus(group: Group, base: Group, metric: str, notes: list[str]) -> dict[st
             )
         ci = bootstrap_ci(a, b, paired=False)
     result["ci95"] = list(ci) if ci is not None else None
+    smallest = len(pa) if paired else min(len(a), len(b))
+    if ci is not None and smallest < SMALL_SAMPLE:
+        notes.append(
+            f"{group.label!r} vs {base.label!r}: with {smallest} runs a side the bootstrap interval cannot be wider "
+            "than the observed spread (it excludes 0 whenever every difference has one sign); read it next to the "
+            "t-tests, or run more seeds"
+        )
     return result
 
 
