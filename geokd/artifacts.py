@@ -44,9 +44,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)  # mkstemp makes 0600 files; give the result the user's usual permissions
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # after writing: some writers (safetensors) recreate the file
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

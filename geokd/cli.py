@@ -203,10 +203,9 @@ def _render_run_summary(summary: dict) -> None:
     for role in ("teacher", "student"):
         info = summary[role]
         if info is not None:
-            models.add_row(
-                role, str(info["name"]), f"{info['parameters']:,}", str(info["layers"]), str(info["hidden"])
-            )
-    if summary["teacher"] is not None:
+            count = f"{info['parameters']:,}" if info["parameters"] is not None else "(read from --cache)"
+            models.add_row(role, str(info["name"]), count, str(info["layers"]), str(info["hidden"]))
+    if summary["teacher"] is not None and summary["teacher"]["parameters"]:
         ratio = summary["student"]["parameters"] / summary["teacher"]["parameters"]
         models.caption = f"student / teacher parameters: {ratio:.1%}"
     console.print(models)
@@ -438,6 +437,9 @@ def distill(
     finetune_teacher: bool = _O(
         None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."
     ),
+    cache: str = _O(
+        None, help="Read the teacher's logits and features from this geokd cache (no teacher forward)."
+    ),
     out: str = _OUT,
     epochs: float = _EPOCHS,
     max_steps: int = _MAX_STEPS,
@@ -457,6 +459,121 @@ def distill(
 ) -> None:
     flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
     _run_training("distill", config_file, overrides, flags, quiet, seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def cache(
+    teacher: str = _O(None, help="Fine-tuned teacher: local directory, Hugging Face id or alias."),
+    task: str = _TASK,
+    data: str = _DATA,
+    split: str = _O("train", help="Split to cache (distillation reads train)."),
+    layers: str = _O("all", help="Teacher hidden states to store, e.g. 2,4,6 (0 = embeddings), or all."),
+    features: str = _O("cls", help="cls or mean (one row per example) or tokens (every non-padding token)."),
+    dtype: str = _O("bf16", help="Storage precision of the features: bf16, fp16 or fp32 (logits: fp32)."),
+    logits: bool = _O(True, "--logits/--no-logits", help="Store the teacher's logits (logit KD needs them)."),
+    max_length: int = _O(128, "--max-length", help="Tokens per example (must match the distill run)."),
+    batch_size: int = _O(64, "--batch-size", help="Examples per teacher batch at the longest length."),
+    shard_size: int = _O(4096, "--shard-size", help="Examples per shard (the unit of resume)."),
+    text_fields: str = _TEXT_FIELDS,
+    label_field: str = _LABEL_FIELD,
+    out: str = _O(None, help="Cache directory (re-run the same command to resume)."),
+    verify: Path = _O(None, "--verify", help="Check an existing cache (checksums, shards) and report."),
+    info: Path = _O(None, "--info", help="Print an existing cache's manifest."),
+    device: str = _DEVICE,
+    trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow custom model code."),
+    quiet: bool = _QUIET,
+) -> None:
+    """Run the teacher once over a split and store its logits and hidden states for distill --cache."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from geokd.cache import CacheRequest, _human, build_cache, read_manifest, verify_cache
+
+    with user_errors():
+        if verify is not None or info is not None:
+            if verify is not None and info is not None:
+                raise GeokdError("--verify and --info: pass one of them")
+            if verify is not None:
+                report = verify_cache(verify)
+                _render_cache_manifest(read_manifest(verify), report)
+                if not report["ok"]:
+                    raise GeokdError(
+                        f"cache {str(verify)!r} failed verification: {'; '.join(report['problems'])}"
+                    )
+                console.print(f"[bold green]ok[/bold green]: {len(report['shards'])} shard(s) verified")
+            else:
+                _render_cache_manifest(read_manifest(info), None)
+            return
+        missing = [
+            flag for flag, value in (("--teacher", teacher), ("--task", task), ("--out", out)) if not value
+        ]
+        if missing:
+            raise GeokdError(f"cache: {', '.join(missing)} missing; pass them (or --verify/--info CACHE)")
+        request = CacheRequest(
+            teacher=teacher, task=task, data=data, split=split, layers=layers, features=features, dtype=dtype,
+            logits=logits, max_length=max_length, batch_size=batch_size, shard_size=shard_size,
+            text_fields=text_fields, label_field=label_field, out=out, device=device or "auto",
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        columns = (TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err_console, disable=quiet or not err_console.is_terminal) as bar:
+            bar_task = bar.add_task("cache", total=None)
+
+            def on_plan(plan: dict) -> None:
+                console.print(
+                    f"caching {plan['examples']:,} examples ({plan['tokens']:,} tokens), layers {plan['layers']}: "
+                    f"about {_human(plan['expected_bytes'])} on disk, {_human(plan['free_bytes'])} free; "
+                    f"{plan['shards']} shard(s), {plan['shards_kept']} kept from an earlier run",
+                    highlight=False,
+                )
+                done = min(plan["examples"], plan["shards_kept"] * request.shard_size)
+                bar.update(bar_task, total=plan["examples"], completed=done)
+
+            manifest = build_cache(request, on_plan=on_plan, on_batch=lambda k: bar.advance(bar_task, k))
+        _render_cache_manifest(manifest, None)
+        console.print(f"wrote {out}")
+
+
+def _render_cache_manifest(manifest: dict, report: dict | None) -> None:
+    from geokd.cache import _human
+
+    table = Table(
+        title=f"teacher cache ({'complete' if manifest.get('complete') else 'INCOMPLETE'})", show_header=False
+    )
+    table.add_column("field")
+    table.add_column("value")
+    teacher = manifest["teacher"]
+    rows = {
+        "teacher": f"{teacher['path_or_id']} (weights sha256 {str(teacher.get('weights_sha256'))[:12]})",
+        "teacher shape": f"{manifest['teacher_layers']} layers, hidden {manifest['hidden_size']}",
+        "tokenizer sha256": manifest["tokenizer_sha256"][:12],
+        "task / split": f"{manifest['task']} / {manifest['split']}",
+        "data": f"{manifest['data']['source']} ({manifest['data']['fingerprint'][:19]})",
+        "examples / tokens": f"{manifest['n_examples']:,} / {manifest['n_tokens']:,}",
+        "max length": str(manifest["max_length"]),
+        "layers": ", ".join(map(str, manifest["layers"])),
+        "features / dtype": f"{manifest['features']} / {manifest['dtype']}",
+        "logits": "yes" if manifest["logits"] else "no",
+        "shards": f"{len(manifest['shards'])} of {manifest['shard_size']:,} examples, "
+        f"{_human(sum(s['bytes'] for s in manifest['shards']))}",
+        "geokd version": manifest["geokd_version"],
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+    if report is not None:
+        shards = Table(title="shards")
+        for column in ("file", "examples", "rows", "size", "status"):
+            shards.add_column(column)
+        for entry in report["shards"]:
+            style = "green" if entry["status"] == "ok" else "red"
+            shards.add_row(entry["file"], f"{entry['first_example']}..{entry['first_example'] + entry['n_examples'] - 1}",
+                           f"{entry['n_rows']:,}", _human(entry["bytes"]), f"[{style}]{entry['status']}[/{style}]")  # fmt: skip
+        console.print(shards)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class RunConfig:
     teacher: str | None = None
     student: str | None = None
     finetune_teacher: bool = False
+    cache: str | None = None  # distill: read the teacher's logits and features from a geokd cache
     trust_remote_code: bool = False
     # data
     task: str | None = None
@@ -99,8 +100,14 @@ def validation_problems(config: RunConfig) -> list[str]:
     if not config.student:
         flag = "--model" if config.mode == "finetune" else "--student"
         p.append(f"student: no model given; pass {flag} (a local directory, a Hugging Face id or an alias)")
-    if config.mode == "distill" and not config.teacher:
-        p.append("teacher: no teacher given; pass --teacher (a fine-tuned model directory)")
+    if config.mode == "distill" and not config.teacher and not config.cache:
+        p.append("teacher: no teacher given; pass --teacher (a fine-tuned model directory) or --cache")
+    if config.cache and config.mode != "distill":
+        p.append(f"cache: only distill reads a teacher cache, got cache={config.cache!r} in {config.mode}")
+    if config.cache and config.finetune_teacher:
+        p.append(
+            "cache/finetune_teacher: a cache holds an already fine-tuned teacher; drop --finetune-teacher"
+        )
     if not config.task:
         p.append("task: no task given; pass --task (a GLUE task such as rte, or 'custom' with --text-fields)")
     if (config.text_fields is None) != (config.label_field is None):

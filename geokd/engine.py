@@ -37,6 +37,7 @@ from torch import nn
 
 import geokd
 from geokd.artifacts import atomic_path, write_json
+from geokd.cache import TeacherCache, check_cache_matches, tokenizer_sha256
 from geokd.config import RunConfig, read_config, save_config
 from geokd.errors import GeokdError
 from geokd.evaluate import check_max_length, predict
@@ -422,18 +423,30 @@ def train(
     num_labels = task.num_labels
     id2label = task.id2label or None
 
-    # Models: the teacher and student read the same tokenised batch (same vocabulary).
+    # Models: the teacher and student read the same tokenised batch (same vocabulary). With --cache
+    # the teacher is read from disk; it is loaded only to build a truncate:/shrink: student from it.
     teacher = None
+    teacher_sha: str | None = None
+    cache = TeacherCache(config.cache) if config.mode == "distill" and config.cache else None
     if config.mode == "distill":
-        teacher = models_lib.load_teacher(
-            config.teacher,
-            num_labels=num_labels,
-            id2label=id2label,
-            trust_remote_code=config.trust_remote_code,
-        )
-        student = models_lib.load_student(
-            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
-        )
+        derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
+        if cache is None or derived:
+            teacher = models_lib.load_teacher(
+                config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
+                num_labels=num_labels,
+                id2label=id2label,
+                trust_remote_code=config.trust_remote_code,
+            )
+            student = models_lib.load_student(
+                config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
+            )
+        else:
+            student = models_lib.load_model(
+                config.student,
+                num_labels=num_labels,
+                id2label=id2label,
+                trust_remote_code=config.trust_remote_code,
+            )
     else:
         student = models_lib.load_model(
             config.student,
@@ -445,18 +458,53 @@ def train(
     for loaded in (student, teacher):
         if loaded is not None:
             check_max_length(loaded, config.max_length)
+    if cache is not None:
+        teacher_info = {
+            "name": config.teacher or cache.manifest["teacher"]["path_or_id"],
+            "parameters": None,
+            "layers": int(cache.manifest["teacher_layers"]),
+            "hidden": int(cache.manifest["hidden_size"]),
+            "source": {**cache.manifest["teacher"], "cache": str(cache.path)},
+        }
+        teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
+        if teacher_sha is None and config.teacher:
+            teacher_sha = models_lib.model_source(config.teacher).weights_sha256
+        teacher = None  # never run: a derived student has its copy of the weights it needs
+    elif teacher is not None:
+        teacher_info = {
+            "name": config.teacher,
+            "parameters": models_lib.count_parameters(teacher.model),
+            "layers": teacher.num_layers,
+            "hidden": teacher.config.hidden_size,
+            "source": teacher.source.to_dict(),
+        }
+    else:
+        teacher_info = None
     train_features = data_lib.tokenize_examples(train_split, tokenizer, config.max_length)
     dev_features = data_lib.tokenize_examples(dev_split, tokenizer, config.max_length)
     collate = data_lib.make_collate_fn(tokenizer, task)
 
     layer_pairs: list[tuple[int, int]] = []
-    if teacher is not None and config.loss != "none":
-        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher.num_layers)
+    if teacher_info is not None and config.loss != "none":
+        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher_info["layers"])
+    if cache is not None:
+        check_cache_matches(
+            cache.manifest,
+            task=task.name,
+            data_fingerprint=train_split.fingerprint,
+            max_length=config.max_length,
+            features=config.features,
+            teacher_layers=sorted({t for _, t in layer_pairs}),
+            needs_logits=config.alpha < 1.0,
+            tokenizer_hash=tokenizer_sha256(tokenizer),
+            teacher_sha256=teacher_sha,
+            teacher_name=config.teacher,
+        )
     objective = Objective(
         config.loss,
         layer_pairs,
         student.config.hidden_size,
-        teacher.config.hidden_size if teacher is not None else 1,
+        teacher_info["hidden"] if teacher_info is not None else 1,
         alpha=config.alpha,
         gamma=config.gamma,
         temperature=config.temperature,
@@ -472,6 +520,19 @@ def train(
     teacher_layers = [t for _, t in layer_pairs]
 
     def teacher_outputs(batch: dict[str, torch.Tensor]):
+        if cache is not None:
+            logits, rows = cache.lookup(batch["example_id"], teacher_layers)
+            if (
+                config.features == "tokens"
+                and rows
+                and rows[0].shape[0] != int(batch["attention_mask"].sum())
+            ):
+                raise GeokdError(
+                    f"--cache: the cache holds {rows[0].shape[0]} token rows for this batch, the student's batch has "
+                    f"{int(batch['attention_mask'].sum())} tokens; the cache was tokenised differently, rebuild it"
+                )
+            logits = logits.to(runtime.device) if logits is not None else None
+            return logits, [r.to(runtime.device) for r in rows] if layer_pairs else None
         if teacher is None:
             return None, None
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
@@ -530,13 +591,8 @@ def train(
                     "hidden": student.config.hidden_size,
                 },
                 "teacher": None
-                if teacher is None
-                else {
-                    "name": config.teacher,
-                    "parameters": models_lib.count_parameters(teacher.model),
-                    "layers": teacher.num_layers,
-                    "hidden": teacher.config.hidden_size,
-                },
+                if teacher_info is None
+                else {k: v for k, v in teacher_info.items() if k != "source"},
                 "layer_pairs": layer_pairs,
                 "device": str(runtime.device),
                 "precision": runtime.reason,
@@ -553,7 +609,7 @@ def train(
             {
                 "task": task.name,
                 "student": student.source.to_dict(),
-                "teacher": teacher.source.to_dict() if teacher is not None else None,
+                "teacher": teacher_info["source"] if teacher_info is not None else None,
                 "data": {"train": train_split.fingerprint, dev_split.split: dev_split.fingerprint},
                 "layer_pairs": layer_pairs,
                 "train_examples": len(train_features),

@@ -325,6 +325,13 @@ def _sha256(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def model_source(name: str, revision: str | None = None) -> ModelSource:
+    """Where `name` (alias, directory, hub id) resolves and the SHA-256 of its weights, without
+    loading the model (for checking a teacher against a feature cache)."""
+    target, kind = _locate(name)
+    return _source(name, target, kind, revision, hash_weights=True)
+
+
 def weights_sha256(folder: str | Path) -> str | None:
     """SHA-256 of the weights a model folder holds (shards concatenated in name order), as recorded
     in `ModelSource.weights_sha256`; None when the folder has no weights file."""

@@ -73,11 +73,12 @@ class Objective(nn.Module):
         terms["task"] = task
         total = self.gamma * task
         if self.mode == "distill":
-            if teacher_logits is None:
-                raise ValueError("distill objective needs teacher logits")
-            distill = kl(student_logits, teacher_logits, self.temperature)
-            terms["kl"] = distill
-            total = total + (1.0 - self.alpha) * distill
+            if teacher_logits is not None:
+                distill = kl(student_logits, teacher_logits, self.temperature)
+                terms["kl"] = distill
+                total = total + (1.0 - self.alpha) * distill
+            elif self.alpha != 1.0:  # only a feature-only objective (alpha = 1) may go without
+                raise ValueError("distill objective needs teacher logits unless alpha = 1")
             if self.layer_pairs:
                 if student_features is None or teacher_features is None:
                     raise ValueError("feature loss needs student and teacher features for every layer pair")

@@ -1,0 +1,589 @@
+"""`geokd cache`: run the teacher once, store exactly what the losses need, and let any number of
+student runs read it (issue #5).
+
+Layout of a cache directory:
+
+    CACHE/manifest.json          what the cache holds and where it came from (below)
+    CACHE/shard-00000.safetensors
+    CACHE/shard-00001.safetensors ...
+
+Shard k holds the examples with ids `[k·S, (k+1)·S)` (S = `shard_size`, example id = the row's
+position in its split, `geokd.data.Example.example_id`), in id order:
+
+* `example_id [n_k]` int64;
+* `logits [n_k, C]` float32 (unless `--no-logits`);
+* pooled rows (`cls`, `mean`): `layer.L [n_k, d]` in the cache dtype, one row per example;
+* token rows (`tokens`): `layer.L [t_k, d]`, only the non-padding tokens of the shard's examples,
+  example after example, and `offsets [n_k + 1]` int64: example i's rows are
+  `offsets[i]:offsets[i+1]` (ragged, never a padded `[N, T, d]`).
+
+`manifest.json` records the format version, the geokd version, the teacher (path or id, revision
+and commit, SHA-256 of its weights), a hash of its tokenizer, task, data source and fingerprint,
+split, max length, layers (Hugging Face `hidden_states` indexing), pooling, dtype, whether logits
+are stored, the teacher's depth and width, the number of examples and tokens, and one entry per
+finished shard with its example range, row count and SHA-256. It is rewritten (atomically) after
+every shard, so an interrupted `geokd cache` resumes from the last complete shard; `complete` is
+true once every shard is written.
+
+Reading (`TeacherCache`) memory-maps the shards (`safetensors.safe_open`) and reads one example's
+rows at a time, in any order; each shard's SHA-256 is checked the first time it is opened.
+`check_cache_matches` refuses a cache that disagrees with a run, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import geokd
+from geokd.artifacts import atomic_path, write_json
+from geokd.errors import GeokdError
+
+FORMAT = "geokd-teacher-cache"
+FORMAT_VERSION = 1
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FEATURES = ("cls", "mean", "tokens")
+MANIFEST = "manifest.json"
+# Manifest keys that define what a cache holds: a resumed `geokd cache` must agree on all of them.
+_IDENTITY_KEYS = (
+    "format",
+    "format_version",
+    "teacher",
+    "tokenizer_sha256",
+    "task",
+    "data",
+    "split",
+    "max_length",
+    "layers",
+    "features",
+    "dtype",
+    "logits",
+    "shard_size",
+    "n_examples",
+)
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What `geokd cache` is asked to write."""
+
+    teacher: str
+    task: str
+    out: str
+    data: str | None = None
+    split: str = "train"
+    layers: str = "all"
+    features: str = "cls"
+    dtype: str = "bf16"
+    logits: bool = True
+    max_length: int = 128
+    batch_size: int = 64
+    shard_size: int = 4096
+    text_fields: str | None = None
+    label_field: str | None = None
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        problems = []
+        if self.features not in FEATURES:
+            problems.append(f"--features must be one of {', '.join(FEATURES)}, got {self.features!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_length", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if problems:
+            raise GeokdError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def parse_cache_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """`"2,4,6"` -> (2, 4, 6); `"all"` -> every block output 1..L. Hugging Face `hidden_states`
+    indexing (0 = embeddings); sorted, without repeats."""
+    if text.strip() == "all":
+        return tuple(range(1, num_layers + 1))
+    items = [item.strip() for item in text.split(",")]
+    if not items or not all(item.isdigit() for item in items):
+        raise GeokdError(
+            f"--layers: expected 'all' or comma-separated layer indices such as 2,4,6, got {text!r}"
+        )
+    layers = sorted({int(item) for item in items})
+    bad = [layer for layer in layers if layer > num_layers]
+    if bad:
+        raise GeokdError(
+            f"--layers: layer {bad[0]} is out of range for a teacher with {num_layers} blocks; use 0..{num_layers} "
+            "(0 = embeddings)"
+        )
+    return tuple(layers)
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """A hash of what decides the token ids: the tokenizer class, its full serialisation when it
+    has one (fast tokenizers), else its vocabulary and special tokens."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_bytes(
+    lengths: Sequence[int],
+    n_layers: int,
+    hidden: int,
+    dtype: str,
+    features: str,
+    num_labels: int,
+    logits: bool,
+) -> int:
+    """Bytes the cache's tensors will take (headers aside): rows × layers × d × dtype size, plus
+    logits (float32), example ids and, for token rows, offsets."""
+    rows = sum(lengths) if features == "tokens" else len(lengths)
+    size = rows * n_layers * hidden * DTYPES[dtype].itemsize + len(lengths) * 8
+    if logits:
+        size += len(lengths) * num_labels * 4
+    if features == "tokens":
+        size += (len(lengths) + 1) * 8
+    return size
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the cache at `path` (a directory), checked for format and version."""
+    folder = Path(path)
+    file = folder / MANIFEST
+    if not folder.is_dir():
+        raise GeokdError(f"--cache: {str(folder)!r} is not a directory; pass the folder geokd cache wrote")
+    if not file.is_file():
+        raise GeokdError(f"--cache: {str(folder)!r} has no {MANIFEST}; pass the folder geokd cache wrote")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GeokdError(f"--cache: {str(file)!r} is unreadable ({exc}); rebuild the cache") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise GeokdError(f"--cache: {str(file)!r} is not a geokd teacher-cache manifest; rebuild the cache")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise GeokdError(
+            f"--cache: format version {manifest.get('format_version')!r} in {str(file)!r}, this geokd reads "
+            f"{FORMAT_VERSION}; rebuild the cache with this geokd"
+        )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_per_example(
+    hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor, layers: Sequence[int], features: str
+) -> dict[int, list[torch.Tensor]]:
+    """layer -> one tensor per example of the batch: `[d]` rows for cls/mean, `[len_i, d]` for tokens."""
+    from geokd.models import extract_features
+
+    rows = extract_features(hidden_states, attention_mask, list(layers), features)
+    if features != "tokens":
+        return {layer: list(r.unbind(0)) for layer, r in zip(layers, rows, strict=True)}
+    counts = attention_mask.to(torch.bool).sum(dim=1).tolist()
+    return {layer: list(r.split(counts)) for layer, r in zip(layers, rows, strict=True)}
+
+
+def build_cache(
+    request: CacheRequest,
+    on_plan: Callable[[dict[str, Any]], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    disk_usage: Callable[[str], Any] = shutil.disk_usage,
+) -> dict[str, Any]:
+    """Write (or resume) the cache described by `request`; returns the final manifest.
+
+    `on_plan(info)` is told the plan before any shard is written: examples, tokens, expected
+    bytes, free bytes, shards to write and shards kept from an earlier, interrupted run."""
+    from geokd import data as data_lib
+    from geokd import models as models_lib
+    from geokd.evaluate import _quiet_transformers, check_max_length, length_sorted_batches
+    from geokd.runtime import resolve_runtime
+    from geokd.tasks import get_task
+
+    request.validate()
+    _quiet_transformers()
+    out = Path(request.out)
+    if out.exists() and not out.is_dir():
+        raise GeokdError(f"--out: {str(out)!r} is a file; give a directory for the cache")
+    spec = get_task(request.task, text_fields=request.text_fields, label_field=request.label_field)
+    if not spec.glue and request.split != "train":  # a custom task's labels come from its train split
+        spec = data_lib.load_split(spec, request.data, "train").task
+    split = data_lib.load_split(spec, request.data, request.split)
+    spec = split.task
+    loader = models_lib.load_teacher if request.logits else models_lib.load_model
+    teacher = loader(
+        request.teacher,
+        num_labels=spec.num_labels if request.logits else None,
+        id2label=(spec.id2label or None) if request.logits else None,
+        trust_remote_code=request.trust_remote_code,
+    )
+    check_max_length(teacher, request.max_length)
+    layers = parse_cache_layers(request.layers, teacher.num_layers)
+    features = data_lib.tokenize_examples(split, teacher.tokenizer, request.max_length)
+    lengths = [len(f["input_ids"]) for f in features]
+    ids = [f["example_id"] for f in features]
+    if ids != list(range(len(ids))):
+        raise GeokdError("cache: example ids are not 0..n-1 in order; the split was filtered or reordered")
+    hidden = int(teacher.config.hidden_size)
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "geokd_version": geokd.__version__,
+        "teacher": teacher.source.to_dict(),
+        "teacher_layers": teacher.num_layers,
+        "hidden_size": hidden,
+        "num_labels": int(teacher.config.num_labels) if request.logits else None,
+        "tokenizer_sha256": tokenizer_sha256(teacher.tokenizer),
+        "task": spec.name,
+        "label_names": list(spec.label_names),
+        "data": {"source": split.source, "fingerprint": split.fingerprint},
+        "split": split.split,
+        "max_length": request.max_length,
+        "layers": list(layers),
+        "features": request.features,
+        "dtype": request.dtype,
+        "logits": request.logits,
+        "shard_size": request.shard_size,
+        "n_examples": len(features),
+        "n_tokens": sum(lengths),
+    }
+    shards: list[dict[str, Any]] = []
+    if (out / MANIFEST).is_file():
+        previous = read_manifest(out)
+        differ = [
+            k
+            for k in _IDENTITY_KEYS
+            if json.dumps(previous.get(k), sort_keys=True) != json.dumps(header[k], sort_keys=True)
+        ]
+        if differ:
+            raise GeokdError(
+                f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
+                "delete that folder"
+            )
+        for entry in previous.get("shards", []):  # keep the finished shards that are intact
+            path = out / entry["file"]
+            if path.is_file() and file_sha256(path) == entry["sha256"]:
+                shards.append(entry)
+            else:
+                break
+    elif out.exists() and any(out.iterdir()):
+        raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
+    n_shards = max(1, -(-len(features) // request.shard_size))
+    total = expected_bytes(lengths, len(layers), hidden, request.dtype, request.features,
+                           int(teacher.config.num_labels), request.logits)  # fmt: skip
+    done_bytes = sum((out / e["file"]).stat().st_size for e in shards)
+    probe = out if out.exists() else next(p for p in out.resolve().parents if p.exists())
+    free = disk_usage(str(probe)).free
+    plan = {
+        "examples": len(features),
+        "tokens": sum(lengths),
+        "expected_bytes": total,
+        "free_bytes": free,
+        "shards": n_shards,
+        "shards_kept": len(shards),
+        "layers": list(layers),
+    }
+    if on_plan is not None:
+        on_plan(plan)
+    if total - done_bytes > free:
+        raise GeokdError(
+            f"--out: the cache needs about {_human(total - done_bytes)} more but {str(probe)!r} has {_human(free)} "
+            "free; free space, choose another --out, or cache fewer --layers, pooled --features or --dtype bf16"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    runtime = resolve_runtime(request.device)
+    model = teacher.model.to(runtime.device).eval()
+    collate = data_lib.make_collate_fn(teacher.tokenizer, spec)
+    dtype = DTYPES[request.dtype]
+    started = time.perf_counter()
+    for index in range(len(shards), n_shards):
+        first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
+        local = features[first:last]
+        per_layer: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(local) for layer in layers}
+        logits_rows: list[torch.Tensor | None] = [None] * len(local)
+        with torch.inference_mode():
+            for batch_indices in length_sorted_batches(
+                [len(f["input_ids"]) for f in local], request.batch_size
+            ):
+                batch = collate([local[i] for i in batch_indices])
+                inputs = {
+                    k: v.to(runtime.device) for k, v in batch.items() if k not in ("labels", "example_id")
+                }
+                with runtime.autocast():
+                    output = model(**inputs, output_hidden_states=True)
+                rows = _rows_per_example(
+                    output.hidden_states, inputs["attention_mask"], layers, request.features
+                )
+                for layer in layers:
+                    for i, row in zip(batch_indices, rows[layer], strict=True):
+                        per_layer[layer][i] = row.to("cpu", dtype)
+                for i, row in zip(batch_indices, output.logits.float().cpu(), strict=True):
+                    logits_rows[i] = row
+                if on_batch is not None:
+                    on_batch(len(batch_indices))
+        tensors: dict[str, torch.Tensor] = {"example_id": torch.arange(first, last, dtype=torch.long)}
+        if request.logits:
+            tensors["logits"] = torch.stack(logits_rows).contiguous()  # type: ignore[arg-type]
+        for layer in layers:
+            parts = per_layer[layer]
+            joined = torch.cat(parts) if request.features == "tokens" else torch.stack(parts)  # type: ignore[arg-type]
+            tensors[f"layer.{layer}"] = joined.contiguous()
+        if request.features == "tokens":
+            counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
+            tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        shards.append(_write_shard(out, index, tensors, first, last))
+        write_json(out / MANIFEST, {**header, "complete": False, "shards": shards})
+    manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _write_shard(
+    out: Path, index: int, tensors: dict[str, torch.Tensor], first: int, last: int
+) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    target = out / shard_name(index)
+    with atomic_path(target) as tmp:
+        # One metadata key: safetensors writes metadata from a hash map, so several keys come out in
+        # varying order and identical shards would hash differently.
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    rows = next(v.shape[0] for k, v in tensors.items() if k.startswith("layer."))
+    return {
+        "file": target.name,
+        "first_example": first,
+        "n_examples": last - first,
+        "n_rows": int(rows),
+        "bytes": target.stat().st_size,
+        "sha256": file_sha256(target),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """Read access to a finished cache: `lookup(example_ids, layers)` returns the teacher's logits
+    (`[B, C]` float32, or None) and, per requested layer, `[B, d]` rows (pooled) or the examples'
+    token rows concatenated in batch order (`tokens`), as float32."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest.get("complete"):
+            done = len(self.manifest.get("shards", []))
+            raise GeokdError(
+                f"--cache: {str(self.path)!r} is incomplete ({done} shard(s) written); finish it by running the same "
+                "geokd cache command again"
+            )
+        self.layers = tuple(self.manifest["layers"])
+        self.features = self.manifest["features"]
+        self.shard_size = int(self.manifest["shard_size"])
+        self._handles: dict[int, Any] = {}
+        self._offsets: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_examples"])
+
+    def _shard(self, index: int) -> Any:
+        handle = self._handles.get(index)
+        if handle is None:
+            from safetensors import safe_open
+
+            entry = self.manifest["shards"][index]
+            path = self.path / entry["file"]
+            if not path.is_file():
+                raise GeokdError(
+                    f"--cache: shard {entry['file']} is missing from {str(self.path)!r}; rebuild the cache"
+                )
+            if file_sha256(path) != entry["sha256"]:
+                raise GeokdError(
+                    f"--cache: shard {entry['file']} fails its SHA-256 check (the file changed or is corrupt); "
+                    "rebuild the cache (or run geokd cache --verify to list every bad shard)"
+                )
+            handle = safe_open(str(path), framework="pt")
+            self._handles[index] = handle
+            if self.features == "tokens":
+                self._offsets[index] = handle.get_tensor("offsets")
+        return handle
+
+    def lookup(
+        self, example_ids: torch.Tensor | Sequence[int], layers: Sequence[int]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise GeokdError(
+                f"--cache: layer {missing[0]} is not in the cache (it holds {list(self.layers)}); rebuild it with "
+                "--layers covering the teacher layers of the layer map"
+            )
+        ids = [
+            int(i) for i in (example_ids.tolist() if isinstance(example_ids, torch.Tensor) else example_ids)
+        ]
+        bad = [i for i in ids if not 0 <= i < len(self)]
+        if bad:
+            raise GeokdError(
+                f"--cache: example id {bad[0]} is outside the cache's 0..{len(self) - 1}; the data does not match it"
+            )
+        slices = {layer: [] for layer in layers}
+        logits = []
+        for example in ids:
+            index, local = divmod(example, self.shard_size)
+            handle = self._shard(index)
+            if self.features == "tokens":
+                offsets = self._offsets[index]
+                start, stop = int(offsets[local]), int(offsets[local + 1])
+            else:
+                start, stop = local, local + 1
+            for layer in layers:
+                slices[layer].append(handle.get_slice(f"layer.{layer}")[start:stop])
+            if self.manifest["logits"]:
+                logits.append(handle.get_slice("logits")[local : local + 1])
+        rows = [torch.cat(slices[layer]).float() for layer in layers]
+        return (torch.cat(logits).float() if logits else None), rows
+
+    def row_counts(self, example_ids: Sequence[int]) -> list[int]:
+        """Token rows per example (1 for pooled caches)."""
+        if self.features != "tokens":
+            return [1] * len(example_ids)
+        counts = []
+        for example in example_ids:
+            index, local = divmod(int(example), self.shard_size)
+            self._shard(index)
+            offsets = self._offsets[index]
+            counts.append(int(offsets[local + 1] - offsets[local]))
+        return counts
+
+
+def verify_cache(path: str | Path) -> dict[str, Any]:
+    """Check every shard of a cache against the manifest: present, SHA-256, example range, tensor
+    names and shapes. Returns `{"ok": bool, "shards": [...], "problems": [...]}`."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    problems = []
+    if not manifest.get("complete"):
+        problems.append(f"incomplete: {len(manifest.get('shards', []))} shard(s) written; rerun geokd cache")
+    expected_shards = max(1, -(-int(manifest["n_examples"]) // int(manifest["shard_size"])))
+    if manifest.get("complete") and len(manifest["shards"]) != expected_shards:
+        problems.append(f"the manifest lists {len(manifest['shards'])} shards, {expected_shards} expected")
+    report = []
+    for entry in manifest.get("shards", []):
+        file = folder / entry["file"]
+        status = "ok"
+        if not file.is_file():
+            status = "missing"
+        elif file_sha256(file) != entry["sha256"]:
+            status = "SHA-256 mismatch"
+        else:
+            with safe_open(str(file), framework="pt") as handle:
+                names = set(handle.keys())
+                wanted = {f"layer.{layer}" for layer in manifest["layers"]} | {"example_id"}
+                wanted |= {"logits"} if manifest["logits"] else set()
+                wanted |= {"offsets"} if manifest["features"] == "tokens" else set()
+                ids = handle.get_tensor("example_id") if "example_id" in names else None
+                if wanted - names:
+                    status = f"lacks {', '.join(sorted(wanted - names))}"
+                elif ids is None or ids.tolist() != list(
+                    range(entry["first_example"], entry["first_example"] + entry["n_examples"])
+                ):
+                    status = "example ids out of place"
+        if status != "ok":
+            problems.append(f"{entry['file']}: {status}")
+        report.append({**entry, "status": status})
+    return {"ok": not problems, "path": str(folder), "shards": report, "problems": problems}
+
+
+def check_cache_matches(
+    manifest: dict[str, Any],
+    *,
+    task: str,
+    data_fingerprint: str,
+    max_length: int,
+    features: str,
+    teacher_layers: Sequence[int],
+    needs_logits: bool,
+    tokenizer_hash: str,
+    teacher_sha256: str | None,
+    teacher_name: str | None,
+) -> None:
+    """Refuse a cache that disagrees with a distillation run; the message names the field."""
+
+    def refuse(field: str, cached: Any, run: Any, fix: str) -> GeokdError:
+        return GeokdError(f"--cache: {field} differs: the cache has {cached!r}, this run {run!r}; {fix}")
+
+    rebuild = "rebuild the cache for this run (geokd cache) or pass the matching options"
+    if manifest["split"] != "train":
+        raise refuse(
+            "split", manifest["split"], "train", "distillation reads the train split: cache --split train"
+        )
+    if manifest["task"] != task:
+        raise refuse("task", manifest["task"], task, rebuild)
+    if manifest["data"]["fingerprint"] != data_fingerprint:
+        raise refuse("data", manifest["data"]["fingerprint"], data_fingerprint,
+                     "the training data changed since the cache was written; " + rebuild)  # fmt: skip
+    if manifest["max_length"] != max_length:
+        raise refuse(
+            "max_length", manifest["max_length"], max_length, f"pass --max-length {manifest['max_length']}"
+        )
+    if manifest["features"] != features:
+        raise refuse(
+            "features (pooling)", manifest["features"], features, f"pass --features {manifest['features']}"
+        )
+    missing = [layer for layer in teacher_layers if layer not in manifest["layers"]]
+    if missing:
+        raise refuse("layers", manifest["layers"], list(teacher_layers),
+                     f"teacher layer {missing[0]} is not cached; cache it or choose --layers within the cache")  # fmt: skip
+    if needs_logits and not manifest["logits"]:
+        raise GeokdError(
+            "--cache: logits are not in the cache (written with --no-logits) but the objective has a KL term "
+            "(alpha < 1); rebuild with --logits or pass --alpha 1"
+        )
+    if manifest["tokenizer_sha256"] != tokenizer_hash:
+        raise refuse("tokenizer", manifest["tokenizer_sha256"][:12], tokenizer_hash[:12],
+                     "the student must tokenise like the teacher the cache was written with")  # fmt: skip
+    cached_teacher = manifest["teacher"]
+    if teacher_sha256 is not None and cached_teacher.get("weights_sha256") not in (None, teacher_sha256):
+        raise refuse("teacher", f"{cached_teacher['path_or_id']} (sha256 {cached_teacher['weights_sha256'][:12]})",
+                     f"{teacher_name} (sha256 {teacher_sha256[:12]})", "pass the teacher the cache was written with")  # fmt: skip
