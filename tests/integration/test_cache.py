@@ -5,6 +5,7 @@ corrupt caches are refused with the field named, and an interrupted cache resume
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from toyglue import options
+from toyglue import VOCAB, options
 from typer.testing import CliRunner
 
 from geokd import GeokdError
@@ -219,3 +220,43 @@ def test_a_cache_that_would_not_fit_is_refused_before_writing(teacher_dir, glue_
     with pytest.raises(GeokdError, match="needs about .* free"):
         build_cache(request, disk_usage=lambda path: SimpleNamespace(free=1000))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_student_that_tokenises_differently_is_refused(teacher_dir, glue_dir, base_dir, tmp_path):
+    from transformers import BertTokenizer
+
+    cache = _cache(teacher_dir, glue_dir, tmp_path / "cache")
+    student = tmp_path / "student"
+    shutil.copytree(base_dir, student)
+    for name in os.listdir(student):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            (student / name).unlink()
+    vocab = list(VOCAB)
+    vocab[10], vocab[11] = vocab[11], vocab[10]  # same size, two words swapped: other token ids
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(student)
+    result = runner.invoke(app, ["distill", "--quiet", *options(student=student, task="sst2", data=glue_dir,
+                                 cache=cache, layers="2:2", max_steps=1, out=tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 2 and "tokenizer differs" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--task", "sst2", "--out", "x"], "--teacher missing"),
+        (["--teacher", "t", "--task", "sst2", "--out", "x", "--dtype", "int8"], "--dtype must be one of"),
+        (["--verify", "a", "--info", "b"], "pass one of them"),
+        (["--info", "."], "has no manifest.json"),
+    ],
+)
+def test_cache_cli_errors_are_one_line(args, fragment):
+    result = runner.invoke(app, ["cache", "--quiet", *args])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_layers_and_an_incomplete_cache_for_distill(teacher_dir, glue_dir, tmp_path):
+    result = runner.invoke(app, ["cache", "--quiet", *options(teacher=teacher_dir / "final", task="sst2",
+                                 data=glue_dir, layers="2,9", out=tmp_path / "c")])  # fmt: skip
+    assert result.exit_code == 2 and "layer 9 is out of range" in result.output
+    assert not (tmp_path / "c").exists()
+    assert verify_cache(_cache(teacher_dir, glue_dir, tmp_path / "ok"))["ok"]

@@ -853,3 +853,22 @@ def test_real_glue_files_give_the_official_row_counts(task, split):
     if (task, split) == ("mrpc", "dev"):
         assert loaded.examples[0].texts[1].startswith('"The foodservice pie business')
         assert loaded.examples[0].label == 1
+
+
+def test_cache_size_estimate_counts_every_tensor_byte():
+    import torch
+
+    from geokd.cache import DTYPES, expected_bytes, parse_cache_layers
+
+    lengths = [5, 9, 3]
+    for features in ("cls", "tokens"):
+        for dtype in DTYPES:
+            rows = sum(lengths) if features == "tokens" else len(lengths)
+            tensors = [torch.zeros(rows, 16, dtype=DTYPES[dtype]) for _ in range(2)]
+            tensors += [torch.zeros(3, dtype=torch.long), torch.zeros(3, 2)]  # example ids, logits
+            if features == "tokens":
+                tensors.append(torch.zeros(4, dtype=torch.long))  # offsets
+            actual = sum(t.numel() * t.element_size() for t in tensors)
+            assert expected_bytes(lengths, 2, 16, dtype, features, num_labels=2, logits=True) == actual
+    assert parse_cache_layers("all", 4) == (1, 2, 3, 4)
+    assert parse_cache_layers("4, 2,2", 6) == (2, 4)
