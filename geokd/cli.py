@@ -577,6 +577,61 @@ def _render_cache_manifest(manifest: dict, report: dict | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(
+        None, help="A run directory (its final/ or --checkpoint), or a model folder."
+    ),
+    out: Path = _O(None, help="hf: a directory; safetensors: a .safetensors file."),
+    fmt: str = _O("hf", "--format", help="hf (Hugging Face folder + model card) or safetensors (one file)."),
+    dtype: str = _O("fp32", help="fp32, fp16 or bf16."),
+    checkpoint: str = _O("final", help="final, or step-N of the run's checkpoints."),
+    force: bool = _O(False, "--force", help="Replace a non-empty --out."),
+    check: Path = _O(None, "--check", help="Re-run the round-trip check on an existing export and report."),
+    trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow custom model code."),
+) -> None:
+    """Export the student for deployment: weights, config, tokenizer, model card, provenance."""
+    from geokd.export import export_model, verify_export
+
+    with user_errors():
+        if check is not None:
+            if source is not None or out is not None:
+                raise GeokdError("--check takes only the export to check; drop SOURCE and --out")
+            report = verify_export(check, trust_remote_code=trust_remote_code)
+            verdict = "ok" if report["ok"] else "FAILED"
+            console.print(
+                f"{verdict}: probe logits differ by at most {report['max_abs_logit_diff']:.3g} "
+                f"(allowed {report['tolerance']:g} for {report['dtype']})",
+                highlight=False,
+            )
+            if not report["ok"]:
+                raise GeokdError(
+                    f"--check: {str(check)!r} does not reproduce its recorded logits; re-export it"
+                )
+            return
+        if source is None or out is None:
+            raise GeokdError("export: pass SOURCE and --out (or --check EXPORT)")
+        info = export_model(source, str(out), fmt=fmt, dtype=dtype, checkpoint=checkpoint, force=force,
+                            trust_remote_code=trust_remote_code)  # fmt: skip
+        table = Table(
+            title=f"exported {info['task'] or 'model'} ({fmt}, {dtype}) to {out}", show_header=False
+        )
+        table.add_column("key")
+        table.add_column("value")
+        table.add_row("parameters", f"{info['parameters']:,}")
+        if info["teacher_parameters"]:
+            table.add_row("teacher parameters", f"{info['teacher_parameters']:,}")
+        for name, value in (info["metrics"] or {}).items():
+            table.add_row(f"{info['split'] or 'dev'} {name}", f"{value:.4f}")
+        table.add_row("round trip", f"max |Δ logit| {info['check']['max_abs_logit_diff']:.3g}")
+        console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
 # eval / compare
 # ---------------------------------------------------------------------------------------------
 

@@ -610,6 +610,8 @@ def train(
                 "task": task.name,
                 "student": student.source.to_dict(),
                 "teacher": teacher_info["source"] if teacher_info is not None else None,
+                "teacher_parameters": teacher_info["parameters"] if teacher_info is not None else None,
+                "student_parameters": models_lib.count_parameters(student.model),
                 "data": {"train": train_split.fingerprint, dev_split.split: dev_split.fingerprint},
                 "layer_pairs": layer_pairs,
                 "train_examples": len(train_features),

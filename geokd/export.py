@@ -1,0 +1,345 @@
+"""`geokd export`: the deployable student and nothing else (issue #6).
+
+* `hf` (default): a Hugging Face folder (config.json, tokenizer files, `model.safetensors`) that
+  `AutoModelForSequenceClassification.from_pretrained(DIR)` loads without geokd, plus a `README.md`
+  model card and `geokd.json` provenance.
+* `safetensors`: one `.safetensors` file whose metadata header carries the provenance (`geokd`,
+  JSON) and the model config (`config`, JSON), so it describes itself.
+
+The weights come from the run's `final/` (or a checkpoint's `student/`) loaded into the model
+class, so only the model's own parameters are exported: projection heads and any other loss state
+live in the checkpoints' trainer state and never reach an export. Tied weights are saved once
+(`save_pretrained` / `safetensors.torch.save_model`). Everything is written into a temporary
+path next to `--out` and renamed on success; a non-empty `--out` is replaced only with `--force`.
+
+Round trip: the export records a probe batch's logits from the source model (float32) in its
+provenance; `verify_export` (`geokd export --check`) recomputes them with the exported model and
+compares, exactly for fp32 and to the dtype's tolerance for fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import geokd
+from geokd.errors import GeokdError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("hf", "safetensors")
+# Largest |logit difference| accepted by --check, per export dtype (fp32: bit-exact).
+TOLERANCE = {"fp32": 0.0, "fp16": 5e-2, "bf16": 2e-1}
+PROBE_TEXTS = (
+    "the film is a charming , funny and often moving journey .",
+    "a dull , lifeless script that never finds its footing .",
+    "It rained all day, so the match was postponed until Sunday.",
+    "The committee approved the budget after a short debate.",
+)
+
+
+def _resolve_source(source: str, checkpoint: str) -> tuple[Path, Path | None]:
+    """(model folder, run directory or None) for a run directory, a run's final/, or a model folder."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise GeokdError(f"export: {source!r} does not exist; pass a run directory or a model folder")
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run directory
+        if checkpoint == "final":
+            folder = path / "final"
+        else:
+            folder = path / "checkpoints" / checkpoint / "student"
+        if not (folder / "config.json").is_file():
+            have = (
+                sorted(p.name for p in (path / "checkpoints").iterdir())
+                if (path / "checkpoints").is_dir()
+                else []
+            )
+            raise GeokdError(
+                f"--checkpoint: {checkpoint!r} is not in run {source!r} (no {folder.relative_to(path)}/config.json); "
+                f"choose final or one of: {', '.join(have) or 'none (no checkpoints were saved)'}"
+            )
+        return folder, path
+    if checkpoint != "final":
+        raise GeokdError(
+            f"--checkpoint {checkpoint!r} needs a run directory, got the model folder {source!r}"
+        )
+    if not (path / "config.json").is_file():
+        raise GeokdError(f"export: {source!r} has no config.json; pass a run directory or a model folder")
+    run_dir = path.parent if path.name == "final" and (path.parent / "config.yaml").is_file() else None
+    return path, run_dir
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _probe_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    return dict(encoded)
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).logits.float()
+
+
+def provenance(folder: Path, run_dir: Path | None, loaded: Any, dtype: str, fmt: str) -> dict[str, Any]:
+    """What the export records about itself: source, run config and metrics, teacher, sizes."""
+    from geokd.models import count_parameters
+
+    record = _read_json(folder / "geokd.json") or {}
+    config = record.get("config") or {}
+    env = _read_json(run_dir / "env.json") if run_dir is not None else None
+    results = _read_json(run_dir / "results.json") if run_dir is not None else None
+    return {
+        "geokd_version": geokd.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": fmt,
+        "dtype": dtype,
+        "source": {
+            "folder": str(folder.resolve()),
+            "run_dir": str(run_dir.resolve()) if run_dir else None,
+            "weights_sha256": loaded.source.weights_sha256,
+        },  # fmt: skip
+        "mode": config.get("mode"),
+        "task": record.get("task") or config.get("task"),
+        "teacher": (env or {}).get("teacher")
+        or ({"path_or_id": config["teacher"]} if config.get("teacher") else None),
+        "objective": {
+            k: config.get(k) for k in ("loss", "alpha", "gamma", "temperature", "layers", "features")
+        }
+        if config.get("mode") == "distill"
+        else None,
+        "layer_pairs": (env or {}).get("layer_pairs"),
+        "metrics": (results or {}).get("metrics") or record.get("metrics"),
+        "split": (results or {}).get("split") or record.get("split"),
+        "parameters": count_parameters(loaded.model),
+        "teacher_parameters": (env or {}).get("teacher_parameters"),
+        "model_type": getattr(loaded.config, "model_type", None),
+        "id2label": {str(k): v for k, v in (loaded.config.id2label or {}).items()},
+    }
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """README.md for an `hf` export."""
+    lines = [
+        f"# {info['model_type'] or 'model'} for {info['task'] or 'sequence classification'} (geokd export)",
+        "",
+    ]
+    if info["mode"] == "distill":
+        lines.append("Distilled with geokd (geometry-aware knowledge distillation) from a fine-tuned teacher.")
+    else:
+        lines.append("Fine-tuned with geokd.")
+    rows = [("task", info["task"]), ("parameters", f"{info['parameters']:,}")]
+    if info["teacher"]:
+        rows.append(("teacher", info["teacher"].get("path_or_id") or info["teacher"].get("name")))
+    if info["teacher_parameters"]:
+        share = info["parameters"] / info["teacher_parameters"]
+        rows.append(("teacher parameters", f"{info['teacher_parameters']:,} (student is {share:.1%} of it)"))
+    if info["objective"]:
+        obj = info["objective"]
+        rows += [
+            ("feature loss", obj["loss"]),
+            ("α / γ / τ", f"{obj['alpha']} / {obj['gamma']} / {obj['temperature']}"),
+            ("layers", f"{obj['layers']} -> {info['layer_pairs']}" if info["layer_pairs"] else obj["layers"]),
+            ("feature rows", obj["features"]),
+        ]
+    for name, value in (info["metrics"] or {}).items():
+        rows.append((f"{info['split'] or 'dev'} {name}", f"{value:.4f}"))
+    rows += [
+        ("dtype", info["dtype"]),
+        ("labels", json.dumps(info["id2label"])),
+        ("geokd", info["geokd_version"]),
+    ]
+    lines += ["", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    lines += [
+        "```python",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        'model = AutoModelForSequenceClassification.from_pretrained("PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        "```",
+        "",
+        "`geokd.json` holds the full provenance, including the logits of a probe batch that",
+        "`geokd export --check PATH` recomputes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def check_out(out: Path, force: bool, fmt: str) -> None:
+    if fmt == "safetensors":
+        if out.suffix != ".safetensors":
+            raise GeokdError(
+                f"--out: the safetensors format writes one file; give a path ending in .safetensors, got {str(out)!r}"
+            )
+        if out.is_dir():
+            raise GeokdError(f"--out: {str(out)!r} is a directory; give a .safetensors file path")
+        if out.exists() and not force:
+            raise GeokdError(f"--out: {str(out)!r} exists; pass --force to replace it")
+    else:
+        if out.exists() and not out.is_dir():
+            raise GeokdError(f"--out: {str(out)!r} is a file; give a directory for the hf format")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise GeokdError(
+                f"--out: {str(out)!r} is not empty; pass --force to replace it, or choose another --out"
+            )
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise GeokdError(f"--out: directory {str(parent)!r} does not exist; create it first")
+
+
+def export_model(
+    source: str,
+    out: str,
+    fmt: str = "hf",
+    dtype: str = "fp32",
+    checkpoint: str = "final",
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Export `source` (run directory, its final/, or a model folder) to `out`; returns the
+    provenance written (with the round-trip check's result)."""
+    from geokd.evaluate import _quiet_transformers
+    from geokd.models import load_model
+
+    if fmt not in FORMATS:
+        raise GeokdError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise GeokdError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = Path(out).expanduser()
+    check_out(target, force, fmt)
+    folder, run_dir = _resolve_source(source, checkpoint)
+    _quiet_transformers()
+    loaded = load_model(str(folder), trust_remote_code=trust_remote_code)
+    head_missing = [k for k in loaded.new_weights if not k.startswith(loaded.model.base_model_prefix + ".")]
+    if loaded.new_weights:
+        raise GeokdError(
+            f"export: {str(folder)!r} lacks weights the model needs ({', '.join((head_missing or list(loaded.new_weights))[:3])}); "
+            "export a trained run or a complete model folder"
+        )
+    model = loaded.model.eval()
+    probe = _probe_inputs(loaded.tokenizer)
+    reference = _logits(model, probe)  # float32 source logits
+    model = model.to(DTYPES[dtype])
+    info = provenance(folder, run_dir, loaded, dtype, fmt)
+    info["probe"] = {"texts": list(PROBE_TEXTS), "max_length": 64, "logits": reference.tolist()}
+    tmp = target.with_name(f".{target.stem}.tmp-export{target.suffix}")  # keeps .safetensors last
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        if fmt == "hf":
+            tmp.mkdir()
+            model.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+            (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+        else:
+            from safetensors.torch import save_model
+
+            metadata = {"geokd": json.dumps(info), "config": model.config.to_json_string(), "format": "pt"}
+            save_model(model, str(tmp), metadata=metadata)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # the user's usual permissions, not a temp file's
+        check = _round_trip(tmp, dtype, reference, probe)
+        info["check"] = check
+        if fmt == "hf":  # record the check next to the weights
+            (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _replace(tmp, target)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    return info
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move `tmp` onto `target`; an existing target (only with --force) is removed afterwards."""
+    old = target.with_name(f".{target.name}.old-export")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def load_export(
+    path: str | Path, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer or None, provenance) of an export: an hf folder or a .safetensors file."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from geokd.evaluate import _quiet_transformers
+
+    _quiet_transformers()
+    target = Path(path).expanduser()
+    if target.is_dir():
+        info = _read_json(target / "geokd.json")
+        if info is None:
+            raise GeokdError(f"--check: {str(target)!r} has no geokd.json; it is not a geokd export")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            target, trust_remote_code=trust_remote_code, dtype=DTYPES[info["dtype"]]
+        )
+        return model.eval(), AutoTokenizer.from_pretrained(target), info
+    if target.suffix == ".safetensors" and target.is_file():
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+
+        with safe_open(str(target), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if "geokd" not in metadata or "config" not in metadata:
+            raise GeokdError(f"--check: {str(target)!r} carries no geokd metadata; it is not a geokd export")
+        info = json.loads(metadata["geokd"])
+        config_dict = json.loads(metadata["config"])
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[info["dtype"]])
+        load_model(model, str(target))
+        return model.eval(), None, info
+    raise GeokdError(f"--check: {str(target)!r} is neither an export folder nor a .safetensors file")
+
+
+def _round_trip(
+    path: Path, dtype: str, reference: torch.Tensor, probe: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Reload what was written and compare its logits on the probe batch with the source's."""
+    model, _, _ = load_export(path)
+    got = _logits(model, probe)
+    diff = float((got - reference).abs().max())
+    if diff > TOLERANCE[dtype]:
+        raise GeokdError(
+            f"export: the exported model's logits differ from the source's by {diff:.3g} (allowed {TOLERANCE[dtype]:g} "
+            f"for {dtype}); nothing was written"
+        )
+    return {"max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype], "examples": len(PROBE_TEXTS)}
+
+
+def verify_export(path: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """`geokd export --check`: recompute the recorded probe logits with the export and compare."""
+    model, tokenizer, info = load_export(path, trust_remote_code=trust_remote_code)
+    probe = info.get("probe")
+    if not probe:
+        raise GeokdError(f"--check: {str(path)!r} records no probe logits; re-export it with this geokd")
+    if tokenizer is None:
+        raise GeokdError(
+            f"--check: {str(path)!r} is a single safetensors file without a tokenizer; check the hf export instead, "
+            "or re-run the export (it checks the round trip before writing)"
+        )
+    inputs = dict(tokenizer(probe["texts"], padding=True, truncation=True, max_length=probe["max_length"],
+                            return_tensors="pt"))  # fmt: skip
+    got = _logits(model, inputs)
+    diff = float((got - torch.tensor(probe["logits"])).abs().max())
+    tolerance = TOLERANCE[info["dtype"]]
+    return {
+        "ok": diff <= tolerance,
+        "max_abs_logit_diff": diff,
+        "tolerance": tolerance,
+        "dtype": info["dtype"],
+    }
