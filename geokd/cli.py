@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import geokd
@@ -42,7 +43,8 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    # escape: messages quote user values and options such as 'geokd[demo]' or 'dev[:10]', not markup
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -632,6 +634,72 @@ def export(
 
 
 # ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Path = _O(Path("runs/demo"), help="Where the demo's runs go (finished stages are reused)."),
+    model: str = _O(None, "--model", help="Teacher to fine-tune (default: the packaged all-MiniLM-L6-v2)."),
+    teacher_epochs: float = _O(2.0, "--teacher-epochs", help="Teacher fine-tuning epochs."),
+    student_epochs: float = _O(3.0, "--student-epochs", help="Student distillation epochs."),
+    max_steps: int = _O(None, "--max-steps", help="Cap every stage at N steps (a quick check)."),
+    seed: int = _O(42, help="Random seed."),
+    quiet: bool = _QUIET,
+) -> None:
+    """Offline quickstart: fine-tune MiniLM on an SST-2 sample, distil a 3-layer student, evaluate, export."""
+    import time
+
+    from geokd.artifacts import write_json
+    from geokd.demo import stage_flags, summary_rows, teacher_name
+    from geokd.evaluate import default_eval_path, evaluate_model
+    from geokd.export import export_model
+
+    started = time.perf_counter()
+    with user_errors():
+        teacher = teacher_name(model)
+        for number, stage in enumerate(("teacher", "student"), start=1):
+            epochs = teacher_epochs if stage == "teacher" else student_epochs
+            flags = stage_flags(stage, teacher, out, epochs, max_steps, seed)
+            run = Path(flags["out"])
+            console.rule(
+                f"step {number} of 4: {'fine-tune the teacher' if stage == 'teacher' else 'distil the student'}"
+            )
+            if (run / "results.json").is_file():
+                console.print(f"reusing the finished run {run} (delete it to train again)")
+                continue
+            if run.exists():
+                flags["resume"] = "auto"
+            _run_training("finetune" if stage == "teacher" else "distill", None, None, flags, quiet)
+        console.rule("step 3 of 4: evaluate both on the 872 SST-2 dev sentences")
+        results = {}
+        for stage in ("teacher", "student"):
+            results[stage] = evaluate_model(str(out / stage), batch_size=64)
+            record = default_eval_path(out / stage, results[stage]["task"], results[stage]["split"], None)
+            assert record is not None
+            record.parent.mkdir(exist_ok=True)
+            write_json(record, results[stage])
+            console.print(f"{stage}: accuracy {results[stage]['metrics']['accuracy']:.4f}", highlight=False)
+        console.rule("step 4 of 4: export the student")
+        export_dir = out / "export"
+        info = export_model(str(out / "student"), str(export_dir), force=True)
+        console.print(
+            f"exported to {export_dir} (round trip max |Δ logit| {info['check']['max_abs_logit_diff']:.3g})"
+        )
+        name = "all-MiniLM-L6-v2" if model is None else Path(model).name
+        table = Table(title=f"geokd demo: {name} teacher vs truncate:3 student (procrustes), SST-2")
+        for column in ("", "teacher", "student", "student / teacher"):
+            table.add_column(column, justify="left" if not column else "right")
+        for row in summary_rows(results["teacher"], results["student"], export_dir):
+            table.add_row(*row)
+        table.caption = (
+            f"{time.perf_counter() - started:.0f} s in all; runs in {out}, deployable student in {export_dir}"
+        )
+        console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
 # eval / compare
 # ---------------------------------------------------------------------------------------------
 
@@ -754,7 +822,7 @@ def _render_eval(result: dict) -> None:
     )
     console.print(table)
     for warning in result["warnings"]:
-        err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", highlight=False)
     report = result.get("geometry")
     if report is None:
         return
@@ -843,7 +911,7 @@ def _render_comparison(comparison: dict) -> None:
         table.add_row(group["label"], str(group["n"]), f"{group['mean']:.4f}{spread}", *cells)
     console.print(table)
     for note in comparison["notes"]:
-        err_console.print(f"[bold yellow]note:[/bold yellow] {note}", highlight=False)
+        err_console.print(f"[bold yellow]note:[/bold yellow] {escape(note)}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,7 +135,9 @@ def model_card(info: dict[str, Any]) -> str:
         "",
     ]
     if info["mode"] == "distill":
-        lines.append("Distilled with geokd (geometry-aware knowledge distillation) from a fine-tuned teacher.")
+        lines.append(
+            "Distilled with geokd (geometry-aware knowledge distillation) from a fine-tuned teacher."
+        )
     else:
         lines.append("Fine-tuned with geokd.")
     rows = [("task", info["task"]), ("parameters", f"{info['parameters']:,}")]

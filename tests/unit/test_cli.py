@@ -81,3 +81,11 @@ def test_update_markdown_section_replaces_only_its_block(tmp_path):
     assert text.startswith("# Results\n") and "first" not in text and "second" in text
     assert text.index("second") < text.index("hand-written notes") < text.index("## B")
     assert text.count("<!-- geokd:a:start -->") == 1 and text.count("<!-- geokd:b:end -->") == 1
+
+
+def test_error_lines_keep_square_brackets(capsys):
+    """Messages quote values such as geokd[demo] or dev[:10]; rich must not read them as markup."""
+    from geokd.cli import _fail
+
+    _fail("pip install 'geokd[demo]'; splits dev, dev[:10]")
+    assert "pip install 'geokd[demo]'; splits dev, dev[:10]" in capsys.readouterr().err
