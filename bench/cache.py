@@ -140,7 +140,9 @@ def main() -> int:
     # 2. bytes per example per layer
     disk = sum((cache_dir / s["file"]).stat().st_size for s in manifest["shards"])
     rows_per_example = tokens / n if args.features == "tokens" else 1.0
-    minimum = rows_per_example * hidden * 2  # bf16 rows
+    minimum = (
+        rows_per_example * hidden * {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    )  # rows x d x dtype size
     feature_bytes = disk - n * (8 + 2 * 4) - (n + 1) * 8 * (args.features == "tokens")  # ids, logits, offsets
     per_layer = feature_bytes / (n * 3)
 
@@ -174,7 +176,7 @@ def main() -> int:
     table.add_row("geokd cache (forward + write)", f"{n / cache_s:.0f} examples/s", "")
     table.add_row("cache / forward throughput", f"{ratio_cache:.2f}x", f">= {TARGETS['cache_vs_forward']}x")
     table.add_row("bytes per example per layer", f"{per_layer:.0f} B", "")
-    table.add_row("minimum (rows x d x 2)", f"{minimum:.0f} B", "")
+    table.add_row("minimum (rows x d x dtype size)", f"{minimum:.0f} B", "")
     for name, entry in timings.items():
         table.add_row(
             f"epoch: {name}", f"{entry['seconds_per_epoch']:.1f} s ({entry['vs_finetune']:.2f}x)", ""

@@ -131,15 +131,20 @@ def parse_cache_layers(text: str, num_layers: int) -> tuple[int, ...]:
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:
-    """A hash of what decides the token ids: the tokenizer class, its full serialisation when it
-    has one (fast tokenizers), else its vocabulary and special tokens."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    """A hash of what decides the token ids: the full tokenizer definition (vocabulary, normaliser,
+    pre-tokeniser, post-processor, special tokens) of a fast tokenizer, or the vocabulary and special
+    tokens of a slow one. The class name and the run-time truncation/padding state are left out, so
+    BERT and DistilBERT tokenizers built from one vocabulary agree, before and after use."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        digest.update(backend.to_str().encode())
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        text = json.dumps(definition, sort_keys=True)
     else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(json.dumps(tokenizer.all_special_tokens).encode())
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha256(text.encode())
+    digest.update(json.dumps(sorted(tokenizer.all_special_tokens)).encode())
     return digest.hexdigest()
 
 
@@ -181,6 +186,17 @@ def _human(n: float) -> str:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def _identity(manifest: dict[str, Any], key: str) -> str:
+    """The comparable form of a manifest field: the teacher by its weights hash (else its path or
+    id), the data by its fingerprint, so the same cache may be resumed from another directory."""
+    value = manifest.get(key)
+    if key == "teacher" and isinstance(value, dict):
+        value = value.get("weights_sha256") or value.get("path_or_id")
+    elif key == "data" and isinstance(value, dict):
+        value = value.get("fingerprint")
+    return json.dumps(value, sort_keys=True)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -287,13 +303,12 @@ def build_cache(
         "n_tokens": sum(lengths),
     }
     shards: list[dict[str, Any]] = []
+    for stale in out.glob(".shard-*.tmp*") if out.is_dir() else ():  # left by a killed run
+        stale.unlink()
     if (out / MANIFEST).is_file():
         previous = read_manifest(out)
-        differ = [
-            k
-            for k in _IDENTITY_KEYS
-            if json.dumps(previous.get(k), sort_keys=True) != json.dumps(header[k], sort_keys=True)
-        ]
+        differ = [k for k in _IDENTITY_KEYS if _identity(previous, k) != _identity(header, k)]
+
         if differ:
             raise GeokdError(
                 f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
@@ -305,7 +320,7 @@ def build_cache(
                 shards.append(entry)
             else:
                 break
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
     n_shards = max(1, -(-len(features) // request.shard_size))
     total = expected_bytes(lengths, len(layers), hidden, request.dtype, request.features,
@@ -355,7 +370,7 @@ def build_cache(
                 )
                 for layer in layers:
                     for i, row in zip(batch_indices, rows[layer], strict=True):
-                        per_layer[layer][i] = row.to("cpu", dtype)
+                        per_layer[layer][i] = row.to("cpu", dtype, copy=True)  # not a view of the batch
                 for i, row in zip(batch_indices, output.logits.float().cpu(), strict=True):
                     logits_rows[i] = row
                 if on_batch is not None:
@@ -465,7 +480,8 @@ class TeacherCache:
             raise GeokdError(
                 f"--cache: example id {bad[0]} is outside the cache's 0..{len(self) - 1}; the data does not match it"
             )
-        slices = {layer: [] for layer in layers}
+        wanted = list(dict.fromkeys(layers))  # a layer several pairs share is read once
+        slices: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
         logits = []
         for example in ids:
             index, local = divmod(example, self.shard_size)
@@ -475,11 +491,12 @@ class TeacherCache:
                 start, stop = int(offsets[local]), int(offsets[local + 1])
             else:
                 start, stop = local, local + 1
-            for layer in layers:
+            for layer in wanted:
                 slices[layer].append(handle.get_slice(f"layer.{layer}")[start:stop])
             if self.manifest["logits"]:
                 logits.append(handle.get_slice("logits")[local : local + 1])
-        rows = [torch.cat(slices[layer]).float() for layer in layers]
+        joined = {layer: torch.cat(slices[layer]).float() for layer in wanted}
+        rows = [joined[layer] for layer in layers]
         return (torch.cat(logits).float() if logits else None), rows
 
     def row_counts(self, example_ids: Sequence[int]) -> list[int]:
@@ -496,8 +513,9 @@ class TeacherCache:
 
 
 def verify_cache(path: str | Path) -> dict[str, Any]:
-    """Check every shard of a cache against the manifest: present, SHA-256, example range, tensor
-    names and shapes. Returns `{"ok": bool, "shards": [...], "problems": [...]}`."""
+    """Check every shard of a cache against the manifest: present, SHA-256, tensor names, example
+    ids, and row counts (per layer; token offsets). Returns `{"ok": bool, "shards": [...],
+    "problems": [...]}`."""
     from safetensors import safe_open
 
     folder = Path(path)
@@ -529,10 +547,26 @@ def verify_cache(path: str | Path) -> dict[str, Any]:
                     range(entry["first_example"], entry["first_example"] + entry["n_examples"])
                 ):
                     status = "example ids out of place"
+                else:
+                    rows = {handle.get_slice(f"layer.{layer}").get_shape()[0] for layer in manifest["layers"]}
+                    offsets = handle.get_tensor("offsets") if manifest["features"] == "tokens" else None
+                    if rows != {entry["n_rows"]} or (
+                        offsets is not None and int(offsets[-1]) != entry["n_rows"]
+                    ):
+                        status = f"row counts {sorted(rows)} disagree with the manifest's {entry['n_rows']}"
         if status != "ok":
             problems.append(f"{entry['file']}: {status}")
         report.append({**entry, "status": status})
     return {"ok": not problems, "path": str(folder), "shards": report, "problems": problems}
+
+
+def _where(name: str) -> str:
+    """A model name as the manifest records it: an existing directory resolved, else the id."""
+    from geokd.models import resolve_model_name
+
+    target = resolve_model_name(name)
+    path = Path(target).expanduser()
+    return str(path.resolve()) if path.exists() else target
 
 
 def check_cache_matches(
@@ -567,7 +601,7 @@ def check_cache_matches(
         raise refuse(
             "max_length", manifest["max_length"], max_length, f"pass --max-length {manifest['max_length']}"
         )
-    if manifest["features"] != features:
+    if teacher_layers and manifest["features"] != features:  # rows are read only for feature pairs
         raise refuse(
             "features (pooling)", manifest["features"], features, f"pass --features {manifest['features']}"
         )
@@ -584,6 +618,15 @@ def check_cache_matches(
         raise refuse("tokenizer", manifest["tokenizer_sha256"][:12], tokenizer_hash[:12],
                      "the student must tokenise like the teacher the cache was written with")  # fmt: skip
     cached_teacher = manifest["teacher"]
+    if teacher_name is not None and (teacher_sha256 is None or cached_teacher.get("weights_sha256") is None):
+        given = _where(teacher_name)
+        if given != cached_teacher.get("path_or_id"):  # no hashes to compare: the names must agree
+            raise refuse(
+                "teacher",
+                cached_teacher.get("path_or_id"),
+                given,
+                "pass the teacher the cache was written with",
+            )
     if teacher_sha256 is not None and cached_teacher.get("weights_sha256") not in (None, teacher_sha256):
         raise refuse("teacher", f"{cached_teacher['path_or_id']} (sha256 {cached_teacher['weights_sha256'][:12]})",
                      f"{teacher_name} (sha256 {teacher_sha256[:12]})", "pass the teacher the cache was written with")  # fmt: skip

@@ -667,6 +667,17 @@ def demo(
                 f"step {number} of 4: {'fine-tune the teacher' if stage == 'teacher' else 'distil the student'}"
             )
             if (run / "results.json").is_file():
+                from geokd.config import read_config, resolve_config
+                from geokd.engine import check_resume_config
+
+                mode = "finetune" if stage == "teacher" else "distill"
+                try:  # reuse only a run made with these options
+                    check_resume_config(read_config(run / "config.yaml"), resolve_config(mode, flags=flags))
+                except GeokdError:
+                    raise GeokdError(
+                        f"demo: {run} was made with other options (--model, --seed, epochs or --max-steps); delete "
+                        f"it or pass another --out"
+                    ) from None
                 console.print(f"reusing the finished run {run} (delete it to train again)")
                 continue
             if run.exists():

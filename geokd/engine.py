@@ -41,6 +41,7 @@ from geokd.cache import TeacherCache, check_cache_matches, tokenizer_sha256
 from geokd.config import RunConfig, read_config, save_config
 from geokd.errors import GeokdError
 from geokd.evaluate import check_max_length, predict
+from geokd.export import reset_tokenizer_state
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime, resolve_runtime
 
@@ -304,6 +305,7 @@ def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: di
     from geokd.models import weights_sha256
 
     model.save_pretrained(tmp, safe_serialization=True)
+    reset_tokenizer_state(tokenizer)  # no run-time truncation/padding baked into tokenizer.json
     tokenizer.save_pretrained(tmp)
     record = {"geokd_version": geokd.__version__, **provenance, "weights_sha256": weights_sha256(tmp)}
     write_json(tmp / "geokd.json", record)

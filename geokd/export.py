@@ -82,8 +82,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _probe_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:
-    encoded = tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=64, return_tensors="pt")
-    return dict(encoded)
+    encoded = dict(
+        tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    )
+    reset_tokenizer_state(tokenizer)
+    return encoded
+
+
+def reset_tokenizer_state(tokenizer: Any) -> None:
+    """Calling a fast tokenizer leaves truncation/padding switched on in its backend, and
+    `save_pretrained` would bake them into tokenizer.json (cutting inputs for users of the plain
+    `tokenizers` library or other runtimes). Switch them off before saving."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
 
 
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -232,10 +245,13 @@ def export_model(
     reference = _logits(model, probe)  # float32 source logits
     model = model.to(DTYPES[dtype])
     info = provenance(folder, run_dir, loaded, dtype, fmt)
-    info["probe"] = {"texts": list(PROBE_TEXTS), "max_length": 64, "logits": reference.tolist()}
+    info["probe"] = {
+        "texts": list(PROBE_TEXTS),
+        "inputs": {k: v.tolist() for k, v in probe.items()},  # token ids: --check needs no tokenizer
+        "logits": reference.tolist(),
+    }
     tmp = target.with_name(f".{target.stem}.tmp-export{target.suffix}")  # keeps .safetensors last
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    _remove(tmp)
     try:
         if fmt == "hf":
             tmp.mkdir()
@@ -257,20 +273,32 @@ def export_model(
             (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _replace(tmp, target)
     except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        _remove(tmp)
         raise
     return info
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def _replace(tmp: Path, target: Path) -> None:
-    """Move `tmp` onto `target`; an existing target (only with --force) is removed afterwards."""
+    """Move `tmp` onto `target`. An existing target (only with --force) is moved aside first and
+    removed after the rename, or put back if the rename fails."""
     old = target.with_name(f".{target.name}.old-export")
+    _remove(old)  # left by an export that was killed
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    try:
+        tmp.rename(target)
+    except OSError:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
+    _remove(old)
 
 
 def load_export(
@@ -287,10 +315,17 @@ def load_export(
         info = _read_json(target / "geokd.json")
         if info is None:
             raise GeokdError(f"--check: {str(target)!r} has no geokd.json; it is not a geokd export")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            target, trust_remote_code=trust_remote_code, dtype=DTYPES[info["dtype"]]
-        )
-        return model.eval(), AutoTokenizer.from_pretrained(target), info
+        _check_info(info, target)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                target, trust_remote_code=trust_remote_code, dtype=DTYPES[info["dtype"]]
+            )
+            tokenizer = AutoTokenizer.from_pretrained(target)
+        except (OSError, ValueError, KeyError) as exc:
+            raise GeokdError(
+                f"--check: {str(target)!r} does not load ({type(exc).__name__}: {exc}); re-export it"
+            ) from None
+        return model.eval(), tokenizer, info
     if target.suffix == ".safetensors" and target.is_file():
         from safetensors import safe_open
         from safetensors.torch import load_model
@@ -299,13 +334,24 @@ def load_export(
             metadata = handle.metadata() or {}
         if "geokd" not in metadata or "config" not in metadata:
             raise GeokdError(f"--check: {str(target)!r} carries no geokd metadata; it is not a geokd export")
-        info = json.loads(metadata["geokd"])
-        config_dict = json.loads(metadata["config"])
+        try:
+            info, config_dict = json.loads(metadata["geokd"]), json.loads(metadata["config"])
+        except json.JSONDecodeError:
+            raise GeokdError(f"--check: the metadata of {str(target)!r} is damaged; re-export it") from None
+        _check_info(info, target)
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[info["dtype"]])
         load_model(model, str(target))
         return model.eval(), None, info
     raise GeokdError(f"--check: {str(target)!r} is neither an export folder nor a .safetensors file")
+
+
+def _check_info(info: Any, target: Path) -> None:
+    if not isinstance(info, dict) or info.get("dtype") not in DTYPES or "format" not in info:
+        raise GeokdError(
+            f"--check: {str(target)!r} holds geokd provenance but not an export's (no dtype/format); "
+            "pass a folder or file written by geokd export"
+        )
 
 
 def _round_trip(
@@ -327,15 +373,9 @@ def verify_export(path: str | Path, trust_remote_code: bool = False) -> dict[str
     """`geokd export --check`: recompute the recorded probe logits with the export and compare."""
     model, tokenizer, info = load_export(path, trust_remote_code=trust_remote_code)
     probe = info.get("probe")
-    if not probe:
-        raise GeokdError(f"--check: {str(path)!r} records no probe logits; re-export it with this geokd")
-    if tokenizer is None:
-        raise GeokdError(
-            f"--check: {str(path)!r} is a single safetensors file without a tokenizer; check the hf export instead, "
-            "or re-run the export (it checks the round trip before writing)"
-        )
-    inputs = dict(tokenizer(probe["texts"], padding=True, truncation=True, max_length=probe["max_length"],
-                            return_tensors="pt"))  # fmt: skip
+    if not probe or "inputs" not in probe:
+        raise GeokdError(f"--check: {str(path)!r} records no probe batch; re-export it with this geokd")
+    inputs = {k: torch.tensor(v) for k, v in probe["inputs"].items()}
     got = _logits(model, inputs)
     diff = float((got - torch.tensor(probe["logits"])).abs().max())
     tolerance = TOLERANCE[info["dtype"]]

@@ -259,4 +259,31 @@ def test_bad_layers_and_an_incomplete_cache_for_distill(teacher_dir, glue_dir, t
                                  data=glue_dir, layers="2,9", out=tmp_path / "c")])  # fmt: skip
     assert result.exit_code == 2 and "layer 9 is out of range" in result.output
     assert not (tmp_path / "c").exists()
-    assert verify_cache(_cache(teacher_dir, glue_dir, tmp_path / "ok"))["ok"]
+    cache = _cache(teacher_dir, glue_dir, tmp_path / "ok")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    result = _distill(teacher_dir, glue_dir, tmp_path / "run", cache=cache, max_steps=1)
+    assert result.exit_code == 2 and "is incomplete" in result.output
+
+
+def test_a_teacher_layer_shared_by_two_pairs_is_read_once(teacher_dir, glue_dir, tmp_path):
+    cache = _cache(teacher_dir, glue_dir, tmp_path / "cache")
+    reader = TeacherCache(cache)
+    _, (a, b) = reader.lookup([0, 1, 60], [4, 4])
+    assert a.shape == (3, 32) and torch.equal(a, b)
+    live = tmp_path / "live"
+    assert _distill(teacher_dir, glue_dir, live, layers="1:4,2:4").exit_code == 0
+    cached = tmp_path / "cached"
+    result = _distill(teacher_dir, glue_dir, cached, layers="1:4,2:4", cache=cache)
+    assert result.exit_code == 0, result.output
+    _assert_same_run(live, cached, rtol=1e-5)
+
+
+def test_a_run_killed_mid_shard_leaves_a_temp_file_that_does_not_block_resume(
+    teacher_dir, glue_dir, tmp_path
+):
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / ".shard-00000.safetensors.abc.tmp.safetensors").write_bytes(b"half")  # what SIGKILL leaves
+    _cache(teacher_dir, glue_dir, out)
+    assert not list(out.glob(".*")) and verify_cache(out)["ok"]

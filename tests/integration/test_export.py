@@ -78,7 +78,7 @@ def test_half_precision_exports_are_within_tolerance(proj_run, tmp_path, dtype):
     assert next(iter(load_file(out / "model.safetensors").values())).dtype == torch_dtype
     batch = _batch(out)
     diff = (_logits(out, batch, torch_dtype) - _logits(proj_run / "final", batch)).abs().max()
-    assert 0 < float(diff) <= geokd.export.TOLERANCE[dtype]
+    assert float(diff) <= geokd.export.TOLERANCE[dtype]
     assert info["check"]["max_abs_logit_diff"] <= geokd.export.TOLERANCE[dtype]
     assert runner.invoke(app, ["export", "--check", str(out)]).exit_code == 0
 
@@ -98,6 +98,17 @@ def test_single_safetensors_file_describes_itself(teacher_dir, tmp_path):
     batch = _batch(teacher_dir / "final")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, _logits(teacher_dir / "final", batch))
+
+
+def test_the_exported_tokenizer_carries_no_run_time_truncation(proj_run, tmp_path):
+    out = tmp_path / "student"
+    export_model(str(proj_run), str(out))
+    definition = json.loads((out / "tokenizer.json").read_text())
+    assert definition["truncation"] is None and definition["padding"] is None
+    # The single file checks itself from the stored token ids, without a tokenizer.
+    single = tmp_path / "model.safetensors"
+    export_model(str(proj_run), str(single), fmt="safetensors")
+    assert verify_export(single)["ok"]
 
 
 def test_checkpoints_can_be_exported_and_bad_ones_are_named(proj_run, tmp_path):
@@ -148,6 +159,7 @@ def test_check_detects_changed_weights(proj_run, tmp_path):
         (["{tmp}/missing", "--out", "{tmp}/x"], "does not exist"),
         (["{run}"], "pass SOURCE and --out"),
         (["--check", "{tmp}"], "has no geokd.json"),
+        (["--check", "{run}/final"], "not an export's"),
     ],
 )
 def test_bad_export_options_are_one_line_errors(proj_run, tmp_path, args, fragment):
