@@ -6,14 +6,15 @@ speed does not depend on the head's weights) and a `truncate:3` student on SST-2
 
 1. `geokd cache` throughput (`build_cache`, forward + feature extraction + writing shards, timed by
    the manifest) against a plain teacher forward pass (`geokd.evaluate.predict`: the same
-   length-sorted batches, logits only) over the same examples. Target >= 0.9x.
+   length-sorted batches, logits only) over the same examples; `--repeats` of each, interleaved,
+   medians. Target >= 0.9x.
 2. Cache size: bytes on disk per example per layer against the minimum (`d x 2` bytes for bf16
    pooled rows; `tokens x d x 2` for token rows).
 3. Training time per epoch, same student initialisation, seed and batches: `geokd finetune` of the
    student (the floor: no teacher at all), `geokd distill` with the live teacher, and
    `geokd distill --cache`. Timed from the second optimizer step to the last (model loading,
-   tokenisation and the final evaluation excluded), scaled to one epoch. Target: from-cache
-   <= 1.10x plain fine-tuning.
+   tokenisation and the final evaluation excluded), scaled to one epoch; `--train-repeats` runs of
+   each, interleaved in rotating order, medians. Target: from-cache <= 1.10x plain fine-tuning.
 
     python bench/cache.py [--examples 4000] [--steps 40] [--features cls] [--out bench/results/cache.json]
 """
@@ -76,7 +77,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--features", default="cls", choices=["cls", "mean", "tokens"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--repeats", type=int, default=3, help="plain-forward repeats (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="forward / cache-build repeats, interleaved (median)"
+    )
+    parser.add_argument(
+        "--train-repeats", type=int, default=2, help="training runs per configuration (median)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cache.json")
     args = parser.parse_args()
     console = Console()
@@ -122,18 +128,19 @@ def main() -> int:
     collate = make_collate_fn(teacher.tokenizer, task)
     model = teacher.model.to(runtime.device).eval()
     predict(model, features[:256], collate, runtime, 64)  # warm-up
-    forward_s = []
-    for _ in range(args.repeats):
+    layers = "2,4,6"
+    forward_s, cache_runs = [], []
+    for repeat in range(args.repeats):  # interleaved, so both see the same machine state
         tic = time.perf_counter()
         predict(model, features, collate, runtime, 64)
         forward_s.append(time.perf_counter() - tic)
+        cache_dir = work / f"cache-{repeat}"
+        manifest = build_cache(CacheRequest(teacher=str(teacher_dir), task="sst2", data=str(data), layers=layers,
+                                            features=args.features, dtype=args.dtype, batch_size=64,
+                                            out=str(cache_dir)))  # fmt: skip
+        cache_runs.append(manifest["seconds"])
     forward = statistics.median(forward_s)
-    layers = "2,4,6"
-    cache_dir = work / "cache"
-    manifest = build_cache(CacheRequest(teacher=str(teacher_dir), task="sst2", data=str(data), layers=layers,
-                                        features=args.features, dtype=args.dtype, batch_size=64,
-                                        out=str(cache_dir)))  # fmt: skip
-    cache_s = manifest["seconds"]
+    cache_s = statistics.median(cache_runs)
     n = manifest["n_examples"]
     tokens = manifest["n_tokens"]
 
@@ -156,11 +163,19 @@ def main() -> int:
         "distill --cache": {"mode": "distill", "student": str(student_dir), "teacher": str(teacher_dir),
                             "loss": "procrustes", "layers": "1:2,2:4,3:6", "cache": str(cache_dir)},
     }  # fmt: skip
-    timings = {}
-    for name, flags in runs.items():
-        result = _timed_train({**common, **flags, "out": str(work / name.split()[0].strip(",") / name[-6:])})
-        steps_per_epoch = -(-n // args.batch_size)
-        timings[name] = {**result, "seconds_per_epoch": result["seconds_per_step"] * steps_per_epoch}
+    per_epoch: dict[str, list[float]] = {name: [] for name in runs}
+    steps_per_epoch = -(-n // args.batch_size)
+    names = list(runs)
+    for repeat in range(args.train_repeats):  # interleaved, rotating the order: shared machine noise
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            out = work / f"train-{repeat}-{names.index(name)}"
+            result = _timed_train({**common, **runs[name], "out": str(out)})
+            per_epoch[name].append(result["seconds_per_step"] * steps_per_epoch)
+            shutil.rmtree(out, ignore_errors=True)
+    timings = {
+        name: {"seconds_per_epoch": statistics.median(values), "seconds_per_epoch_all": values}
+        for name, values in per_epoch.items()
+    }
     floor = timings["finetune (no teacher)"]["seconds_per_epoch"]
     for entry in timings.values():
         entry["vs_finetune"] = entry["seconds_per_epoch"] / floor
@@ -203,6 +218,7 @@ def main() -> int:
         "forward_s": forward,
         "forward_s_all": forward_s,
         "cache_s": cache_s,
+        "cache_s_all": cache_runs,
         "cache_vs_forward": ratio_cache,
         "disk_bytes": disk,
         "bytes_per_example_per_layer": per_layer,

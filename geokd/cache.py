@@ -226,19 +226,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _rows_per_example(
-    hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor, layers: Sequence[int], features: str
-) -> dict[int, list[torch.Tensor]]:
-    """layer -> one tensor per example of the batch: `[d]` rows for cls/mean, `[len_i, d]` for tokens."""
-    from geokd.models import extract_features
-
-    rows = extract_features(hidden_states, attention_mask, list(layers), features)
-    if features != "tokens":
-        return {layer: list(r.unbind(0)) for layer, r in zip(layers, rows, strict=True)}
-    counts = attention_mask.to(torch.bool).sum(dim=1).tolist()
-    return {layer: list(r.split(counts)) for layer, r in zip(layers, rows, strict=True)}
-
-
 def build_cache(
     request: CacheRequest,
     on_plan: Callable[[dict[str, Any]], None] | None = None,
@@ -252,6 +239,7 @@ def build_cache(
     from geokd import data as data_lib
     from geokd import models as models_lib
     from geokd.evaluate import _quiet_transformers, check_max_length, length_sorted_batches
+    from geokd.models import extract_features
     from geokd.runtime import resolve_runtime
     from geokd.tasks import get_task
 
@@ -353,38 +341,49 @@ def build_cache(
     for index in range(len(shards), n_shards):
         first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
         local = features[first:last]
-        per_layer: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(local) for layer in layers}
-        logits_rows: list[torch.Tensor | None] = [None] * len(local)
+        counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
+        offsets = torch.cat(
+            [torch.zeros(1, dtype=torch.long), counts.cumsum(0)]
+        )  # example i: offsets[i]:[i+1]
+        tokens = request.features == "tokens"
+        n_rows = int(offsets[-1]) if tokens else len(local)
+        # Shard buffers in example order; each batch's rows are copied straight to their place.
+        buffers = {layer: torch.empty(n_rows, hidden, dtype=dtype) for layer in layers}
+        logits_buffer = torch.empty(len(local), int(teacher.config.num_labels))
         with torch.inference_mode():
-            for batch_indices in length_sorted_batches(
-                [len(f["input_ids"]) for f in local], request.batch_size
-            ):
+            for batch_indices in length_sorted_batches(counts.tolist(), request.batch_size):
                 batch = collate([local[i] for i in batch_indices])
                 inputs = {
                     k: v.to(runtime.device) for k, v in batch.items() if k not in ("labels", "example_id")
                 }
                 with runtime.autocast():
                     output = model(**inputs, output_hidden_states=True)
-                rows = _rows_per_example(
-                    output.hidden_states, inputs["attention_mask"], layers, request.features
+                rows = extract_features(
+                    output.hidden_states, inputs["attention_mask"], list(layers), request.features
                 )
-                for layer in layers:
-                    for i, row in zip(batch_indices, rows[layer], strict=True):
-                        per_layer[layer][i] = row.to("cpu", dtype, copy=True)  # not a view of the batch
-                for i, row in zip(batch_indices, output.logits.float().cpu(), strict=True):
-                    logits_rows[i] = row
+                # tokens: the batch's rows are example after example (right padding), so example i's
+                # rows go to offsets[i]:offsets[i+1]; pooled: row k goes to batch_indices[k].
+                where = (
+                    torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in batch_indices])
+                    if tokens
+                    else torch.as_tensor(batch_indices)
+                )
+                for layer, row in zip(layers, rows, strict=True):
+                    if row.shape[0] != where.shape[0]:
+                        raise RuntimeError(
+                            f"cache: {row.shape[0]} rows for {where.shape[0]} places in layer {layer}"
+                        )
+                    buffers[layer][where] = row.to("cpu", dtype)
+                logits_buffer[torch.as_tensor(batch_indices)] = output.logits.float().cpu()
                 if on_batch is not None:
                     on_batch(len(batch_indices))
         tensors: dict[str, torch.Tensor] = {"example_id": torch.arange(first, last, dtype=torch.long)}
         if request.logits:
-            tensors["logits"] = torch.stack(logits_rows).contiguous()  # type: ignore[arg-type]
+            tensors["logits"] = logits_buffer
         for layer in layers:
-            parts = per_layer[layer]
-            joined = torch.cat(parts) if request.features == "tokens" else torch.stack(parts)  # type: ignore[arg-type]
-            tensors[f"layer.{layer}"] = joined.contiguous()
-        if request.features == "tokens":
-            counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
-            tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            tensors[f"layer.{layer}"] = buffers[layer]
+        if tokens:
+            tensors["offsets"] = offsets
         shards.append(_write_shard(out, index, tensors, first, last))
         write_json(out / MANIFEST, {**header, "complete": False, "shards": shards})
     manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
