@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
 
 import torch  # noqa: E402
+from _meta import git_commit  # noqa: E402  (bench/ is on sys.path when a script runs)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -201,11 +201,6 @@ def main() -> int:
     met = {"cache_vs_forward": ratio_cache >= TARGETS["cache_vs_forward"],
            "from_cache_vs_finetune": ratio_train <= TARGETS["from_cache_vs_finetune"]}  # fmt: skip
     console.print(", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in met.items()))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip() or None  # fmt: skip
-    except OSError:
-        commit = None
     result = {
         "examples": n,
         "tokens": tokens,
@@ -231,7 +226,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "commit": commit,
+        "commit": git_commit(ROOT),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
 
 import torch  # noqa: E402
+from _meta import git_commit  # noqa: E402  (bench/ is on sys.path when a script runs)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -157,18 +157,13 @@ def main() -> int:
     verdict = "met" if speedup >= TARGET else "MISSED"
     console.print(f"target: length-sorted >= {TARGET}x fixed-order: {speedup:.2f}x, {verdict}")
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip() or None  # fmt: skip
-    except OSError:
-        commit = None
     result = {
         "task": args.task,
         "split": split.split,
         "n_examples": len(features),
         "mean_tokens": sum(lengths) / len(lengths),
         "max_tokens": max(lengths),
-        "model": loaded.source.path_or_id,
+        "model": args.model,  # as given: an alias or path, not this machine's site-packages
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "repeats": args.repeats,
@@ -180,7 +175,7 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
-        "commit": commit,
+        "commit": git_commit(ROOT),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "plans": rows,
         "target": {"speedup": TARGET, "measured": speedup, "met": speedup >= TARGET},

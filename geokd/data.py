@@ -253,15 +253,18 @@ def _read_delimited(
                         "the row has a stray delimiter or line break, or the file is not in the expected layout"
                     )
                 rows.append((where, dict(zip(columns, fields, strict=True))))
-    except UnicodeDecodeError as exc:
-        raise GeokdError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise GeokdError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise _read_error(path, exc) from None
     except csv.Error as exc:
         raise GeokdError(f"{path}: unreadable as delimited text ({exc}); check the file") from None
     return columns, rows
+
+
+def _read_error(path: Path, exc: UnicodeDecodeError | OSError) -> GeokdError:
+    """One line for a file that cannot be read as UTF-8 text."""
+    if isinstance(exc, UnicodeDecodeError):
+        return GeokdError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8")
+    return GeokdError(f"{path}: cannot read the file ({exc.strerror}); check its permissions")
 
 
 def _read_jsonl(path: Path) -> list[_Row]:
@@ -284,12 +287,8 @@ def _read_jsonl(path: Path) -> list[_Row]:
                         "each line must be one object"
                     )
                 rows.append((where, record))
-    except UnicodeDecodeError as exc:
-        raise GeokdError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise GeokdError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise _read_error(path, exc) from None
     return rows
 
 

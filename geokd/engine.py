@@ -430,26 +430,18 @@ def train(
     teacher = None
     teacher_sha: str | None = None
     cache = TeacherCache(config.cache) if config.mode == "distill" and config.cache else None
-    if config.mode == "distill":
-        derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
-        if cache is None or derived:
-            teacher = models_lib.load_teacher(
-                config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
-                num_labels=num_labels,
-                id2label=id2label,
-                trust_remote_code=config.trust_remote_code,
-            )
-            student = models_lib.load_student(
-                config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
-            )
-        else:
-            student = models_lib.load_model(
-                config.student,
-                num_labels=num_labels,
-                id2label=id2label,
-                trust_remote_code=config.trust_remote_code,
-            )
-    else:
+    derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
+    if config.mode == "distill" and (cache is None or derived):
+        teacher = models_lib.load_teacher(
+            config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
+            num_labels=num_labels,
+            id2label=id2label,
+            trust_remote_code=config.trust_remote_code,
+        )
+        student = models_lib.load_student(
+            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
+        )
+    else:  # finetune, or distill of a pretrained student from --cache: no teacher at all
         student = models_lib.load_model(
             config.student,
             num_labels=num_labels,
