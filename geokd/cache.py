@@ -46,11 +46,11 @@ import torch
 import geokd
 from geokd.artifacts import atomic_path, write_json
 from geokd.errors import GeokdError
+from geokd.models import FEATURES
 
 FORMAT = "geokd-teacher-cache"
 FORMAT_VERSION = 1
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FEATURES = ("cls", "mean", "tokens")
 MANIFEST = "manifest.json"
 # Manifest keys that define what a cache holds: a resumed `geokd cache` must agree on all of them.
 _IDENTITY_KEYS = (
@@ -497,18 +497,6 @@ class TeacherCache:
         joined = {layer: torch.cat(slices[layer]).float() for layer in wanted}
         rows = [joined[layer] for layer in layers]
         return (torch.cat(logits).float() if logits else None), rows
-
-    def row_counts(self, example_ids: Sequence[int]) -> list[int]:
-        """Token rows per example (1 for pooled caches)."""
-        if self.features != "tokens":
-            return [1] * len(example_ids)
-        counts = []
-        for example in example_ids:
-            index, local = divmod(int(example), self.shard_size)
-            self._shard(index)
-            offsets = self._offsets[index]
-            counts.append(int(offsets[local + 1] - offsets[local]))
-        return counts
 
 
 def verify_cache(path: str | Path) -> dict[str, Any]:
