@@ -7,13 +7,90 @@ Every writer goes to a temporary file in the destination's directory and renames
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from geokd.errors import GeokdError
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the file system holding `path` (or its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# safetensors (Rust) and torch's zip writer report a full disk inside their own exception text.
+_DISK_FULL_TEXT = ("no space left", "storagefull", "code: 28", "disk quota exceeded", "errno 28")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also when wrapped by safetensors or torch as a non-OSError."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if error is None:
+            continue
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error).lower() for text in _DISK_FULL_TEXT):
+            return True
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, what: str) -> GeokdError:
+    """The one line for a full disk: what was being written, where, and the free space."""
+    free = free_bytes(path)
+    shown = "unknown" if free is None else human_bytes(free)
+    return GeokdError(
+        f"no space left on the device while writing {what} to {str(path)!r} ({shown} free there); "
+        "nothing complete was lost and the partial files were removed; free some space (or choose another "
+        "location) and run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a full-disk failure inside the block into `disk_full_error` (callers clean up their
+    temporaries in their own `except`/`finally` first); every other error propagates unchanged."""
+    try:
+        yield
+    except GeokdError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, what) from None
+        raise
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or every file and folder under a directory) the permissions the user's
+    umask asks for (0644/0755 with the usual 022). Some writers (safetensors, mkstemp) create 0600
+    files, which a deployment group could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(path)
+    entries = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for entry in entries:
+        mode = 0o777 if entry.is_dir() else 0o666
+        os.chmod(entry, mode & ~umask)
 
 
 def check_output_path(path: str | os.PathLike, option: str) -> Path:
