@@ -154,3 +154,46 @@ def update_markdown_section(path: str | os.PathLike, name: str, body: str, title
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+LOCK_NAME = ".geokd.lock"
+
+
+class DirectoryLock:
+    """An exclusive, advisory lock on a directory that one geokd process writes (a run, a cache):
+    `DIR/.geokd.lock` held with `fcntl.flock` for the life of the process's work, holding the
+    holder's PID. The kernel drops the lock when the process dies (even by SIGKILL), so a stale
+    file never blocks anyone. A second process fails at once with one line naming the holder.
+    On platforms without `fcntl` (Windows) no lock is taken."""
+
+    def __init__(self, directory: str | os.PathLike, what: str):
+        self.path = Path(directory) / LOCK_NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self) -> DirectoryLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise GeokdError(
+                f"{self.what}: {str(self.path.parent)!r} is in use by another geokd process (PID {holder}); "
+                "wait for it to finish, stop it, or choose another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None

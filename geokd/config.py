@@ -23,6 +23,11 @@ from typing import Any
 from geokd.errors import GeokdError
 
 MODES = ("finetune", "distill")
+# Keys a recipe file or --set may not switch on: running a model repository's code is the user's
+# own decision, typed as a flag (a file asking for it is an error unless the flag is also given).
+FLAG_ONLY = ("trust_remote_code",)
+# Keys that only mean something to distill (not printed for finetune).
+DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features")
 FEATURES = ("cls", "mean", "tokens")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LAYER_PAIRS = re.compile(r"^\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*$")
@@ -66,6 +71,10 @@ class RunConfig:
     # bookkeeping
     eval_every: int | None = None
     save_every: int | None = None
+    # Checkpoint also whenever this many minutes passed since the last one (0: only --save-every),
+    # so a killed or preempted run always has something recent to resume from.
+    save_minutes: float = 10.0
+    keep_checkpoints: int | None = None  # keep the newest K checkpoints (None: all)
     resume: str | None = None
     device: str = "auto"
     out: str | None = None
@@ -150,7 +159,9 @@ def validation_problems(config: RunConfig) -> list[str]:
     for name in ("batch_size", "grad_accum"):
         if getattr(config, name) < 1:
             p.append(f"{name}: must be at least 1, got {getattr(config, name)}")
-    for name in ("eval_every", "save_every"):
+    if config.save_minutes < 0:
+        p.append(f"save_minutes: must be >= 0 (0 turns wall-clock checkpoints off), got {config.save_minutes}")
+    for name in ("eval_every", "save_every", "keep_checkpoints"):
         value = getattr(config, name)
         if value is not None and value < 1:
             p.append(f"{name}: must be at least 1 step (or unset), got {value}")
@@ -264,6 +275,14 @@ def resolve_config(
     for source, mapping in layers:
         for name, raw in mapping.items():
             _check_key(name, source)
+            if name in FLAG_ONLY and source != "flag":
+                if _coerce(name, raw, source) and not (flags or {}).get(name):
+                    raise GeokdError(
+                        f"{source}: asks for {name}={raw!r}, which lets the model's repository run code on this "
+                        "machine; geokd takes it only from the command line: pass --trust-remote-code yourself "
+                        "if you trust that code"
+                    )
+                continue
             values[name] = _coerce(name, raw, source)
     return RunConfig(**values)
 
@@ -282,6 +301,12 @@ def read_config(path: str | Path) -> RunConfig:
     """Read a saved `config.yaml` back into a RunConfig (checked like any YAML config)."""
     data = load_yaml(path)
     return _from_mapping(str(data.pop("mode", "distill")), data, str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> RunConfig:
+    """A RunConfig from a stored mapping (a checkpoint's record), checked like a YAML file."""
+    data = dict(data)
+    return _from_mapping(str(data.pop("mode", "distill")), data, source)
 
 
 def _from_mapping(mode: str, data: dict[str, Any], source: str) -> RunConfig:

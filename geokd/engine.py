@@ -19,12 +19,16 @@ epoch's shuffled order, so a resumed run reaches the same final weights as an un
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import platform
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +40,16 @@ import torch
 from torch import nn
 
 import geokd
-from geokd.artifacts import atomic_path, write_json
+from geokd import checkpoints as ckpt
+from geokd.artifacts import (
+    LOCK_NAME,
+    DirectoryLock,
+    atomic_path,
+    disk_full_error,
+    follow_umask,
+    is_disk_full,
+    write_json,
+)
 from geokd.cache import TeacherCache, check_cache_matches, tokenizer_sha256
 from geokd.config import RunConfig, read_config, save_config
 from geokd.errors import GeokdError
@@ -58,7 +71,61 @@ def _current_key_format() -> dict[str, bool]:
 _CURRENT_KEY_FORMAT = _current_key_format()
 
 # Config keys that may differ between an interrupted run and its resumption.
-_RESUMABLE_DIFFERENCES = {"resume", "eval_every", "save_every", "device", "out"}
+_RESUMABLE_DIFFERENCES = {
+    "resume", "eval_every", "save_every", "save_minutes", "keep_checkpoints", "device", "out",
+}  # fmt: skip
+# Keys holding a path: the same file or folder given another way (relative, absolute, via a
+# symlink) is the same value.
+_PATH_KEYS = {"teacher", "student", "data", "cache"}
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped a run cleanly: the current optimizer step finished and a
+    checkpoint was written. Exit status 128 + signal (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, run_dir: Path):
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint (nothing to save)"
+        super().__init__(
+            f"{name} received: stopped after step {step}, {where}; resume with the same command plus "
+            f"--resume auto (--out {run_dir})"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set `received`: the training loop finishes its
+    optimizer step, checkpoints and raises RunInterrupted. A second signal acts as usual (the
+    previous handler is restored after the first)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -141,11 +208,8 @@ def _check_finite(output: LossOutput, step: int, run_dir: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted(
-        (p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),
-    )
-    return checkpoints[-1] if checkpoints else None
+    found = ckpt.list_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def save_checkpoint(
@@ -157,40 +221,48 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: dict[str, int],
+    record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically (a temporary directory renamed into place)."""
+    """Write checkpoints/step-N atomically: a temporary directory (student, trainer state as
+    safetensors + JSON, then checkpoint.json with every file's SHA-256) renamed into place. On any
+    failure the temporary is removed; a full disk is one GeokdError naming the path and free space."""
     final = run_dir / "checkpoints" / f"step-{step}"
     tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    # Current key names (not an old checkpoint's LayerNorm.gamma/beta), so load_weights matches.
-    student.save_pretrained(tmp / "student", safe_serialization=True, **_CURRENT_KEY_FORMAT)
-    tokenizer.save_pretrained(tmp / "student")
-    torch.save(
-        {
-            "objective": objective.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "position": dict(position, step=step),
-            "geokd_version": geokd.__version__,
-        },
-        tmp / "trainer_state.pt",
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        # Current key names (not an old checkpoint's LayerNorm.gamma/beta), so load_weights matches.
+        student.save_pretrained(tmp / "student", safe_serialization=True, **_CURRENT_KEY_FORMAT)
+        tokenizer.save_pretrained(tmp / "student")
+        ckpt.write_state(
+            tmp,
+            {
+                "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "position": dict(position, step=step),
+                "geokd_version": geokd.__version__,
+            },
+        )
+        ckpt.write_manifest(tmp, step, {"geokd_version": geokd.__version__, **(record or {})})
+        follow_umask(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(tmp.parent, f"checkpoint step-{step}") from None
+        raise
     return final
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / "trainer_state.pt"
-    if not path.is_file():
-        raise GeokdError(f"--resume: {str(checkpoint)!r} is not a geokd checkpoint (no trainer_state.pt)")
-    # RNG states hold numpy arrays and Python tuples, so weights_only=True cannot load them; the
-    # file is one this run directory wrote itself (never a downloaded artifact).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The trainer state of `checkpoint`, verified file by file first (never unpickled)."""
+    ckpt.verify_checkpoint(checkpoint)
+    return ckpt.read_state(checkpoint)
 
 
 def env_info(runtime: Runtime, extra: dict[str, Any]) -> dict[str, Any]:
@@ -240,25 +312,43 @@ def batches(
         yield first, collate([features[i] for i in order[first : first + batch_size]])
 
 
-def check_resume_config(saved: RunConfig, current: RunConfig) -> None:
+def _same_value(name: str, saved: Any, current: Any) -> bool:
+    if saved == current:
+        return True
+    if name in _PATH_KEYS and isinstance(saved, str) and isinstance(current, str):
+        a, b = Path(saved).expanduser(), Path(current).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
+def check_resume_config(saved: RunConfig, current: RunConfig, where: str = "the run directory") -> None:
     diffs = [
         f"{name} ({getattr(saved, name)!r} in the run, {getattr(current, name)!r} now)"
         for name in saved.to_dict()
-        if name not in _RESUMABLE_DIFFERENCES and getattr(saved, name) != getattr(current, name)
+        if name not in _RESUMABLE_DIFFERENCES and not _same_value(name, getattr(saved, name), getattr(current, name))
     ]
     if diffs:
         raise GeokdError(
-            f"--resume: the run directory was made with a different config: {'; '.join(diffs)}; "
+            f"--resume: {where} was made with a different config: {'; '.join(diffs)}; "
             "resume with the same options or start a new --out"
         )
 
 
-def resolve_resume(config: RunConfig, run_dir: Path) -> Path | None:
+def resolve_resume(
+    config: RunConfig, run_dir: Path, warn: Callable[[str], None] = _warn_stderr
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its verified manifest. `auto` takes the newest intact
+    checkpoint (warning about damaged newer ones) and says so when there is none; an explicit
+    path must verify."""
     if config.resume is None:
-        return None
+        return None, None
     if config.resume == "auto":
-        return latest_checkpoint(run_dir)
-    return Path(config.resume)
+        checkpoint, manifest = ckpt.newest_intact(run_dir, warn)
+        if checkpoint is None:
+            warn(f"--resume auto: no checkpoint in {str(run_dir / 'checkpoints')!r}; starting from step 0")
+        return checkpoint, manifest
+    checkpoint = Path(config.resume)
+    return checkpoint, ckpt.verify_checkpoint(checkpoint)
 
 
 def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epochs: float) -> int:
@@ -267,26 +357,64 @@ def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epo
     return max(1, math.ceil(micro_batches / grad_accum))
 
 
-def _check_out_dir(config: RunConfig, holds: str) -> Path:
-    """`--out` must name a directory that is new or empty, unless resuming."""
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def _contents(path: Path) -> list[str]:
+    return [p.name for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+
+
+def _check_out_dir(config: RunConfig, holds: str, is_run: Callable[[Path], bool] = _is_run_dir) -> Path:
+    """`--out` must name a directory that is new or empty, unless resuming; `--resume auto` is
+    accepted on a new or empty directory or a geokd run, never on another non-empty folder.
+    Creates nothing."""
     if not config.out:
         raise GeokdError("--out: no run directory given; pass --out RUN_DIR")
     run_dir = Path(config.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise GeokdError(f"--out: {str(run_dir)!r} is a file; give a directory")
-    if config.resume is None and run_dir.exists() and any(run_dir.iterdir()):
+    contents = _contents(run_dir)
+    if config.resume is None and contents:
         raise GeokdError(
             f"--out: {str(run_dir)!r} already holds {holds}; pass --resume auto to continue or choose a new --out"
+        )
+    if config.resume is not None and contents and not is_run(run_dir):
+        shown = ", ".join(sorted(contents)[:3]) + (", ..." if len(contents) > 3 else "")
+        raise GeokdError(
+            f"--out: {str(run_dir)!r} is not a geokd run (no config.yaml or checkpoints/, but it holds {shown}), "
+            "so there is nothing to resume and geokd will not write into it; choose a new --out"
         )
     return run_dir
 
 
 def prepare_run_dir(config: RunConfig) -> Path:
+    """Check `--out` (see `_check_out_dir`) and the saved config when resuming. Creates nothing."""
     run_dir = _check_out_dir(config, "a run")
     if config.resume is not None and (run_dir / "config.yaml").exists():
         check_resume_config(read_config(run_dir / "config.yaml"), config)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+@contextlib.contextmanager
+def claim_run_dir(config: RunConfig, holds: str = "a run") -> Iterator[Path]:
+    """Create `--out` (if new), hold its lock for the block and re-check it under the lock (another
+    process may have written it meanwhile). If the block fails before writing anything into a
+    directory this call created, the directory is removed again."""
+    run_dir = Path(config.out)  # type: ignore[arg-type]
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeokdError(f"--out: cannot create {str(run_dir)!r} ({exc.strerror}); choose another --out") from None
+    try:
+        with DirectoryLock(run_dir, "--out"):
+            _check_out_dir(config, holds)
+            yield run_dir
+    except BaseException:
+        if created and not _contents(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def write_results(
@@ -300,18 +428,25 @@ def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: di
     provenance (with the SHA-256 of the weights, checked by `geokd eval`) into a temporary
     directory, then rename it into place."""
     tmp = final_dir.with_name(f".{final_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     from geokd.models import weights_sha256
 
-    model.save_pretrained(tmp, safe_serialization=True)
-    reset_tokenizer_state(tokenizer)  # no run-time truncation/padding baked into tokenizer.json
-    tokenizer.save_pretrained(tmp)
-    record = {"geokd_version": geokd.__version__, **provenance, "weights_sha256": weights_sha256(tmp)}
-    write_json(tmp / "geokd.json", record)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp.rename(final_dir)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        reset_tokenizer_state(tokenizer)  # no run-time truncation/padding baked into tokenizer.json
+        tokenizer.save_pretrained(tmp)
+        record = {"geokd_version": geokd.__version__, **provenance, "weights_sha256": weights_sha256(tmp)}
+        write_json(tmp / "geokd.json", record)
+        follow_umask(tmp)  # a deployable model is readable by the group that deploys it
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp.rename(final_dir)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(final_dir.parent, "the final model") from None
+        raise
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
@@ -382,38 +517,84 @@ def _finetune_teacher_first(config: RunConfig, run_dir: Path, progress: Callable
     return dataclasses.replace(config, teacher=str(teacher_run / "final"))
 
 
+def _check_checkpoint_matches(
+    manifest: dict[str, Any], config: RunConfig, record: dict[str, Any], checkpoint: Path
+) -> None:
+    """A checkpoint carries the config, teacher weights and data fingerprint it was made with:
+    resuming with other options (even when config.yaml is gone), another teacher or other data
+    is refused."""
+    from geokd.config import config_from_dict
+
+    where = f"checkpoint {str(checkpoint)!r}"
+    if isinstance(manifest.get("config"), dict):
+        check_resume_config(config_from_dict(manifest["config"], where), config, where)
+    saved_sha, current_sha = manifest.get("teacher_sha256"), record["teacher_sha256"]
+    if saved_sha and current_sha and saved_sha != current_sha:
+        raise GeokdError(
+            f"--resume: the teacher's weights differ from the ones {where} was trained with "
+            f"(sha256 {saved_sha[:12]}... then, {current_sha[:12]}... now); pass the same teacher or start a new --out"
+        )
+    saved_data = manifest.get("data_fingerprint")
+    if saved_data and saved_data != record["data_fingerprint"]:
+        raise GeokdError(
+            f"--resume: the training data differ from the data {where} was trained on "
+            f"({saved_data[:19]} then, {record['data_fingerprint'][:19]} now); pass the same --data or start a new --out"
+        )
+
+
 def train(
     config: RunConfig,
     progress: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Fine-tune (mode="finetune") or distil (mode="distill") according to `config`.
 
     `on_start` receives a summary (config, models with parameter counts, layer mapping, device and
     precision with the reason, data sizes, steps) before the first step; `progress` receives every
-    logged record."""
-    import transformers
+    logged record; `on_warning` each warning line (default: stderr).
 
-    from geokd import data as data_lib
-    from geokd import models as models_lib
-    from geokd.tasks import get_task
+    Everything that can be checked (config, data, models, layer map, cache) is checked before
+    `--out` is created; the run directory is then locked for the whole run. SIGTERM/SIGINT finish
+    the current optimizer step, write a checkpoint and raise `RunInterrupted`."""
+    import transformers
 
     config.validate()
     # geokd prints its own summary; transformers' load reports and bars would bury it.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warn = on_warning or _warn_stderr
     runtime = resolve_runtime(config.device)
-    run_dir = prepare_run_dir(config)
-    requested = config
-    if config.mode == "distill" and config.finetune_teacher:
-        config = _finetune_teacher_first(config, run_dir, progress)
-    seed_everything(config.seed)
-
     if config.data is not None and Path(config.data).is_file():
         raise GeokdError(
             f"--data: {config.data!r} is a single file, so train and dev would be the same rows; pass a "
             "folder holding train and dev files (train.tsv/dev.tsv, or train/dev .csv/.jsonl)"
         )
+    run_dir = prepare_run_dir(config)
+    with contextlib.ExitStack() as claim:
+        return _train(config, runtime, run_dir, claim, progress, on_start, warn)
+
+
+def _train(
+    config: RunConfig,
+    runtime: Runtime,
+    run_dir: Path,
+    claim: contextlib.ExitStack,
+    progress: Callable[[dict[str, Any]], None] | None,
+    on_start: Callable[[dict[str, Any]], None] | None,
+    warn: Callable[[str], None],
+) -> TrainResult:
+    from geokd import data as data_lib
+    from geokd import models as models_lib
+    from geokd.tasks import get_task
+
+    requested = config
+    claimed = False
+    if config.mode == "distill" and config.finetune_teacher:  # the teacher run lives inside --out
+        claim.enter_context(claim_run_dir(config))
+        claimed = True
+        config = _finetune_teacher_first(config, run_dir, progress)
+    seed_everything(config.seed)
     # Data. A custom task's label names are inferred from its train split and reused for dev.
     train_split = data_lib.load_split(
         get_task(config.task, text_fields=config.text_fields, label_field=config.label_field),
@@ -452,6 +633,8 @@ def train(
     for loaded in (student, teacher):
         if loaded is not None:
             check_max_length(loaded, config.max_length)
+            for message in getattr(loaded, "warnings", ()):
+                warn(message)
     if cache is not None:
         teacher_info = {
             "name": config.teacher or cache.manifest["teacher"]["path_or_id"],
@@ -553,10 +736,25 @@ def train(
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
 
+    # Everything is checked: now the run directory is created (if new) and locked.
+    if not claimed:
+        claim.enter_context(claim_run_dir(config))
+    for stale in ckpt.remove_stale_temporaries(run_dir):
+        warn(f"removed {stale}, left behind by an interrupted save")
+    data_fingerprint = train_split.fingerprint
+    checkpoint_record = {
+        "config": requested.to_dict(),
+        "teacher_sha256": teacher_sha if cache is not None else (
+            teacher.source.weights_sha256 if teacher is not None else None
+        ),
+        "data_fingerprint": data_fingerprint,
+    }  # fmt: skip
     step, epoch, cursor = 0, 0, 0
-    checkpoint = resolve_resume(config, run_dir)
+    checkpoint, manifest = resolve_resume(config, run_dir, warn)
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
+        assert manifest is not None
+        _check_checkpoint_matches(manifest, requested, checkpoint_record, checkpoint)
+        state = ckpt.read_state(checkpoint)
         load_weights(student.model, checkpoint / "student")
         try:
             objective.load_state_dict(state["objective"])
@@ -619,8 +817,19 @@ def train(
     def position() -> dict[str, int]:
         return {"epoch": epoch, "cursor": cursor}
 
+    def checkpoint_now() -> Path | None:
+        if not runtime.is_main:
+            return None
+        path = save_checkpoint(
+            run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position(), checkpoint_record
+        )
+        ckpt.prune(run_dir, config.keep_checkpoints)  # only now that a newer checkpoint is complete
+        return path
+
     order = epoch_order(len(train_features), config.seed, epoch)
     stream = batches(order, cursor, config.batch_size, train_features, collate)
+    stop = claim.enter_context(_StopSignals())
+    last_saved_step, last_save_time = step, time.monotonic()
     window_start, window_examples = time.perf_counter(), 0
     while step < total_steps:
         # Draw the step's micro-batches first, so each is weighted by its share of the step's
@@ -671,13 +880,20 @@ def train(
                     student.model, dev_features, collate, runtime, task, config.batch_size
                 )
             log.write(record)
-            if config.save_every and step % config.save_every == 0:
-                save_checkpoint(
-                    run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position()
-                )
+        due = bool(config.save_every) and step % config.save_every == 0  # type: ignore[operator]
+        if config.save_minutes and time.monotonic() - last_save_time >= 60.0 * config.save_minutes:
+            due = True
+        if due or stop.received is not None:
+            checkpoint_now()
+            last_saved_step, last_save_time = step, time.monotonic()
         if progress is not None:
             progress({**record, "total_steps": total_steps})
+        if stop.received is not None:
+            raise RunInterrupted(stop.received, step, latest_checkpoint(run_dir), run_dir)
 
+    if stop.received is not None:  # a signal after the last step: keep the trained weights first
+        saved = checkpoint_now() if last_saved_step != step else latest_checkpoint(run_dir)
+        raise RunInterrupted(stop.received, step, saved, run_dir)
     metrics = evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
     other_splits = {}  # MNLI: dev_mismatched next to dev_matched
     for split in task.eval_splits[1:]:
@@ -722,12 +938,17 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _is_seeds_dir(path: Path) -> bool:
+    return any(path.glob("seed-*")) or (path / "teacher").is_dir()
+
+
 def train_seeds(
     config: RunConfig,
     seeds: list[int],
     progress: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_seed: Callable[[int, int, Path, bool], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> list[TrainResult]:
     """Run one configuration once per seed, into `OUT/seed-K/` (issue #4).
 
@@ -740,8 +961,17 @@ def train_seeds(
         raise GeokdError(
             f"--resume: with --seeds only 'auto' is accepted (each seed resumes its own run), got {config.resume!r}"
         )
-    root = _check_out_dir(config, "runs")
-    root.mkdir(parents=True, exist_ok=True)
+    root = _check_out_dir(config, "runs", is_run=_is_seeds_dir)
+    created = not root.exists()
+    try:
+        return _train_seeds(config, seeds, root, progress, on_start, on_seed, on_warning)
+    except BaseException:
+        if created and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        raise
+
+
+def _train_seeds(config, seeds, root, progress, on_start, on_seed, on_warning) -> list[TrainResult]:
     if config.mode == "distill" and config.finetune_teacher:
         config = _finetune_teacher_first(dataclasses.replace(config, seed=seeds[0]), root, progress)
         config = dataclasses.replace(config, finetune_teacher=False)
@@ -764,7 +994,7 @@ def train_seeds(
             )
             continue
         seed_config = dataclasses.replace(config, seed=seed, out=str(run_dir))
-        results.append(train(seed_config, progress=progress, on_start=on_start))
+        results.append(train(seed_config, progress=progress, on_start=on_start, on_warning=on_warning))
     return results
 
 
