@@ -23,7 +23,14 @@ split, max length, layers (Hugging Face `hidden_states` indexing), pooling, dtyp
 are stored, the teacher's depth and width, the number of examples and tokens, and one entry per
 finished shard with its example range, row count and SHA-256. It is rewritten (atomically) after
 every shard, so an interrupted `geokd cache` resumes from the last complete shard; `complete` is
-true once every shard is written.
+true once every shard is written. A full disk while writing a shard or the manifest is one line
+with the path and the free space: the temporary is removed and the shards and manifest written
+before stay valid, so the same command resumes once there is room. Temporaries left by a killed
+or failed run (`.shard-*.tmp*`, `.manifest.json.*.tmp*`) are removed by the next run.
+
+The teacher's logits are in the task's label order: `load_teacher` matches the teacher's label
+names to the task's and reorders its head (see geokd.models, "Teacher labels"); `build_cache`
+hands its warnings (generic `LABEL_i` names) to `on_plan` as `plan["warnings"]`.
 
 Reading (`TeacherCache`) memory-maps the shards (`safetensors.safe_open`) and reads one example's
 rows at a time, in any order; each shard's SHA-256 is checked the first time it is opened.
@@ -44,7 +51,7 @@ from typing import Any
 import torch
 
 import geokd
-from geokd.artifacts import atomic_path, write_json
+from geokd.artifacts import LOCK_NAME, DirectoryLock, atomic_path, disk_full_as_error, write_json
 from geokd.errors import GeokdError
 from geokd.models import FEATURES
 
@@ -290,105 +297,121 @@ def build_cache(
         "n_examples": len(features),
         "n_tokens": sum(lengths),
     }
-    shards: list[dict[str, Any]] = []
-    for stale in out.glob(".shard-*.tmp*") if out.is_dir() else ():  # left by a killed run
-        stale.unlink()
-    if (out / MANIFEST).is_file():
-        previous = read_manifest(out)
-        differ = [k for k in _IDENTITY_KEYS if _identity(previous, k) != _identity(header, k)]
-
-        if differ:
-            raise GeokdError(
-                f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
-                "delete that folder"
-            )
-        for entry in previous.get("shards", []):  # keep the finished shards that are intact
-            path = out / entry["file"]
-            if path.is_file() and file_sha256(path) == entry["sha256"]:
-                shards.append(entry)
-            else:
-                break
-    elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
-    n_shards = max(1, -(-len(features) // request.shard_size))
-    total = expected_bytes(lengths, len(layers), hidden, request.dtype, request.features,
-                           int(teacher.config.num_labels), request.logits)  # fmt: skip
-    done_bytes = sum((out / e["file"]).stat().st_size for e in shards)
-    probe = out if out.exists() else next(p for p in out.resolve().parents if p.exists())
-    free = disk_usage(str(probe)).free
-    plan = {
-        "examples": len(features),
-        "tokens": sum(lengths),
-        "expected_bytes": total,
-        "free_bytes": free,
-        "shards": n_shards,
-        "shards_kept": len(shards),
-        "layers": list(layers),
-    }
-    if on_plan is not None:
-        on_plan(plan)
-    if total - done_bytes > free:
-        raise GeokdError(
-            f"--out: the cache needs about {_human(total - done_bytes)} more but {str(probe)!r} has {_human(free)} "
-            "free; free space, choose another --out, or cache fewer --layers, pooled --features or --dtype bf16"
-        )
+    # Everything is checked: create --out if new and hold its lock while writing (one writer).
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    runtime = resolve_runtime(request.device)
-    model = teacher.model.to(runtime.device).eval()
-    collate = data_lib.make_collate_fn(teacher.tokenizer, spec)
-    dtype = DTYPES[request.dtype]
-    started = time.perf_counter()
-    for index in range(len(shards), n_shards):
-        first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
-        local = features[first:last]
-        counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
-        offsets = torch.cat(
-            [torch.zeros(1, dtype=torch.long), counts.cumsum(0)]
-        )  # example i: offsets[i]:[i+1]
-        tokens = request.features == "tokens"
-        n_rows = int(offsets[-1]) if tokens else len(local)
-        # Shard buffers in example order; each batch's rows are copied straight to their place.
-        buffers = {layer: torch.empty(n_rows, hidden, dtype=dtype) for layer in layers}
-        logits_buffer = torch.empty(len(local), int(teacher.config.num_labels))
-        with torch.inference_mode():
-            for batch_indices in length_sorted_batches(counts.tolist(), request.batch_size):
-                batch = collate([local[i] for i in batch_indices])
-                inputs = {
-                    k: v.to(runtime.device) for k, v in batch.items() if k not in ("labels", "example_id")
-                }
-                with runtime.autocast():
-                    output = model(**inputs, output_hidden_states=True)
-                rows = extract_features(
-                    output.hidden_states, inputs["attention_mask"], list(layers), request.features
+    try:
+        with DirectoryLock(out, "--out"):
+            shards: list[dict[str, Any]] = []
+            for pattern in (".shard-*.tmp*", f".{MANIFEST}.*.tmp*"):  # left by a killed run or a full disk
+                for stale in out.glob(pattern) if out.is_dir() else ():
+                    stale.unlink()
+            if (out / MANIFEST).is_file():
+                previous = read_manifest(out)
+                differ = [k for k in _IDENTITY_KEYS if _identity(previous, k) != _identity(header, k)]
+
+                if differ:
+                    raise GeokdError(
+                        f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
+                        "delete that folder"
+                    )
+                for entry in previous.get("shards", []):  # keep the finished shards that are intact
+                    path = out / entry["file"]
+                    if path.is_file() and file_sha256(path) == entry["sha256"]:
+                        shards.append(entry)
+                    else:
+                        break
+            elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+                raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
+            n_shards = max(1, -(-len(features) // request.shard_size))
+            total = expected_bytes(lengths, len(layers), hidden, request.dtype, request.features,
+                                   int(teacher.config.num_labels), request.logits)  # fmt: skip
+            done_bytes = sum((out / e["file"]).stat().st_size for e in shards)
+            probe = out if out.exists() else next(p for p in out.resolve().parents if p.exists())
+            free = disk_usage(str(probe)).free
+            plan = {
+                "examples": len(features),
+                "tokens": sum(lengths),
+                "expected_bytes": total,
+                "free_bytes": free,
+                "shards": n_shards,
+                "shards_kept": len(shards),
+                "layers": list(layers),
+                "warnings": list(teacher.warnings),
+            }
+            if on_plan is not None:
+                on_plan(plan)
+            if total - done_bytes > free:
+                raise GeokdError(
+                    f"--out: the cache needs about {_human(total - done_bytes)} more but {str(probe)!r} has {_human(free)} "
+                    "free; free space, choose another --out, or cache fewer --layers, pooled --features or --dtype bf16"
                 )
-                # tokens: the batch's rows are example after example (right padding), so example i's
-                # rows go to offsets[i]:offsets[i+1]; pooled: row k goes to batch_indices[k].
-                where = (
-                    torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in batch_indices])
-                    if tokens
-                    else torch.as_tensor(batch_indices)
-                )
-                for layer, row in zip(layers, rows, strict=True):
-                    if row.shape[0] != where.shape[0]:
-                        raise RuntimeError(
-                            f"cache: {row.shape[0]} rows for {where.shape[0]} places in layer {layer}"
+            out.mkdir(parents=True, exist_ok=True)
+            runtime = resolve_runtime(request.device)
+            model = teacher.model.to(runtime.device).eval()
+            collate = data_lib.make_collate_fn(teacher.tokenizer, spec)
+            dtype = DTYPES[request.dtype]
+            started = time.perf_counter()
+            for index in range(len(shards), n_shards):
+                first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
+                local = features[first:last]
+                counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
+                offsets = torch.cat(
+                    [torch.zeros(1, dtype=torch.long), counts.cumsum(0)]
+                )  # example i: offsets[i]:[i+1]
+                tokens = request.features == "tokens"
+                n_rows = int(offsets[-1]) if tokens else len(local)
+                # Shard buffers in example order; each batch's rows are copied straight to their place.
+                buffers = {layer: torch.empty(n_rows, hidden, dtype=dtype) for layer in layers}
+                logits_buffer = torch.empty(len(local), int(teacher.config.num_labels))
+                with torch.inference_mode():
+                    for batch_indices in length_sorted_batches(counts.tolist(), request.batch_size):
+                        batch = collate([local[i] for i in batch_indices])
+                        inputs = {
+                            k: v.to(runtime.device) for k, v in batch.items() if k not in ("labels", "example_id")
+                        }
+                        with runtime.autocast():
+                            output = model(**inputs, output_hidden_states=True)
+                        rows = extract_features(
+                            output.hidden_states, inputs["attention_mask"], list(layers), request.features
                         )
-                    buffers[layer][where] = row.to("cpu", dtype)
-                logits_buffer[torch.as_tensor(batch_indices)] = output.logits.float().cpu()
-                if on_batch is not None:
-                    on_batch(len(batch_indices))
-        tensors: dict[str, torch.Tensor] = {"example_id": torch.arange(first, last, dtype=torch.long)}
-        if request.logits:
-            tensors["logits"] = logits_buffer
-        for layer in layers:
-            tensors[f"layer.{layer}"] = buffers[layer]
-        if tokens:
-            tensors["offsets"] = offsets
-        shards.append(_write_shard(out, index, tensors, first, last))
-        write_json(out / MANIFEST, {**header, "complete": False, "shards": shards})
-    manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
-    write_json(out / MANIFEST, manifest)
-    return manifest
+                        # tokens: the batch's rows are example after example (right padding), so example i's
+                        # rows go to offsets[i]:offsets[i+1]; pooled: row k goes to batch_indices[k].
+                        where = (
+                            torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in batch_indices])
+                            if tokens
+                            else torch.as_tensor(batch_indices)
+                        )
+                        for layer, row in zip(layers, rows, strict=True):
+                            if row.shape[0] != where.shape[0]:
+                                raise RuntimeError(
+                                    f"cache: {row.shape[0]} rows for {where.shape[0]} places in layer {layer}"
+                                )
+                            buffers[layer][where] = row.to("cpu", dtype)
+                        logits_buffer[torch.as_tensor(batch_indices)] = output.logits.float().cpu()
+                        if on_batch is not None:
+                            on_batch(len(batch_indices))
+                tensors: dict[str, torch.Tensor] = {"example_id": torch.arange(first, last, dtype=torch.long)}
+                if request.logits:
+                    tensors["logits"] = logits_buffer
+                for layer in layers:
+                    tensors[f"layer.{layer}"] = buffers[layer]
+                if tokens:
+                    tensors["offsets"] = offsets
+                shards.append(_write_shard(out, index, tensors, first, last))
+                _write_manifest(out, {**header, "complete": False, "shards": shards})
+            manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
+            _write_manifest(out, manifest)
+            return manifest
+    except BaseException:
+        if created and not any(p.name != LOCK_NAME for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    with disk_full_as_error(out / MANIFEST, "the cache manifest"):  # the previous manifest stays
+        write_json(out / MANIFEST, manifest)
 
 
 def _write_shard(
@@ -397,7 +420,7 @@ def _write_shard(
     from safetensors.torch import save_file
 
     target = out / shard_name(index)
-    with atomic_path(target) as tmp:
+    with disk_full_as_error(target, "a cache shard"), atomic_path(target) as tmp:  # tmp removed on error
         # One metadata key: safetensors writes metadata from a hash map, so several keys come out in
         # varying order and identical shards would hash differently.
         save_file(tensors, str(tmp), metadata={"format": FORMAT})

@@ -11,6 +11,18 @@ class, so only the model's own parameters are exported: projection heads and any
 live in the checkpoints' trainer state and never reach an export. Tied weights are saved once
 (`save_pretrained` / `safetensors.torch.save_model`). Everything is written into a temporary
 path next to `--out` and renamed on success; a non-empty `--out` is replaced only with `--force`.
+Every file and folder an export writes gets the permissions of the user's umask (0644/0755 with
+022), not the 0600 of safetensors' writer.
+
+Safety (issue #10): `--out` may not be the source or lie inside it (the run directory, its
+`final/`, the model folder exported; compared as resolved paths, so symlinks do not hide it), may
+not contain the source, and may not be `/` or the home directory (or an ancestor of it): `--force`
+would delete them. A full disk while writing is one line with the path and the free space; the
+temporary is removed and an existing `--out` is untouched. A temporary or `.NAME.old-export` left
+by a killed export never blocks the next one; an `.old-export` whose `--out` is gone (killed
+between the two renames of the swap) is put back first, so the last complete export survives.
+Reading an export (`--check`, the round trip) checks its safetensors structure first and never
+reads a pickled `.bin`.
 
 Round trip: the export records a probe batch's logits from the source model (float32) in its
 provenance; `verify_export` (`geokd export --check`) recomputes them with the exported model and
@@ -29,6 +41,7 @@ from typing import Any
 import torch
 
 import geokd
+from geokd.artifacts import disk_full_as_error, follow_umask
 from geokd.errors import GeokdError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -211,6 +224,57 @@ def check_out(out: Path, force: bool, fmt: str) -> None:
         raise GeokdError(f"--out: directory {str(parent)!r} does not exist; create it first")
 
 
+def check_not_source(out: Path, folder: Path, run_dir: Path | None) -> None:
+    """Refuse an `--out` that `--force` would wipe together with what is being exported: the source
+    itself or a path inside it, a folder that contains it, `/`, or the home directory (or above)."""
+    resolved = out.expanduser().resolve()  # follows symlinks in --out and its parents
+    try:
+        home: Path | None = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no home directory to protect
+        home = None
+    if resolved == Path(resolved.anchor) or (home is not None and home.is_relative_to(resolved)):
+        what = (
+            "the file-system root" if resolved == Path(resolved.anchor) else "your home directory or above it"
+        )
+        raise GeokdError(
+            f"--out: {str(out)!r} is {what}; an export replaces its --out, so give a new folder of its own, "
+            "e.g. --out ./export"
+        )
+    sources = list(dict.fromkeys(p.resolve() for p in (folder, run_dir) if p is not None))
+    for source in sorted(sources, key=lambda p: resolved != p):  # "is the source" first
+        if resolved.is_relative_to(source):
+            where = "is" if resolved == source else "lies inside"
+            raise GeokdError(
+                f"--out: {str(out)!r} {where} the source being exported ({str(source)!r}), which writing the "
+                "export would delete; choose an --out outside it, e.g. a sibling folder"
+            )
+    for source in sources:
+        if source.is_relative_to(resolved):
+            raise GeokdError(
+                f"--out: {str(out)!r} contains the source being exported ({str(source)!r}), which replacing it "
+                "would delete; choose an --out outside it, e.g. a sibling folder"
+            )
+
+
+def _temporaries(target: Path) -> tuple[Path, Path]:
+    """(the temporary an export is written to, the place an existing --out is moved aside to)."""
+    tmp = target.with_name(f".{target.stem}.tmp-export{target.suffix}")  # keeps .safetensors last
+    return tmp, target.with_name(f".{target.name}.old-export")
+
+
+def recover_stale(target: Path) -> None:
+    """Clear what a killed or failed export left next to `target`: the temporary is removed; an
+    `.old-export` is put back when `target` is missing (the kill fell between the two renames of
+    the swap, so it is the last complete export), and removed otherwise."""
+    tmp, old = _temporaries(target)
+    if old.exists() or old.is_symlink():
+        if target.exists() or target.is_symlink():
+            _remove(old)
+        else:
+            old.rename(target)
+    _remove(tmp)
+
+
 def export_model(
     source: str,
     out: str,
@@ -229,9 +293,11 @@ def export_model(
         raise GeokdError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in DTYPES:
         raise GeokdError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    target = Path(out).expanduser()
-    check_out(target, force, fmt)
+    target = Path(os.path.abspath(Path(out).expanduser()))  # "." and ".." have no name to rename
     folder, run_dir = _resolve_source(source, checkpoint)
+    check_not_source(target, folder, run_dir)
+    recover_stale(target)
+    check_out(target, force, fmt)
     _quiet_transformers()
     loaded = load_model(str(folder), trust_remote_code=trust_remote_code)
     head_missing = [k for k in loaded.new_weights if not k.startswith(loaded.model.base_model_prefix + ".")]
@@ -250,46 +316,48 @@ def export_model(
         "inputs": {k: v.tolist() for k, v in probe.items()},  # token ids: --check needs no tokenizer
         "logits": reference.tolist(),
     }
-    tmp = target.with_name(f".{target.stem}.tmp-export{target.suffix}")  # keeps .safetensors last
-    _remove(tmp)
-    try:
-        if fmt == "hf":
-            tmp.mkdir()
-            model.save_pretrained(tmp, safe_serialization=True)
-            loaded.tokenizer.save_pretrained(tmp)
-            (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
-        else:
-            from safetensors.torch import save_model
+    tmp, _ = _temporaries(target)
+    with disk_full_as_error(target, "the export"):  # after the temporary is gone (below)
+        try:
+            if fmt == "hf":
+                tmp.mkdir()
+                model.save_pretrained(tmp, safe_serialization=True)
+                loaded.tokenizer.save_pretrained(tmp)
+                (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+                (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+            else:
+                from safetensors.torch import save_model
 
-            metadata = {"geokd": json.dumps(info), "config": model.config.to_json_string(), "format": "pt"}
-            save_model(model, str(tmp), metadata=metadata)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # the user's usual permissions, not a temp file's
-        check = _round_trip(tmp, dtype, reference, probe)
-        info["check"] = check
-        if fmt == "hf":  # record the check next to the weights
-            (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _replace(tmp, target)
-    except BaseException:
-        _remove(tmp)
-        raise
+                metadata = {
+                    "geokd": json.dumps(info),
+                    "config": model.config.to_json_string(),
+                    "format": "pt",
+                }
+                save_model(model, str(tmp), metadata=metadata)
+            check = _round_trip(tmp, dtype, reference, probe)
+            info["check"] = check
+            if fmt == "hf":  # record the check next to the weights
+                (tmp / "geokd.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            follow_umask(tmp)  # the user's usual permissions, not the 0600 safetensors writes
+            _replace(tmp, target)
+        except BaseException:
+            _remove(tmp)
+            raise
     return info
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
 def _replace(tmp: Path, target: Path) -> None:
     """Move `tmp` onto `target`. An existing target (only with --force) is moved aside first and
     removed after the rename, or put back if the rename fails."""
-    old = target.with_name(f".{target.name}.old-export")
-    _remove(old)  # left by an export that was killed
+    _, old = _temporaries(target)
+    _remove(old)  # left by an export that was killed (recover_stale has kept it if it was the only copy)
     if target.exists():
         target.rename(old)
     try:
@@ -305,9 +373,11 @@ def load_export(
     path: str | Path, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer or None, provenance) of an export: an hf folder or a .safetensors file."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from geokd.evaluate import _quiet_transformers
+    from geokd.models import _check_weights, check_safetensors
 
     _quiet_transformers()
     target = Path(path).expanduser()
@@ -316,22 +386,34 @@ def load_export(
         if info is None:
             raise GeokdError(f"--check: {str(target)!r} has no geokd.json; it is not a geokd export")
         _check_info(info, target)
+
+        def find(filename: str) -> Path | None:
+            file = target / filename
+            return file if file.is_file() else None
+
+        _check_weights(repr(str(target)), find, what="--check")  # no pickles, no damaged safetensors
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                target, trust_remote_code=trust_remote_code, dtype=DTYPES[info["dtype"]]
+                target, trust_remote_code=trust_remote_code, dtype=DTYPES[info["dtype"]], use_safetensors=True
             )
             tokenizer = AutoTokenizer.from_pretrained(target)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            detail = " ".join(str(exc).split())[:200]
             raise GeokdError(
-                f"--check: {str(target)!r} does not load ({type(exc).__name__}: {exc}); re-export it"
+                f"--check: {str(target)!r} does not load ({type(exc).__name__}: {detail}); re-export it"
             ) from None
         return model.eval(), tokenizer, info
     if target.suffix == ".safetensors" and target.is_file():
         from safetensors import safe_open
         from safetensors.torch import load_model
 
-        with safe_open(str(target), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        check_safetensors(target, "--check")
+        try:
+            with safe_open(str(target), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except SafetensorError as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise GeokdError(f"--check: {str(target)!r} does not load ({detail}); re-export it") from None
         if "geokd" not in metadata or "config" not in metadata:
             raise GeokdError(f"--check: {str(target)!r} carries no geokd metadata; it is not a geokd export")
         try:
@@ -341,7 +423,11 @@ def load_export(
         _check_info(info, target)
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[info["dtype"]])
-        load_model(model, str(target))
+        try:
+            load_model(model, str(target))
+        except SafetensorError as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise GeokdError(f"--check: {str(target)!r} does not load ({detail}); re-export it") from None
         return model.eval(), None, info
     raise GeokdError(f"--check: {str(target)!r} is neither an export folder nor a .safetensors file")
 

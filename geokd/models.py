@@ -12,15 +12,26 @@ Rules (each one tested in tests/unit/test_models.py):
   A missing directory, a directory without `config.json` or tokenizer files, and an id that cannot
   be reached all raise one `GeokdError` line whose fix is "pass a local directory".
 * **Loading.** `AutoConfig`, `AutoTokenizer`, `AutoModelForSequenceClassification`;
-  `trust_remote_code` is False unless the caller says so; safetensors are preferred and a `.bin`
-  is read by transformers with `weights_only=True` (passed explicitly, never overridden). Weights
-  load in float32 by default. `num_labels=1` sets `problem_type="regression"`. Provenance: the
+  `trust_remote_code` is False unless the caller says so. Weights are read from safetensors only:
+  geokd never unpickles, so a checkpoint that has only `pytorch_model.bin` (or its index) is
+  refused with the conversion to run in a trusted environment, and transformers is told
+  `use_safetensors=True`. Every local safetensors file (each shard of an index) gets a cheap
+  structural check first (`check_safetensors`: header length, JSON header, every tensor's data
+  offsets inside the file, file size = 8 + header + data), so a 0-byte, truncated or damaged file
+  is one line naming it, never a traceback. Weights load in float32 by default. `num_labels=1` sets `problem_type="regression"`. Provenance: the
   resolved path or id, the requested revision and the cached commit (hub only), and the SHA-256 of
   the weights file (of the shards' bytes in name order for a sharded checkpoint).
 * **Teacher head.** A teacher must have a trained task head. Weights that transformers had to
   initialise because the checkpoint lacked them (or held them with another shape) are listed in
   `LoadedModel.new_weights`; a teacher with any of them is refused with a pointer to
   `geokd finetune` (all-MiniLM-L6-v2 is such a raw encoder: its `classifier.*` is missing).
+* **Teacher labels.** `load_teacher(..., id2label=TASK)` loads the teacher with its own label names
+  and matches them to the task's by name (case, spaces, `-` and `_` ignored, as `geokd eval`
+  does). A head in another order (MNLI models often say 0=contradiction) has the rows of its output
+  `nn.Linear` permuted so that output i is task label i; its id2label becomes the task's. So the
+  teacher's logits, the cache's logits and a `truncate:` student's copied head are in task order.
+  Other names are refused; generic `LABEL_i` names keep their order with a warning
+  (`LoadedModel.warnings`); a head with another number of labels is refused.
 * **Layer indices** follow Hugging Face `hidden_states`: 0 = embeddings, i = output of block i
   (1-based), L = the last block. Python blocks in `encoder.layer` are 0-based: block index b is
   `hidden_states[b + 1]`.
@@ -167,6 +178,8 @@ class LoadedModel:
 
     `new_weights` lists the parameters that were newly initialised instead of loaded (missing from
     the checkpoint, or present with another shape), sorted; empty for a complete checkpoint.
+    `warnings` holds one-line notes for the user that do not stop the run (e.g. a teacher whose
+    generic `LABEL_i` names could not be checked against the task's labels).
     """
 
     model: PreTrainedModel
@@ -174,6 +187,7 @@ class LoadedModel:
     config: PretrainedConfig
     source: ModelSource
     new_weights: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -344,23 +358,162 @@ def weights_sha256(folder: str | Path) -> str | None:
     return _sha256(files) if files else None
 
 
-def _weights_files(find: Callable[[str], Path | None]) -> list[Path]:
-    """The checkpoint files transformers would read, given `find(filename) -> Path | None`."""
+def _checkpoint_files(find: Callable[[str], Path | None]) -> tuple[str | None, list[Path], list[str]]:
+    """(the checkpoint name transformers would pick, its files found, the shards its index lists
+    that are missing), given `find(filename) -> Path | None`. A damaged index is a GeokdError."""
     for filename in _WEIGHTS_NAMES:
         found = find(filename)
         if found is None:
             continue
         if not filename.endswith(".index.json"):
-            return [found]
-        shards = sorted(set(json.loads(found.read_text())["weight_map"].values()))
-        paths = [find(shard) for shard in shards]
-        return [p for p in paths if p is not None]
-    return []
+            return filename, [found], []
+        try:
+            weight_map = json.loads(found.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({str(shard) for shard in weight_map.values()})
+        except (
+            OSError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:
+            raise GeokdError(
+                f"model: the checkpoint index {str(found)!r} is damaged ({type(exc).__name__}: no readable "
+                "weight_map); copy or download the model folder again, or re-save it with save_pretrained"
+            ) from None
+        paths = {shard: find(shard) for shard in shards}
+        return (
+            filename,
+            [p for p in paths.values() if p is not None],
+            [shard for shard, p in paths.items() if p is None],
+        )
+    return None, [], []
 
 
-def _source(
-    name: str, target: str, kind: Literal["local", "hub"], revision: str | None, hash_weights: bool
-) -> ModelSource:
+def _weights_files(find: Callable[[str], Path | None]) -> list[Path]:
+    """The checkpoint files transformers would read, given `find(filename) -> Path | None`."""
+    return _checkpoint_files(find)[1]
+
+
+# Bits per element of the safetensors dtypes (sub-byte formats are packed).
+_SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def check_safetensors(path: str | Path, what: str = "model") -> None:
+    """A cheap structural check of a safetensors file, without reading its tensors: the 8-byte
+    little-endian header length, a JSON object header, every tensor's `data_offsets` inside the
+    data section and as long as its dtype and shape need, and the file size equal to
+    8 + header length + the largest end offset. Raise one GeokdError line naming the file (prefixed
+    `what:`) for a 0-byte, truncated, extended or damaged file."""
+    file = Path(path)
+    fix = "copy or download it again, or re-create it (save_pretrained writes model.safetensors)"
+
+    def bad(reason: str) -> GeokdError:
+        return GeokdError(f"{what}: {str(file)!r} is not a valid safetensors file: {reason}; {fix}")
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            prefix = handle.read(8)
+            if size == 0:
+                raise bad("the file is empty (0 bytes)")
+            if len(prefix) < 8:
+                raise bad(f"the file has {size} bytes, fewer than the 8 of the header length (truncated)")
+            length = int.from_bytes(prefix, "little")
+            if length > size - 8 or length > _SAFETENSORS_MAX_HEADER:
+                raise bad(
+                    f"its header length field says {length} bytes but the file has {size} "
+                    "(a damaged header or a truncated file)"
+                )
+            raw = handle.read(length)
+    except OSError as exc:
+        raise GeokdError(
+            f"{what}: cannot read {str(file)!r} ({exc.strerror or exc}); check the file and its permissions"
+        ) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise bad("its JSON header is damaged") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data_size = size - 8 - length
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if entry is not None and not (
+                isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            ):
+                raise bad("its __metadata__ is not a map of strings")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        ints = (
+            isinstance(offsets, list)
+            and isinstance(shape, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*offsets, *shape])
+        )
+        if not ints or len(offsets) != 2 or offsets[0] > offsets[1]:  # type: ignore[arg-type]
+            raise bad(f"tensor {name!r} has a malformed description {entry!r}"[:300])
+        begin, stop = offsets  # type: ignore[misc]
+        if stop > data_size:
+            raise bad(
+                f"tensor {name!r} ends at byte {stop} of the data section but the file holds only "
+                f"{data_size} bytes of data (truncated)"
+            )
+        bits = _SAFETENSORS_BITS.get(entry.get("dtype"))  # an unknown (newer) dtype: size unchecked
+        if bits is not None:
+            count = 1
+            for dim in shape:  # type: ignore[union-attr]
+                count *= dim
+            if (count * bits + 7) // 8 != stop - begin:
+                raise bad(
+                    f"tensor {name!r} ({entry.get('dtype')} {shape}) needs {(count * bits + 7) // 8} bytes "
+                    f"but its offsets give {stop - begin}"
+                )
+        end = max(end, stop)
+    if end != data_size:
+        raise bad(
+            f"its header describes {end} bytes of tensor data but the file holds {data_size} "
+            f"({'truncated' if end > data_size else 'extra bytes at the end'})"
+        )
+
+
+def _pickled_error(shown: str, filename: str) -> GeokdError:
+    return GeokdError(
+        f"model: {shown} holds only pickled PyTorch weights ({filename}) and geokd never unpickles weights "
+        "(a pickle can run code); convert it in an environment you trust: "
+        "AutoModelForSequenceClassification.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True) "
+        "writes model.safetensors"
+    )
+
+
+def _check_weights(
+    shown: str, find: Callable[[str], Path | None], what: str = "model", local: bool = True
+) -> None:
+    """Refuse pickled-only checkpoints and damaged safetensors files before transformers reads them.
+    Files `find` cannot see (a hub model not in the local cache) are left to transformers."""
+    filename, files, missing = _checkpoint_files(find)
+    if filename is None:
+        return
+    if "pytorch_model.bin" in filename:
+        raise _pickled_error(shown, filename)
+    if missing and local:
+        raise GeokdError(
+            f"{what}: {shown} is a sharded checkpoint whose {filename} lists {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}, which is not there; copy the complete model folder"
+        )
+    for file in files:
+        check_safetensors(file, what)
+
+
+def _finder(target: str, kind: Literal["local", "hub"], revision: str | None) -> Callable[[str], Path | None]:
+    """`find(filename) -> Path | None` in a local directory, or in the local Hugging Face cache."""
     if kind == "local":
 
         def find(filename: str) -> Path | None:
@@ -374,7 +527,13 @@ def _source(
             found = try_to_load_from_cache(target, filename, revision=revision)
             return Path(found) if isinstance(found, str) else None
 
-    files = _weights_files(find)
+    return find
+
+
+def _source(
+    name: str, target: str, kind: Literal["local", "hub"], revision: str | None, hash_weights: bool
+) -> ModelSource:
+    files = _weights_files(_finder(target, kind, revision))
     commit = None
     if kind == "hub" and files and files[0].parent.parent.name == "snapshots":
         commit = files[0].parent.name  # the cache layout: models--org--name/snapshots/<commit>/file
@@ -400,10 +559,10 @@ def _head_keys(model: nn.Module, keys: Sequence[str]) -> list[str]:
     return [k for k in keys if not (prefix and k.startswith(prefix + "."))]
 
 
-def _label_config(
-    config: PretrainedConfig, num_labels: int | None, id2label: Mapping[int, str] | None
-) -> None:
-    """Set num_labels / id2label / label2id / problem_type on `config` in place."""
+def _checked_labels(
+    num_labels: int | None, id2label: Mapping[int, str] | None
+) -> tuple[int | None, dict[int, str] | None]:
+    """(num_labels, {id: name}) checked: a positive count, and one name per id 0..num_labels-1."""
     if num_labels is not None and (
         isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
     ):
@@ -417,6 +576,73 @@ def _label_config(
                 f"model: id2label must have exactly the keys 0..{num_labels - 1}, got {sorted(labels)}; "
                 "give one name per label id"
             )
+    return num_labels, labels
+
+
+def _output_layer(model: nn.Module, num_labels: int) -> nn.Linear | None:
+    """The head's final output layer: the last `nn.Linear` outside `base_model`, when it has
+    `num_labels` outputs and is the only such layer there; None when that is not unambiguous."""
+    base = getattr(model, "base_model", None)
+    inside = {id(m) for m in base.modules()} if isinstance(base, nn.Module) and base is not model else set()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    outputs = [m for m in linears if m.out_features == num_labels]
+    if len(outputs) == 1 and linears[-1] is outputs[0]:
+        return outputs[0]
+    return None
+
+
+def _align_labels(name: str, loaded: LoadedModel, task_labels: Mapping[int, str]) -> tuple[str, ...]:
+    """Put the teacher's classification head in the task's label order, matching label names as
+    `geokd eval` does; set its id2label/label2id to the task's. Returns the warnings to show."""
+    from geokd.evaluate import _GENERIC_LABEL, _normalize_label
+
+    config = loaded.config
+    n = int(config.num_labels)
+    own = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = [own.get(i, f"LABEL_{i}") for i in range(n)]
+    wanted = [task_labels[i] for i in range(n)]
+    own_shown = ", ".join(f"{i}={label}" for i, label in enumerate(names))
+    task_shown = ", ".join(f"{i}={label}" for i, label in enumerate(wanted))
+    warnings: tuple[str, ...] = ()
+    index = {_normalize_label(label): j for j, label in enumerate(wanted)}
+    mapped = [index.get(_normalize_label(label), -1) for label in names]  # teacher output i -> task label
+    if sorted(mapped) != list(range(n)):
+        generic = [_GENERIC_LABEL.fullmatch(label) for label in names]
+        ids = [int(m[1]) for m in generic if m is not None]
+        if len(ids) != n or sorted(ids) != list(range(n)):
+            raise GeokdError(
+                f"teacher: the labels of {name!r} ({own_shown}) are not the task's labels ({task_shown}); "
+                "pass a teacher fine-tuned on this task, or fix id2label in its config.json if its names are wrong"
+            )
+        mapped = ids
+        warnings = (
+            f"teacher: {name!r} names its labels generically ({own_shown}), so geokd cannot check their order "
+            f"and takes output i as task label i ({task_shown}); if the teacher was trained with another order, "
+            "set id2label in its config.json",
+        )
+    if mapped != list(range(n)):
+        layer = _output_layer(loaded.model, n)
+        if layer is None:
+            raise GeokdError(
+                f"teacher: the labels of {name!r} ({own_shown}) are in another order than the task's ({task_shown}) "
+                f"and geokd cannot find the single {n}-output nn.Linear that ends its {type(loaded.model).__name__} "
+                "head to reorder it; save the teacher with its head in the task's label order"
+            )
+        task_to_model = torch.tensor([mapped.index(j) for j in range(n)])  # row j of the new head
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight[task_to_model.to(layer.weight.device)])
+            if layer.bias is not None:
+                layer.bias.copy_(layer.bias[task_to_model.to(layer.bias.device)])
+    config.id2label = dict(enumerate(wanted))
+    config.label2id = {label: i for i, label in enumerate(wanted)}
+    return warnings
+
+
+def _label_config(
+    config: PretrainedConfig, num_labels: int | None, id2label: Mapping[int, str] | None
+) -> None:
+    """Set num_labels / id2label / label2id / problem_type on `config` in place."""
+    num_labels, labels = _checked_labels(num_labels, id2label)
     if num_labels is not None:
         if config.num_labels != num_labels:
             config.num_labels = num_labels  # resets id2label/label2id to LABEL_i
@@ -476,17 +702,30 @@ def _load(
             f"{vocab_size}; token ids would fall outside the embedding table, so pass a directory whose "
             "tokenizer and model belong together"
         )
+    from safetensors import SafetensorError
+
+    shown = repr(name) if name == target else f"{name!r} ({target!r})"
+    find = _finder(target, kind, revision)
+    _check_weights(shown, find, local=kind == "local")  # before transformers touches the files
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             target,
             config=config,
             trust_remote_code=trust_remote_code,
             dtype=dtype,
-            weights_only=True,  # a .bin checkpoint is unpickled with tensors only, never arbitrary objects
+            use_safetensors=True,  # never a pickled .bin (refused above with the conversion)
+            weights_only=True,  # belt and braces: were a .bin ever read, tensors only
             ignore_mismatched_sizes=True,  # a head of another size is re-initialised and reported below
             output_loading_info=True,
             **hub,
         )
+    except SafetensorError as exc:  # damage the structural check cannot see
+        files = ", ".join(repr(str(f)) for f in _weights_files(find)) or shown
+        detail = " ".join(str(exc).split())[:200]
+        raise GeokdError(
+            f"model: the safetensors weights {files} could not be read ({detail}); the file is damaged: copy or "
+            "download it again, or re-create it with save_pretrained"
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name, target, kind, "weights", exc, trust_remote_code) from exc
     missing = set(info.get("missing_keys", ()))
@@ -540,11 +779,16 @@ def load_teacher(
     hash_weights: bool = True,
 ) -> LoadedModel:
     """Load a fine-tuned teacher (arguments as `load_model`). Refuse one whose task head, or any
-    other weight, is not in its checkpoint: distilling from a random head teaches nothing."""
+    other weight, is not in its checkpoint: distilling from a random head teaches nothing.
+
+    With `id2label` (the task's labels) the teacher keeps its own label names while loading; they
+    are matched to the task's by name and the head's output rows are permuted into the task's order
+    (see the module docstring, "Teacher labels"), so logit i is task label i."""
+    num_labels, task_labels = _checked_labels(num_labels, id2label)
     result = _load(
         name,
         num_labels=num_labels,
-        id2label=id2label,
+        id2label=None,  # the teacher's own names, matched to the task's below
         revision=revision,
         trust_remote_code=trust_remote_code,
         dtype=dtype,
@@ -573,6 +817,8 @@ def load_teacher(
             f"teacher: the checkpoint of {name!r} lacks {len(keys)} weight(s) the model needs ({shown}); "
             "pass the complete fine-tuned model directory"
         )
+    if task_labels is not None and int(result.loaded.config.num_labels) > 1:
+        result.loaded.warnings += _align_labels(name, result.loaded, task_labels)
     source = result.loaded.source
     if hash_weights and source.weights_files:
         files = [Path(f) for f in source.weights_files]

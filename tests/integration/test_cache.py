@@ -4,6 +4,7 @@ corrupt caches are refused with the field named, and an interrupted cache resume
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from toyglue import VOCAB, options
 from typer.testing import CliRunner
 
 from geokd import GeokdError
-from geokd.cache import CacheRequest, TeacherCache, build_cache, verify_cache
+from geokd.cache import CacheRequest, TeacherCache, build_cache, file_sha256, verify_cache
 from geokd.cli import app
 
 runner = CliRunner()
@@ -287,3 +288,85 @@ def test_a_run_killed_mid_shard_leaves_a_temp_file_that_does_not_block_resume(
     (out / ".shard-00000.safetensors.abc.tmp.safetensors").write_bytes(b"half")  # what SIGKILL leaves
     _cache(teacher_dir, glue_dir, out)
     assert not list(out.glob(".*")) and verify_cache(out)["ok"]
+
+
+def _disk_full(kind: str) -> BaseException:
+    if kind == "oserror":
+        return OSError(errno.ENOSPC, "No space left on device")
+    from safetensors import SafetensorError
+
+    return SafetensorError(  # how the Rust writer reports it
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+def _error_line(result, *fragments: str) -> str:
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def _cache_args(teacher_dir, glue_dir, out) -> list[str]:
+    return ["cache", "--quiet", *options(teacher=teacher_dir / "final", task="sst2", data=glue_dir, layers="2,4",
+                                         dtype="fp32", shard_size=50, out=out)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_a_full_disk_while_writing_a_shard_keeps_the_finished_shards(
+    teacher_dir, glue_dir, tmp_path, monkeypatch, kind
+):
+    import safetensors.torch
+
+    out = tmp_path / "cache"
+    real_save_file = safetensors.torch.save_file
+    calls = []
+
+    def full_on_second_shard(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a partial file
+            raise _disk_full(kind)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_on_second_shard)
+    result = runner.invoke(app, _cache_args(teacher_dir, glue_dir, out))
+    _error_line(result, str(out / "shard-00001.safetensors"), "free", "no space left")
+    monkeypatch.undo()
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["manifest.json", "shard-00000.safetensors"]  # no temporary
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
+    assert file_sha256(out / "shard-00000.safetensors") == manifest["shards"][0]["sha256"]
+    rerun = runner.invoke(app, _cache_args(teacher_dir, glue_dir, out))
+    assert rerun.exit_code == 0 and "1 kept from an earlier run" in rerun.output, rerun.output
+    assert verify_cache(out)["ok"] and not list(out.glob(".*"))
+
+
+def test_a_full_disk_while_writing_the_manifest_keeps_the_previous_one(
+    teacher_dir, glue_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "cache"
+    real_write_text = Path.write_text
+    calls = []
+
+    def full_on_second_manifest(self, data, *args, **kwargs):
+        if self.name.startswith(".manifest.json."):
+            calls.append(self)
+            if len(calls) == 2:
+                real_write_text(self, data[:20], *args, **kwargs)
+                raise _disk_full("oserror")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_on_second_manifest)
+    result = runner.invoke(app, _cache_args(teacher_dir, glue_dir, out))
+    _error_line(result, str(out / "manifest.json"), "free")
+    monkeypatch.undo()
+    assert not list(out.glob(".*"))  # the manifest's temporary is gone
+    manifest = json.loads((out / "manifest.json").read_text())  # the previous manifest, intact
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
+    (out / ".manifest.json.x1y2.tmp.json").write_text('{"half')  # what a kill leaves
+    assert runner.invoke(app, _cache_args(teacher_dir, glue_dir, out)).exit_code == 0
+    assert verify_cache(out)["ok"] and not list(out.glob(".*"))

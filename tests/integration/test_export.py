@@ -4,7 +4,11 @@ atomic and refuses to overwrite."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -57,7 +61,9 @@ def test_hf_export_loads_with_plain_transformers_and_matches_exactly(proj_run, t
     # Only the model's own parameters: the key set of a plain model of the same config.
     plain = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(out))
     assert set(load_file(out / "model.safetensors")) == set(plain.state_dict())
-    trainer_state = torch.load(proj_run / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=False)
+    from geokd.checkpoints import read_state  # safetensors + JSON, nothing unpickled
+
+    trainer_state = read_state(proj_run / "checkpoints" / "step-4")
     assert trainer_state["objective"], "the proj run must have projection state to leave out"
     info = json.loads((out / "geokd.json").read_text())
     assert (
@@ -166,3 +172,172 @@ def test_bad_export_options_are_one_line_errors(proj_run, tmp_path, args, fragme
     result = runner.invoke(app, ["export", *[a.format(run=proj_run, tmp=tmp_path) for a in args]])
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Trustworthy exports (issue #10): never into the source, full disks, stale temporaries, umask
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_error_line(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, (
+        result.output
+    )
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def _run_intact(run: Path) -> None:
+    assert (run / "config.yaml").is_file() and (run / "results.json").is_file()
+    assert _logits(run / "final", _batch(run / "final")).shape == (3, 2)
+
+
+@pytest.fixture
+def own_run(proj_run, tmp_path) -> Path:
+    """A copy of the distill run that a test may lose without harming the other tests."""
+    return Path(shutil.copytree(proj_run, tmp_path / "runs" / "run", symlinks=True))
+
+
+@pytest.mark.parametrize(
+    ("source", "out", "fragment"),
+    [
+        ("{run}", "{run}", "is the source"),
+        ("{run}", "{run}/final", "is the source"),
+        ("{run}", "{run}/export", "lies inside the source"),
+        ("{run}/final", "{run}/final/sub", "lies inside the source"),
+        ("{run}/final", "{run}", "is the source"),  # a run's final/ knows its run directory
+        ("{run}", "{tmp}/runs", "contains the source"),
+        ("{run}", "{tmp}/link", "is the source"),  # a symlink to the run
+        ("{run}", "{tmp}/link/final", "is the source"),
+        ("{link}", "{run}", "is the source"),  # the source given through a symlink
+        ("{run}", "{tmp}/home", "home directory"),
+        ("{run}", "{tmp}/home/..", "home directory"),
+        ("{run}", "/", "file-system root"),
+    ],
+)
+def test_an_out_that_would_delete_the_source_is_refused(
+    own_run, tmp_path, monkeypatch, source, out, fragment
+):
+    (tmp_path / "link").symlink_to(own_run)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    values = {"run": own_run, "tmp": tmp_path, "link": tmp_path / "link"}
+    source, out = source.format(**values), out.format(**values)
+    with pytest.raises(GeokdError) as exc:
+        export_model(source, out, force=True)
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+    _run_intact(own_run)
+    assert (home / "notes.txt").read_text() == "mine"
+
+
+def test_export_run_out_run_force_through_the_cli_keeps_the_run(own_run):
+    result = runner.invoke(app, ["export", str(own_run), "--out", str(own_run), "--force"])
+    _one_error_line(result, str(own_run), "is the source")
+    _run_intact(own_run)
+    assert (
+        runner.invoke(app, ["export", str(own_run), "--out", str(own_run.parent / "export")]).exit_code == 0
+    )
+
+
+def _disk_full(kind: str) -> BaseException:
+    if kind == "oserror":
+        return OSError(errno.ENOSPC, "No space left on device")
+    from safetensors import SafetensorError
+
+    return SafetensorError(  # how the Rust writer reports it
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_a_full_disk_during_an_hf_export_keeps_the_old_export(proj_run, tmp_path, monkeypatch, kind):
+    out = tmp_path / "student"
+    export_model(str(proj_run), str(out))
+    before = (out / "model.safetensors").read_bytes()
+    real_write_text = Path.write_text
+
+    def full(self, data, *args, **kwargs):
+        if self.name == "README.md":  # the disk fills up half-way through the model card
+            real_write_text(self, data[:10], *args, **kwargs)
+            raise _disk_full(kind)
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    result = runner.invoke(app, ["export", str(proj_run), "--out", str(out), "--force"])
+    _one_error_line(result, str(out), "free", "no space left")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary left
+    assert (out / "model.safetensors").read_bytes() == before and verify_export(out)["ok"]
+    assert runner.invoke(app, ["export", str(proj_run), "--out", str(out), "--force"]).exit_code == 0
+    assert verify_export(out)["ok"] and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_a_full_disk_during_a_single_file_export_keeps_the_old_file(proj_run, tmp_path, monkeypatch, kind):
+    import safetensors.torch
+
+    out = tmp_path / "model.safetensors"
+    export_model(str(proj_run), str(out), fmt="safetensors")
+    before = out.read_bytes()
+
+    def full(model, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")  # a partial file
+        raise _disk_full(kind)
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    result = runner.invoke(
+        app, ["export", str(proj_run), "--out", str(out), "--format", "safetensors", "--force"]
+    )
+    _one_error_line(result, str(out), "free")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"] and out.read_bytes() == before
+    args = ["export", str(proj_run), "--out", str(out), "--format", "safetensors", "--force"]
+    assert runner.invoke(app, args).exit_code == 0 and verify_export(out)["ok"]
+
+
+def test_stale_temporaries_never_block_and_an_interrupted_swap_is_undone(proj_run, tmp_path):
+    out = tmp_path / "student"
+    export_model(str(proj_run), str(out))
+    (tmp_path / ".student.tmp-export").mkdir()  # what a kill during writing leaves
+    (tmp_path / ".student.tmp-export" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".student.old-export").mkdir()  # a kill after the swap, before the clean-up
+    assert runner.invoke(app, ["export", str(proj_run), "--out", str(out), "--force"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"] and verify_export(out)["ok"]
+    # Killed between the two renames: --out is gone and .old-export is the last complete export.
+    out.rename(tmp_path / ".student.old-export")
+    (tmp_path / ".student.tmp-export").write_bytes(b"half")  # a file where a folder is written
+    refused = runner.invoke(app, ["export", str(proj_run), "--out", str(out)])
+    _one_error_line(refused, "pass --force")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"] and verify_export(out)["ok"]
+
+
+def test_exports_follow_the_umask(proj_run, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        folder = tmp_path / "student"
+        export_model(str(proj_run), str(folder))
+        single = tmp_path / "model.safetensors"
+        export_model(str(proj_run), str(single), fmt="safetensors")
+    finally:
+        os.umask(previous)
+    modes = {
+        str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+        for p in [folder, *folder.iterdir(), single]
+    }
+    assert modes.pop("student") == 0o755 and modes.pop("model.safetensors") == 0o644
+    assert modes["student/model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_check_of_a_damaged_export_is_one_line_naming_the_file(proj_run, tmp_path, fmt):
+    out = tmp_path / ("student" if fmt == "hf" else "model.safetensors")
+    export_model(str(proj_run), str(out), fmt=fmt)
+    weights = out / "model.safetensors" if fmt == "hf" else out
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    _one_error_line(runner.invoke(app, ["export", "--check", str(out)]), str(weights), "truncated")
