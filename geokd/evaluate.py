@@ -18,10 +18,18 @@ against a teacher (issue #4).
   batching.
 * **Geometry report.** `geometry_report(...)` forwards student and teacher over the split, pools
   every hidden state (`cls` or `mean` rows, one per example) and reports, for each mapped layer
-  pair, the loss library's Procrustes distance, Gram distance and 1 − linear CKA in float64, and
-  how many of the teacher's ε-orthogonal example pairs (|centred cosine| ≤ ε) stay ε-orthogonal in
-  the student. On request (`--plot`) the three distances are also computed for every student ×
-  teacher layer combination (the heat-map of `plot_geometry`).
+  pair, three distances in float64 (0 = same geometry), under these keys everywhere (JSON, table
+  columns, plot panels): `procrustes` (the loss library's squared normalised Procrustes distance),
+  `gram` (normalised Gram distance) and `cka_distance` (= 1 − linear CKA); and how many of the
+  teacher's ε-orthogonal example pairs (|centred cosine| ≤ ε) stay ε-orthogonal in the student.
+  On request (`--plot`) the three distances are also computed for every student × teacher layer
+  combination (the heat-map of `plot_geometry`).
+* **Undefined distances.** All three distances divide by the norm of the centred rows. At a layer
+  whose rows are all identical (numerically: zero after centring, within the rounding of their
+  dtype), such as the [CLS] row of the embedding layer (hidden state 0), every one of them is 0/0:
+  it is reported as `null` with a per-pair `undefined` note saying which side has no geometry (and
+  `null` in the grid, `n/a` in the table, a hatched grey `n/a` cell in the plot), never as 0
+  ("same geometry") or 1. Such rows never count as ε-orthogonal to anything.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 
 import geokd
 from geokd.errors import GeokdError
+from geokd.losses._core import _NOISE_FLOOR_ULPS
 from geokd.runtime import Runtime
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -48,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from geokd.tasks import TaskSpec
 
 GEOMETRY_FEATURES = ("cls", "mean")
-GEOMETRY_METRICS = ("procrustes", "gram", "cka")
+GEOMETRY_METRICS = ("procrustes", "gram", "cka_distance")  # every one 0 = same geometry
 # Names transformers gives labels it knows nothing about, and bare ids.
 _GENERIC_LABEL = re.compile(r"(?:label_?)?(\d+)", re.IGNORECASE)
 
@@ -530,21 +539,48 @@ def default_eval_path(run_dir: str | Path | None, task: str, split: str, limit: 
 # --------------------------------------------------------------------------------------------
 
 
+def _centred(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Rows centred over the set in float64, which rows have no direction, and whether the whole
+    set has none (its rows are all the same).
+
+    "Zero after centring" is judged at the precision the rows were computed in, as the loss library
+    does (`center_and_scale`): the set when ‖X − 1μᵀ‖_F ≤ 64·eps(dtype)·‖X‖_F, a row when its centred
+    norm is below that floor at the rows' root-mean-square length. So float32 rows that differ only by
+    rounding (identical inputs in differently shaped batches) count as identical, not as noise whose
+    directions are random. A constant set makes every row directionless."""
+    x = rows.double()
+    centred = x - x.mean(dim=0, keepdim=True)
+    dtype = rows.dtype if rows.is_floating_point() else torch.float64
+    floor = _NOISE_FLOOR_ULPS * torch.finfo(dtype).eps * float(x.square().sum().sqrt())
+    row_norms = centred.square().sum(dim=1).sqrt()  # [n]
+    constant = float(row_norms.square().sum().sqrt()) <= floor
+    flat = row_norms <= floor / math.sqrt(max(1, rows.shape[0]))
+    if constant:
+        flat = torch.ones_like(flat)
+    return centred, flat, constant
+
+
+def constant_rows(rows: torch.Tensor) -> bool:
+    """True when the rows `[n, d]` are all identical up to the rounding of their dtype (their centred
+    matrix is numerically zero, as for n = 1): normalised Procrustes, Gram and CKA are then 0/0."""
+    return _centred(rows)[2]
+
+
 def _unit_centred(rows: torch.Tensor) -> torch.Tensor:
     """Rows centred over the set, each scaled to unit length (float64). A row that is zero after
-    centring has no direction: it becomes NaN, so every cosine with it is NaN and no pair with it
-    counts as ε-orthogonal (`|NaN| <= ε` is False)."""
-    x = rows.double()
-    x = x - x.mean(dim=0, keepdim=True)
+    centring (see `_centred`) has no direction: it becomes NaN, so every cosine with it is NaN and
+    no pair with it counts as ε-orthogonal (`|NaN| <= ε` is False)."""
+    x, flat, _ = _centred(rows)
     norms = x.square().sum(dim=1, keepdim=True).sqrt()
-    return torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.full_like(x, math.nan))
+    return torch.where(flat[:, None], torch.full_like(x, math.nan), x / norms.clamp_min(1e-300))
 
 
 def preserved_pairs(
     student: torch.Tensor, teacher: torch.Tensor, epsilon: float, chunk: int = 2048
 ) -> dict[str, int]:
     """Count example pairs i < j by ε-orthogonality of their centred cosines (a pair with a row that
-    is constant after centring, such as the [CLS] embedding at layer 0, never counts).
+    is zero after centring never counts; at a layer whose rows are all identical, such as the [CLS]
+    embedding at layer 0, no pair counts).
 
     Returns `teacher_pairs` (|cos_t| ≤ ε), `student_pairs` (|cos_s| ≤ ε), `preserved_pairs` (both)
     and `all_pairs` = n(n−1)/2. Computed in row blocks of `chunk`, so no n×n matrix is held."""
@@ -566,19 +602,36 @@ def preserved_pairs(
     return counts
 
 
-def geometry_distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
-    """The loss library's Procrustes (squared, normalised), Gram (normalised) and 1 − CKA, in float64.
+def undefined_note(student_constant: bool, teacher_constant: bool) -> str | None:
+    """Why the distances of a layer pair are undefined (None when they are defined)."""
+    if not (student_constant or teacher_constant):
+        return None
+    side = (
+        "student and teacher"
+        if student_constant and teacher_constant
+        else ("student" if student_constant else "teacher")
+    )
+    return f"{side} rows are identical (all zero after centring): every normalised distance is 0/0"
 
+
+def geometry_distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float | None]:
+    """`procrustes` (the loss library's squared normalised Procrustes distance), `gram` (normalised
+    Gram distance) and `cka_distance` (= 1 − linear CKA), in float64; 0 = same geometry.
+
+    All three are None when either side's rows are identical (`constant_rows`): each divides by the
+    norm of the centred rows, so each is 0/0 there (the loss library would read 0 or 1).
     Procrustes treats singular values of SᵀT below about 1e-6·σ_max as zero (the library's rank
     tolerance), so a model compared with itself can read a few 1e-6 rather than 0 when its
     features are ill-conditioned."""
     from geokd.losses import cka, gram, procrustes
 
+    if constant_rows(student) or constant_rows(teacher):
+        return dict.fromkeys(GEOMETRY_METRICS)
     s, t = student.double(), teacher.double()
     return {
         "procrustes": float(procrustes(s, t)),
         "gram": float(gram(s, t)),
-        "cka": float(cka(s, t)),
+        "cka_distance": float(cka(s, t)),  # the library's `cka` loss is 1 − CKA
     }
 
 
@@ -623,6 +676,8 @@ def geometry_report(
         pooled[role] = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=features).features
     s_rows, t_rows = pooled["student"], pooled["teacher"]
     assert s_rows is not None and t_rows is not None
+    s_constant = [constant_rows(rows) for rows in s_rows]
+    t_constant = [constant_rows(rows) for rows in t_rows]
     entries = []
     for s_layer, t_layer in pairs:
         counts = preserved_pairs(s_rows[s_layer], t_rows[t_layer], epsilon)
@@ -631,6 +686,7 @@ def geometry_report(
                 "student_layer": s_layer,
                 "teacher_layer": t_layer,
                 **geometry_distances(s_rows[s_layer], t_rows[t_layer]),
+                "undefined": undefined_note(s_constant[s_layer], t_constant[t_layer]),
                 **counts,
                 # None (JSON null), not NaN, when the teacher layer has no ε-orthogonal pair
                 "preserved_fraction": counts["preserved_pairs"] / counts["teacher_pairs"]
@@ -638,11 +694,13 @@ def geometry_report(
                 else None,
             }
         )
-    table = None
+    table: dict[str, list[list[float | None]]] | None = None
     if grid:
-        table = {name: [[0.0] * len(t_rows) for _ in s_rows] for name in GEOMETRY_METRICS}
+        table = {name: [[None for _ in t_rows] for _ in s_rows] for name in GEOMETRY_METRICS}
         for i, s in enumerate(s_rows):
             for j, t in enumerate(t_rows):
+                if s_constant[i] or t_constant[j]:
+                    continue  # undefined: stays None (JSON null)
                 for name, value in geometry_distances(s, t).items():
                     table[name][i][j] = value
     return {
@@ -653,6 +711,11 @@ def geometry_report(
         "layers": layers,
         "epsilon": epsilon,
         "layer_pairs": entries,
+        # Hidden states whose rows are all identical: every distance with them is undefined (null).
+        "constant_layers": {
+            "student": [i for i, flag in enumerate(s_constant) if flag],
+            "teacher": [j for j, flag in enumerate(t_constant) if flag],
+        },
         "grid": None
         if table is None
         else {
@@ -663,9 +726,23 @@ def geometry_report(
     }
 
 
+# Panel titles: each names its grid / JSON key and table column (one quantity, one name).
+GEOMETRY_PANELS = {
+    "procrustes": "procrustes: squared Procrustes distance (0 = same geometry)",
+    "gram": "gram: Gram distance (0 = same geometry)",
+    "cka_distance": "cka_distance: 1 − linear CKA (0 = same geometry)",
+}
+UNDEFINED_CAPTION = (
+    "hatched grey n/a = undefined: that layer's rows are all identical (e.g. the [CLS] embedding, "
+    "layer 0), so every normalised distance is 0/0"
+)
+
+
 def plot_geometry(report: dict[str, Any], path: str | Path, title: str = "") -> None:
-    """Heat-maps of Procrustes, Gram and CKA similarity over every student × teacher layer, with the
-    mapped pairs outlined and their preserved-pair fraction written in."""
+    """Heat-maps of `procrustes`, `gram` and `cka_distance` (1 − CKA) over every student × teacher
+    layer, all on one reading (0 = same geometry, a reversed colour map), with the mapped pairs
+    outlined and their preserved-pair fraction written in. Undefined cells (null in the grid) are
+    hatched grey and marked `n/a`, explained in the caption."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -675,27 +752,46 @@ def plot_geometry(report: dict[str, Any], path: str | Path, title: str = "") -> 
     grid = report["grid"]
     if grid is None:
         raise ValueError("plot_geometry needs a report computed with grid=True")
-    panels = (
-        ("procrustes", "Procrustes distance² (0 = same geometry)", "viridis_r"),
-        ("gram", "Gram distance (0 = same geometry)", "viridis_r"),
-        ("cka", "linear CKA (1 = same geometry)", "viridis"),
-    )
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(grid["student_layers"]) + 2.5), squeeze=False)
-    for ax, (name, label, cmap) in zip(axes[0], panels, strict=True):
-        values = np.asarray(grid[name], dtype=float)
-        if name == "cka":
-            values = 1.0 - values
-        image = ax.imshow(values, cmap=cmap, aspect="auto", origin="lower")
+    any_undefined = False
+    for ax, name in zip(axes[0], GEOMETRY_METRICS, strict=True):
+        values = np.asarray([[math.nan if v is None else v for v in row] for row in grid[name]], dtype=float)
+        undefined = np.isnan(values)
+        any_undefined = any_undefined or bool(undefined.any())
+        cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="lightgrey")
+        finite = values[~undefined]
+        limits = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        image = ax.imshow(
+            np.ma.masked_invalid(values),
+            cmap=cmap,
+            aspect="auto",
+            origin="lower",
+            vmin=limits[0],
+            vmax=limits[1],
+        )
         fig.colorbar(image, ax=ax, shrink=0.8)
-        ax.set_title(label, fontsize=10)
+        ax.set_title(GEOMETRY_PANELS[name], fontsize=10)
         ax.set_xlabel("teacher hidden state (0 = embeddings)")
         ax.set_ylabel("student hidden state")
         ax.set_xticks(grid["teacher_layers"])
         ax.set_yticks(grid["student_layers"])
+        for s, t in zip(*np.nonzero(undefined), strict=True):
+            ax.add_patch(
+                Rectangle(
+                    (t - 0.5, s - 0.5),
+                    1,
+                    1,
+                    facecolor="lightgrey",
+                    edgecolor="dimgrey",
+                    hatch="//",
+                    linewidth=0,
+                )
+            )
+            ax.text(t, s, "n/a", ha="center", va="center", fontsize=7, color="black")
         for entry in report["layer_pairs"]:
             s, t = entry["student_layer"], entry["teacher_layer"]
             ax.add_patch(Rectangle((t - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-            if name == "procrustes" and entry["preserved_fraction"] is not None:
+            if name == "procrustes" and entry["preserved_fraction"] is not None and not undefined[s, t]:
                 ax.text(
                     t,
                     s,
@@ -708,7 +804,8 @@ def plot_geometry(report: dict[str, Any], path: str | Path, title: str = "") -> 
     fig.suptitle(
         (title + "\n" if title else "")
         + f"{report['n_examples']} {report['split']} examples, {report['features']} rows; red = mapped pairs "
-        f"(Procrustes panel: share of the teacher's ε={report['epsilon']:g}-orthogonal pairs preserved)",
+        f"(procrustes panel: share of the teacher's ε={report['epsilon']:g}-orthogonal pairs preserved)"
+        + (f"\n{UNDEFINED_CAPTION}" if any_undefined else ""),
         fontsize=10,
     )
     fig.tight_layout()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,17 @@ def test_eval_warns_when_the_weights_are_not_the_recorded_ones(teacher_dir, glue
     assert "changed after training" in warning and "warning:" in result.output
 
 
+def _linear_cka(x, y) -> float:
+    """Linear CKA from its definition: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with K = XXᵀ,
+    L = YYᵀ, HSIC(K, L) = tr(K H L H) and H = I − 11ᵀ/n, in numpy float64."""
+    import numpy as np
+
+    h = np.eye(len(x)) - 1.0 / len(x)
+    k, l_ = x @ x.T, y @ y.T
+    hsic = lambda a, b: float(np.trace(a @ h @ b @ h))  # noqa: E731
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
 def test_geometry_report_equals_the_loss_library_on_the_same_features(
     teacher_dir, base_dir, glue_dir, tmp_path
 ):
@@ -131,7 +143,8 @@ def test_geometry_report_equals_the_loss_library_on_the_same_features(
         s, t = student[entry["student_layer"]].double(), teacher[entry["teacher_layer"]].double()
         assert entry["procrustes"] == pytest.approx(float(procrustes(s, t)), abs=1e-6)
         assert entry["gram"] == pytest.approx(float(gram(s, t)), abs=1e-6)
-        assert entry["cka"] == pytest.approx(float(cka(s, t)), abs=1e-6)
+        assert entry["cka_distance"] == pytest.approx(float(cka(s, t)), abs=1e-6)
+        assert entry["cka_distance"] == pytest.approx(1.0 - _linear_cka(s.numpy(), t.numpy()), abs=1e-6)
         assert 0 <= entry["preserved_pairs"] <= entry["teacher_pairs"] <= 48 * 47 // 2
     # The model against itself: zero distances and every pair preserved.
     self_check = _eval(teacher_dir, "--teacher", teacher_dir, "--geometry", "--json", tmp_path / "self.json")
@@ -140,8 +153,46 @@ def test_geometry_report_equals_the_loss_library_on_the_same_features(
     assert self_report["grid"] is None  # the all-layers grid is computed for --plot only
     for entry in self_report["layer_pairs"]:
         # Procrustes reads a few 1e-6 here: singular values below ~1e-6·σ_max count as zero.
-        assert entry["procrustes"] < 1e-5 and entry["cka"] < 1e-6
+        assert entry["procrustes"] < 1e-5 and entry["cka_distance"] < 1e-6
         assert entry["preserved_pairs"] == entry["teacher_pairs"]
+
+
+def test_geometry_at_identical_rows_is_undefined_everywhere(teacher_dir, base_dir, tmp_path):
+    """The [CLS] row of the embedding layer (hidden state 0) is the same for every example: there
+    procrustes, gram and cka_distance are 0/0, so null with a note in the JSON (pairs and grid),
+    `n/a` in the table and hatched in the plot; never 0 ("same geometry")."""
+    out, plot = tmp_path / "geo.json", tmp_path / "geo.png"
+    result = runner.invoke(app, ["eval", "--quiet", str(teacher_dir), "--teacher", str(base_dir), "--geometry",
+                                 "--features", "cls", "--layers", "0:0,0:2,2:2", "--json", str(out),
+                                 "--plot", str(plot)], env={"COLUMNS": "250"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["geometry"]
+    both, student_only, defined = report["layer_pairs"]
+    for entry in (both, student_only):
+        assert [entry[k] for k in ("procrustes", "gram", "cka_distance")] == [None, None, None]
+        assert "0/0" in entry["undefined"]
+        assert entry["student_pairs"] == entry["preserved_pairs"] == 0  # no direction, no pair
+    assert both["undefined"].startswith("student and teacher rows are identical")
+    assert (
+        student_only["undefined"].startswith("student rows are identical")
+        and student_only["teacher_pairs"] > 0
+    )
+    assert defined["undefined"] is None and 0.0 < defined["cka_distance"] < 1.0
+    assert "cka" not in defined and set(report["grid"]) >= {"procrustes", "gram", "cka_distance"}
+    assert report["constant_layers"] == {"student": [0], "teacher": [0]}
+    for name in ("procrustes", "gram", "cka_distance"):
+        grid = report["grid"][name]
+        assert grid[0] == [None] * 5 and [row[0] for row in grid] == [None] * 5
+        assert all(value is not None for row in grid[1:] for value in row[1:])
+        assert grid[2][2] == defined[name]
+    table = result.output
+    assert re.search(r"0\s*[│|]\s*0\s*[│|]\s*n/a\s*[│|]\s*n/a\s*[│|]\s*n/a\s*[│|]", table), table
+    assert re.search(r"0\s*[│|]\s*2\s*[│|]\s*n/a\s*[│|]\s*n/a\s*[│|]\s*n/a\s*[│|]", table), table
+    assert (
+        "cka_distance" in table and "1 - linear CKA" in table and "n/a at 0:0: student and teacher" in table
+    )
+    assert f"{defined['cka_distance']:.4f}" in table
+    assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_distill_over_seeds_writes_one_run_per_seed_and_the_comparison(teacher_dir, glue_dir, tmp_path):

@@ -3,7 +3,8 @@ fingerprints, tokenisation and collation.
 
 GLUE fixtures are written in tmp_path with the quirks of the real distribution: a UTF-8 BOM (MRPC),
 bare double quotes (SST-2, MRPC, CoLA), a header-less CoLA file and label names (RTE, QNLI, MNLI).
-The official row counts are checked on the real files in `../shared/data/glue` when present.
+The official row counts are checked on the real GLUE files when present ($GEOKD_DATA/glue, else
+`../shared/data/glue`: `geokd.paths.shared_data_dir`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _datadir import shared_data
 
+from geokd import paths
 from geokd.data import (
     GLUE_TSV_LAYOUTS,
     DataSplit,
@@ -29,8 +32,6 @@ from geokd.data import (
 )
 from geokd.errors import GeokdError
 from geokd.tasks import custom_task, get_task
-
-SHARED_GLUE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "glue"
 
 # --------------------------------------------------------------------------------------------
 # GLUE fixtures: (header or None, rows, expected (texts, label) per row) per split file
@@ -822,7 +823,7 @@ def test_shuffled_dataloader_batches_map_back_by_example_id(bert_tokenizer, tmp_
 
 
 # --------------------------------------------------------------------------------------------
-# The real GLUE files (../shared/data/glue): official row counts
+# The real GLUE files (<data folder>/glue, see geokd.paths): official row counts
 # --------------------------------------------------------------------------------------------
 
 OFFICIAL_ROWS = {
@@ -837,10 +838,9 @@ OFFICIAL_ROWS = {
 }
 
 
-@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason=f"the shared GLUE data ({SHARED_GLUE}) is not present")
 @pytest.mark.parametrize("task, split", list(OFFICIAL_ROWS))
 def test_real_glue_files_give_the_official_row_counts(task, split):
-    loaded = load_split(task, SHARED_GLUE / GLUE_TSV_LAYOUTS[task].directory, split)
+    loaded = load_split(task, shared_data("glue", GLUE_TSV_LAYOUTS[task].directory), split)
     assert len(loaded) == OFFICIAL_ROWS[task, split]
     assert [e.example_id for e in loaded.examples] == list(range(len(loaded)))
     spec = loaded.task
@@ -872,3 +872,77 @@ def test_cache_size_estimate_counts_every_tensor_byte():
             assert expected_bytes(lengths, 2, 16, dtype, features, num_labels=2, logits=True) == actual
     assert parse_cache_layers("all", 4) == (1, 2, 3, 4)
     assert parse_cache_layers("4, 2,2", 6) == (2, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the real data is found (geokd.paths): $GEOKD_DATA wins, else ../shared/data by the checkout
+# --------------------------------------------------------------------------------------------
+
+
+def test_shared_data_dir_prefers_geokd_data_then_the_checkout_folder(tmp_path, monkeypatch):
+    env_data, checkout_data = tmp_path / "env", tmp_path / "checkout" / "shared" / "data"
+    env_data.mkdir()
+    checkout_data.mkdir(parents=True)
+    monkeypatch.setattr(paths, "CHECKOUT_DATA", checkout_data)
+    monkeypatch.setenv("GEOKD_DATA", str(env_data))
+    assert paths.shared_data_dir() == env_data.resolve()  # the variable wins over the checkout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GEOKD_DATA", "env")  # relative to the current directory
+    assert paths.shared_data_dir() == env_data.resolve()
+    for unset in ("", "  "):  # empty counts as unset
+        monkeypatch.setenv("GEOKD_DATA", unset)
+        assert paths.shared_data_dir() == checkout_data
+    monkeypatch.delenv("GEOKD_DATA")
+    assert paths.shared_data_dir() == checkout_data
+    monkeypatch.setattr(paths, "CHECKOUT_DATA", tmp_path / "nowhere")
+    assert paths.shared_data_dir() is None
+    monkeypatch.setattr(paths, "CHECKOUT_DATA", None)  # an installed geokd: no checkout folder
+    assert paths.shared_data_dir() is None
+
+
+def test_the_default_checkout_folder_is_the_projects_sibling_shared_data():
+    root = Path(__file__).resolve().parents[2]
+    assert paths.CHECKOUT_DATA == root.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_geokd_data_that_is_no_folder_is_a_one_line_error(tmp_path, monkeypatch, kind):
+    target = tmp_path / "data"
+    if kind == "file":
+        target.write_text("not a folder")
+    monkeypatch.setattr(paths, "CHECKOUT_DATA", tmp_path)  # exists, yet never used instead
+    monkeypatch.setenv("GEOKD_DATA", str(target))
+    with pytest.raises(GeokdError) as info:
+        paths.shared_data_dir()
+    message = str(info.value)
+    assert "GEOKD_DATA" in message and str(target) in message and "\n" not in message
+    assert ("does not exist" if kind == "missing" else "is not a folder") in message
+
+
+def test_require_shared_data_names_the_option_and_both_places(tmp_path, monkeypatch):
+    monkeypatch.delenv("GEOKD_DATA", raising=False)
+    monkeypatch.setattr(paths, "CHECKOUT_DATA", tmp_path / "absent")
+    with pytest.raises(GeokdError, match="pass --glue") as info:
+        paths.require_shared_data("glue", option="--glue")
+    assert "GEOKD_DATA" in str(info.value) and str(tmp_path / "absent") in str(info.value)
+    monkeypatch.setenv("GEOKD_DATA", str(tmp_path))
+    (tmp_path / "glue").mkdir()
+    assert paths.require_shared_data("glue", option="--glue") == (tmp_path / "glue").resolve()
+    with pytest.raises(GeokdError, match="instruct does not exist .* from GEOKD_DATA"):
+        paths.require_shared_data("instruct", option="--data")
+
+
+def test_data_tests_skip_with_a_reason_naming_both_places(tmp_path, monkeypatch):
+    monkeypatch.delenv("GEOKD_DATA", raising=False)
+    monkeypatch.setattr(paths, "CHECKOUT_DATA", tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception, match="GEOKD_DATA") as info:
+        shared_data("glue")
+    assert str(tmp_path / "absent") in str(info.value)
+    monkeypatch.setenv("GEOKD_DATA", str(tmp_path / "typo"))
+    with pytest.raises(pytest.skip.Exception, match="typo does not exist"):
+        shared_data("glue")
+    monkeypatch.setenv("GEOKD_DATA", str(tmp_path))
+    with pytest.raises(pytest.skip.Exception, match="lacks"):
+        shared_data("glue")
+    (tmp_path / "glue").mkdir()
+    assert shared_data("glue") == (tmp_path / "glue").resolve()

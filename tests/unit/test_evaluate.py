@@ -14,11 +14,15 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from geokd import GeokdError
 from geokd.data import Example, collate, tokenize_examples
 from geokd.evaluate import (
+    GEOMETRY_METRICS,
+    GEOMETRY_PANELS,
     LabelMapping,
+    constant_rows,
     fixed_order_batches,
     geometry_distances,
     label_mapping,
     length_sorted_batches,
+    plot_geometry,
     predict,
     preserved_pairs,
 )
@@ -253,6 +257,118 @@ def test_geometry_distances_are_the_loss_library_in_float64():
     values = geometry_distances(s, t)
     assert values["procrustes"] == float(procrustes(s.double(), t.double()))
     assert values["gram"] == float(gram(s.double(), t.double()))
-    assert values["cka"] == float(cka(s.double(), t.double()))
+    assert values["cka_distance"] == float(cka(s.double(), t.double()))
     same = geometry_distances(t, t)
-    assert abs(same["procrustes"]) < 1e-10 and abs(same["gram"]) < 1e-7 and abs(same["cka"]) < 1e-10
+    assert abs(same["procrustes"]) < 1e-10 and abs(same["gram"]) < 1e-7 and abs(same["cka_distance"]) < 1e-10
+
+
+def _linear_cka_from_the_definition(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = XXᵀ, L = YYᵀ, HSIC(K, L) =
+    tr(K H L H) with the explicit centring matrix H = I − 11ᵀ/n; numpy float64."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+
+    def hsic(a, b):
+        return float(np.trace(a @ h @ b @ h))
+
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def test_cka_distance_is_one_minus_linear_cka_under_one_name():
+    """One quantity, one name: the key `cka_distance` holds 1 − CKA (0 = same geometry, as for
+    procrustes and gram); there is no `cka` key that could be read as CKA itself."""
+    gen = torch.Generator().manual_seed(4)
+    s = torch.randn(40, 7, generator=gen, dtype=torch.float64)
+    t = s[:, :5] @ torch.randn(5, 12, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(
+        40, 12, generator=gen
+    )
+    values = geometry_distances(s, t)
+    assert tuple(values) == GEOMETRY_METRICS == ("procrustes", "gram", "cka_distance")
+    reference = _linear_cka_from_the_definition(s.numpy(), t.numpy())
+    assert 0.05 < reference < 0.95  # a case where CKA and 1 − CKA cannot be confused
+    assert values["cka_distance"] == pytest.approx(1.0 - reference, rel=1e-10, abs=1e-12)
+    assert geometry_distances(s, 2.0 * s + 1.0)["cka_distance"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_identical_rows_make_every_distance_undefined_not_zero():
+    """At a layer whose rows are all identical (the [CLS] embedding at layer 0) the centred rows are
+    zero and every normalised distance is 0/0: None, on either side, also when float32 rounding
+    makes the rows differ in their last bits. A tiny but real spread stays defined."""
+    gen = torch.Generator().manual_seed(5)
+    varied = torch.randn(30, 6, generator=gen)
+    constant = torch.randn(1, 6, generator=gen).expand(30, 6).contiguous()
+    # Identical up to float32 rounding: some entries nudged by one ulp.
+    nudged = torch.where(
+        torch.rand(30, 6, generator=gen) < 0.5, torch.nextafter(constant, constant + 1), constant
+    )
+    assert not torch.equal(nudged, constant)
+    for student, teacher in ((constant, varied), (varied, constant), (constant, constant), (nudged, varied)):
+        assert geometry_distances(student, teacher) == {
+            "procrustes": None,
+            "gram": None,
+            "cka_distance": None,
+        }
+    assert constant_rows(constant) and constant_rows(nudged) and constant_rows(varied[:1])
+    assert not constant_rows(varied) and not constant_rows(1e-30 * varied.double())  # scale-free
+    defined = geometry_distances(1e-3 * varied.double() + 100.0, varied.double())  # same geometry, off-centre
+    assert defined["cka_distance"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_rows_identical_up_to_rounding_never_count_as_orthogonal():
+    """Rows that differ only by float32 rounding have no direction: before, their noise was
+    normalised into random unit vectors and many pairs counted as ε-orthogonal."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(1, 8, generator=gen).expand(40, 8).contiguous()
+    nudged = torch.where(torch.rand(40, 8, generator=gen) < 0.5, torch.nextafter(base, base + 1), base)
+    teacher = torch.randn(40, 8, generator=gen)
+    counts = preserved_pairs(nudged, teacher, 0.3)
+    assert counts["teacher_pairs"] > 0
+    assert counts["student_pairs"] == counts["preserved_pairs"] == 0
+    assert preserved_pairs(teacher, nudged, 0.3)["teacher_pairs"] == 0
+
+
+def _grid_report():
+    """A geometry report by hand: 3 student × 3 teacher hidden states, layer 0 of each constant."""
+    cells = {
+        "procrustes": [[None, None, None], [None, 0.5, 0.4], [None, 0.3, 0.2]],
+        "gram": [[None, None, None], [None, 0.6, 0.5], [None, 0.4, 0.3]],
+        "cka_distance": [[None, None, None], [None, 0.2, 0.1], [None, 0.1, 0.05]],
+    }
+    pairs = [
+        {"student_layer": 0, "teacher_layer": 0, "procrustes": None, "gram": None, "cka_distance": None,
+         "undefined": "student and teacher rows are identical", "teacher_pairs": 0, "preserved_pairs": 0,
+         "preserved_fraction": None},
+        {"student_layer": 2, "teacher_layer": 2, "procrustes": 0.2, "gram": 0.3, "cka_distance": 0.05,
+         "undefined": None, "teacher_pairs": 10, "preserved_pairs": 5, "preserved_fraction": 0.5},
+    ]  # fmt: skip
+    return {"n_examples": 30, "split": "dev", "features": "cls", "epsilon": 0.1, "layer_pairs": pairs,
+            "grid": {"student_layers": [0, 1, 2], "teacher_layers": [0, 1, 2], **cells}}  # fmt: skip
+
+
+def test_plot_names_the_same_quantity_and_marks_undefined_cells(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    plot_geometry(_grid_report(), tmp_path / "geo.png")
+    assert (tmp_path / "geo.png").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    panels = [ax for ax in fig.axes if ax.get_title()]  # the colour bars have no title
+    titles = [ax.get_title() for ax in panels]
+    assert titles == [GEOMETRY_PANELS[name] for name in GEOMETRY_METRICS]
+    assert titles[2].startswith("cka_distance: 1 − linear CKA") and "0 = same geometry" in titles[2]
+    for ax in panels:
+        # 5 undefined cells (row 0 and column 0), each hatched and marked n/a; the mapped pairs in red.
+        assert sum(1 for p in ax.patches if p.get_hatch()) == 5
+        assert sum(1 for text in ax.texts if text.get_text() == "n/a") == 5
+        image = ax.images[0].get_array()
+        assert image.mask[0].all() and image.mask[:, 0].all() and not image.mask[1:, 1:].any()
+        assert image[2, 2] == pytest.approx(_grid_report()["grid"][GEOMETRY_METRICS[panels.index(ax)]][2][2])
+    assert "n/a = undefined" in fig._suptitle.get_text()
