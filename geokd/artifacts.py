@@ -162,8 +162,8 @@ LOCK_NAME = ".geokd.lock"
 class DirectoryLock:
     """An exclusive, advisory lock on a directory that one geokd process writes (a run, a cache):
     `DIR/.geokd.lock` held with `fcntl.flock` for the life of the process's work, holding the
-    holder's PID. The kernel drops the lock when the process dies (even by SIGKILL), so a stale
-    file never blocks anyone. A second process fails at once with one line naming the holder.
+    holder's PID, deleted when the work is done. The kernel drops the lock when the process dies
+    (even by SIGKILL), so a file left behind by a killed process never blocks anyone. A second process fails at once with one line naming the holder.
     On platforms without `fcntl` (Windows) no lock is taken."""
 
     def __init__(self, directory: str | os.PathLike, what: str):
@@ -176,16 +176,26 @@ class DirectoryLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise GeokdError(
+                    f"{self.what}: {str(self.path.parent)!r} is in use by another geokd process (PID {holder}); "
+                    "wait for it to finish, stop it, or choose another directory"
+                ) from None
+            # The holder before us deletes the file when it is done: if it did so between our open
+            # and our flock, we locked a file nobody else will see; open the new one instead.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise GeokdError(
-                f"{self.what}: {str(self.path.parent)!r} is in use by another geokd process (PID {holder}); "
-                "wait for it to finish, stop it, or choose another directory"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -194,6 +204,6 @@ class DirectoryLock:
     def __exit__(self, *exc_info: object) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+                self.path.unlink()  # before releasing, so a waiting opener sees the file is gone
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None

@@ -38,8 +38,35 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Without a terminal (CI logs, `| tee`, nohup) nothing is wrapped or cut at 80 columns: tables
+# take their natural width and every line stays one line.
+_PLAIN_WIDTH = 4096
+
+
+class _Console(Console):
+    @property
+    def size(self):  # type: ignore[override]
+        from rich.console import ConsoleDimensions
+
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(_PLAIN_WIDTH, 25)
+        return Console.size.fget(self)  # type: ignore[attr-defined]
+
+    @size.setter
+    def size(self, new_size) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _Console()
+err_console = _Console(stderr=True)
+
+
+def _rule(title: str) -> None:
+    """A section heading: a full-width rule on a terminal, one plain line otherwise."""
+    if console.is_terminal:
+        console.rule(title)
+    else:
+        console.print(f"== {title} ==", highlight=False)
 
 
 def _fail(message: str) -> None:
@@ -191,13 +218,18 @@ _COMMON_HELP = "Options may also come from --config FILE.yaml and --set key=valu
 
 
 def _render_run_summary(summary: dict) -> None:
+    from geokd.config import DISTILL_ONLY
+
     cfg = summary["config"]
+    finetune = cfg["mode"] == "finetune"
     table = Table(title=f"geokd {cfg['mode']}: resolved configuration", show_header=False)
     table.add_column("key")
     table.add_column("value")
     for key, value in cfg.items():
+        if finetune and key in DISTILL_ONLY:
+            continue  # no teacher, no feature or KD terms: only the task loss
         if value is not None:
-            table.add_row(key, str(value))
+            table.add_row("model" if finetune and key == "student" else key, str(value))
     console.print(table)
     models = Table(title="models")
     for column in ("role", "model", "parameters", "layers", "hidden"):
@@ -206,7 +238,8 @@ def _render_run_summary(summary: dict) -> None:
         info = summary[role]
         if info is not None:
             count = f"{info['parameters']:,}" if info["parameters"] is not None else "(read from --cache)"
-            models.add_row(role, str(info["name"]), count, str(info["layers"]), str(info["hidden"]))
+            shown = "model" if finetune and role == "student" else role
+            models.add_row(shown, str(info["name"]), count, str(info["layers"]), str(info["hidden"]))
     if summary["teacher"] is not None and summary["teacher"]["parameters"]:
         ratio = summary["student"]["parameters"] / summary["teacher"]["parameters"]
         models.caption = f"student / teacher parameters: {ratio:.1%}"
@@ -254,6 +287,14 @@ def _progress_columns(label: str) -> tuple:
     )
 
 
+def _json_line(event: str, **fields) -> None:
+    """`--log-format json`: one JSON object per line on stdout, flushed at once."""
+    import json
+
+    sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def _run_training(
     mode: str,
     config_file: Path | None,
@@ -261,13 +302,17 @@ def _run_training(
     flags: dict,
     quiet: bool,
     seeds_text: str | None = None,
+    log_format: str = "text",
 ) -> None:
     from rich.progress import Progress
 
     from geokd.config import resolve_config
-    from geokd.engine import parse_seeds, train, train_seeds
+    from geokd.engine import RunInterrupted, parse_seeds, train, train_seeds
 
     with user_errors():
+        if log_format not in ("text", "json"):
+            raise GeokdError(f"--log-format: expected text or json, got {log_format!r}")
+        as_json = log_format == "json"
         seeds = parse_seeds(seeds_text) if seeds_text is not None else None
         if seeds is not None and flags.get("seed") is not None:
             raise GeokdError(
@@ -278,9 +323,24 @@ def _run_training(
         bars: list[Progress] = []
         # Without a terminal (a log file, CI) a live bar cannot redraw: plain lines, about 20 per run.
         live = err_console.is_terminal
-        bar_off = quiet or not live
+        bar_off = quiet or not live or as_json
+
+        def on_warning(message: str) -> None:
+            if as_json:
+                _json_line("warning", message=message)
+            else:
+                err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False)
+
+        def on_start(summary: dict) -> None:
+            if as_json:
+                _json_line("start", **summary)
+            else:
+                _render_run_summary(summary)
 
         def on_step(record: dict) -> None:
+            if as_json:
+                _json_line("step", **record)
+                return
             bar = bars[-1]
             terms = " ".join(
                 f"{k.split('/')[-1] if k.startswith('feature/') else k}={v:.4f}"
@@ -299,45 +359,70 @@ def _run_training(
                     f"{mode} step {record['step']}/{record['total_steps']} {info}", highlight=False
                 )
 
-        if seeds is None:
-            with Progress(*_progress_columns(mode), console=err_console, disable=bar_off) as bar:
-                bar.add_task(mode, total=None, info="loading")
-                bars.append(bar)
-                result = train(config, progress=on_step, on_start=_render_run_summary)
-            _render_train_result(mode, result)
-            return
-
-        def open_bar() -> None:
-            if bars:
-                bars[-1].stop()
-            bar = Progress(*_progress_columns(mode), console=err_console, disable=bar_off)
-            bar.add_task(mode, total=None, info="loading")
-            bar.start()
-            bars.append(bar)
-
-        def on_seed(index: int, seed: int, run_dir: Path, skipped: bool) -> None:
-            if bars:
-                bars[-1].stop()
-            state = "already finished, kept" if skipped else "starting"
-            console.rule(f"seed {seed} ({index + 1} of {len(seeds)}): {run_dir} {state}")
-            if not skipped:
-                open_bar()
-
-        def on_seed_step(record: dict) -> None:
-            if not bars:  # the --finetune-teacher run, before the first seed
-                open_bar()
-            on_step(record)
+        def finished(result) -> None:
+            if as_json:
+                _json_line(
+                    "finished", run_dir=str(result.run_dir), final_dir=str(result.final_dir),
+                    steps=result.steps, metrics=result.metrics,
+                )  # fmt: skip
+            else:
+                _render_train_result(mode, result)
 
         try:
-            results = train_seeds(
-                config, seeds, progress=on_seed_step, on_start=_render_run_summary, on_seed=on_seed
-            )
-        finally:
-            if bars:
-                bars[-1].stop()
+            if seeds is None:
+                with Progress(*_progress_columns(mode), console=err_console, disable=bar_off) as bar:
+                    bar.add_task(mode, total=None, info="loading")
+                    bars.append(bar)
+                    result = train(config, progress=on_step, on_start=on_start, on_warning=on_warning)
+                finished(result)
+                return
+
+            def open_bar() -> None:
+                if bars:
+                    bars[-1].stop()
+                bar = Progress(*_progress_columns(mode), console=err_console, disable=bar_off)
+                bar.add_task(mode, total=None, info="loading")
+                bar.start()
+                bars.append(bar)
+
+            def on_seed(index: int, seed: int, run_dir: Path, skipped: bool) -> None:
+                if bars:
+                    bars[-1].stop()
+                state = "already finished, kept" if skipped else "starting"
+                if as_json:
+                    _json_line("seed", seed=seed, index=index, run_dir=str(run_dir), skipped=skipped)
+                else:
+                    _rule(f"seed {seed} ({index + 1} of {len(seeds)}): {run_dir} {state}")
+                if not skipped:
+                    open_bar()
+
+            def on_seed_step(record: dict) -> None:
+                if not bars:  # the --finetune-teacher run, before the first seed
+                    open_bar()
+                on_step(record)
+
+            try:
+                results = train_seeds(
+                    config, seeds, progress=on_seed_step, on_start=on_start, on_seed=on_seed,
+                    on_warning=on_warning,
+                )  # fmt: skip
+            finally:
+                if bars:
+                    bars[-1].stop()
+        except RunInterrupted as stop:
+            for bar in bars:
+                bar.stop()
+            if as_json:
+                _json_line(
+                    "interrupted", signal=stop.signum, step=stop.step, run_dir=str(stop.run_dir),
+                    checkpoint=None if stop.checkpoint is None else str(stop.checkpoint),
+                )  # fmt: skip
+            err_console.print(f"[bold yellow]stopped:[/bold yellow] {escape(str(stop))}", highlight=False,
+                              soft_wrap=True)  # fmt: skip
+            raise typer.Exit(code=stop.exit_code) from None
         for result in results:
-            _render_train_result(mode, result)
-        _finish_seeds(Path(config.out), [r.run_dir for r in results])
+            finished(result)
+        _finish_seeds(Path(config.out), [r.run_dir for r in results], as_json)
 
 
 def _render_train_result(mode: str, result) -> None:
@@ -350,15 +435,18 @@ def _render_train_result(mode: str, result) -> None:
     console.print(f"run directory: {result.run_dir}  final model: {result.final_dir}")
 
 
-def _finish_seeds(root: Path, run_dirs: list[Path]) -> None:
+def _finish_seeds(root: Path, run_dirs: list[Path], as_json: bool = False) -> None:
     """After --seeds: the compare table over the seed runs, also written as OUT/compare.json."""
     from geokd.artifacts import write_json
     from geokd.compare import compare_runs, plot_comparison
 
     comparison = compare_runs([str(d) for d in run_dirs])
-    _render_comparison(comparison)
     write_json(root / "compare.json", comparison)
     plot_comparison(comparison, root / "compare.png")
+    if as_json:
+        _json_line("compare", path=str(root / "compare.json"), comparison=comparison)
+        return
+    _render_comparison(comparison)
     console.print(f"wrote {root / 'compare.json'} and {root / 'compare.png'}")
 
 
@@ -380,6 +468,16 @@ _MAX_LENGTH = _O(None, "--max-length", help="Tokens per example (default 128).")
 _SEED = _O(None, help="Random seed (default 42).")
 _EVAL_EVERY = _O(None, "--eval-every", help="Evaluate on dev every N steps (and at the end).")
 _SAVE_EVERY = _O(None, "--save-every", help="Checkpoint every N steps.")
+_SAVE_MINUTES = _O(
+    None, "--save-minutes", help="Also checkpoint when this many minutes passed since the last one (default 10; 0: off)."
+)
+_KEEP_CHECKPOINTS = _O(
+    None, "--keep-checkpoints", help="Keep only the newest K checkpoints (default: all); older ones go once a newer one is complete."
+)
+_TRUST_REMOTE_CODE = _O(
+    None, "--trust-remote-code", help="Allow the model repository's own Python code to run (never read from --config/--set)."
+)
+_LOG_FORMAT = _O("text", "--log-format", help="text (tables, progress) or json (one JSON object per line on stdout).")
 _RESUME = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path.")
 _DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
 _CONFIG = _O(None, "--config", help="YAML file of options.")
@@ -388,7 +486,7 @@ _QUIET = _O(False, "--quiet", help="No progress bar.")
 _SEEDS = _O(
     None, "--seeds", help="Run once per seed, e.g. 1,2,3, into OUT/seed-K/, then print the compare table."
 )
-_NOT_CONFIG_KEYS = ("config_file", "overrides", "quiet", "seeds")
+_NOT_CONFIG_KEYS = ("config_file", "overrides", "quiet", "seeds", "log_format")
 
 
 @app.command(help=f"Fine-tune a model on a task with the task loss only. {_COMMON_HELP}")
@@ -409,15 +507,19 @@ def finetune(
     seeds: str = _SEEDS,
     eval_every: int = _EVAL_EVERY,
     save_every: int = _SAVE_EVERY,
+    save_minutes: float = _SAVE_MINUTES,
+    keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    trust_remote_code: bool = _TRUST_REMOTE_CODE,
     config_file: Path = _CONFIG,
     overrides: list[str] = _SET,
     quiet: bool = _QUIET,
+    log_format: str = _LOG_FORMAT,
 ) -> None:
     flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
     flags["student"] = flags.pop("model")  # the model being trained is the config's `student`
-    _run_training("finetune", config_file, overrides, flags, quiet, seeds)
+    _run_training("finetune", config_file, overrides, flags, quiet, seeds, log_format)
 
 
 @app.command(help=f"Distil a teacher into a student: γ·task + α·Σ feature + (1−α)·τ²·KL. {_COMMON_HELP}")
@@ -453,14 +555,18 @@ def distill(
     seeds: str = _SEEDS,
     eval_every: int = _EVAL_EVERY,
     save_every: int = _SAVE_EVERY,
+    save_minutes: float = _SAVE_MINUTES,
+    keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    trust_remote_code: bool = _TRUST_REMOTE_CODE,
     config_file: Path = _CONFIG,
     overrides: list[str] = _SET,
     quiet: bool = _QUIET,
+    log_format: str = _LOG_FORMAT,
 ) -> None:
     flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_KEYS}
-    _run_training("distill", config_file, overrides, flags, quiet, seeds)
+    _run_training("distill", config_file, overrides, flags, quiet, seeds, log_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +632,8 @@ def cache(
             bar_task = bar.add_task("cache", total=None)
 
             def on_plan(plan: dict) -> None:
+                for message in plan.get("warnings", []):
+                    err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False)
                 console.print(
                     f"caching {plan['examples']:,} examples ({plan['tokens']:,} tokens), layers {plan['layers']}: "
                     f"about {_human(plan['expected_bytes'])} on disk, {_human(plan['free_bytes'])} free; "
@@ -663,7 +771,7 @@ def demo(
             epochs = teacher_epochs if stage == "teacher" else student_epochs
             flags = stage_flags(stage, teacher, out, epochs, max_steps, seed)
             run = Path(flags["out"])
-            console.rule(
+            _rule(
                 f"step {number} of 4: {'fine-tune the teacher' if stage == 'teacher' else 'distil the student'}"
             )
             if (run / "results.json").is_file():
@@ -683,7 +791,7 @@ def demo(
             if run.exists():
                 flags["resume"] = "auto"
             _run_training("finetune" if stage == "teacher" else "distill", None, None, flags, quiet)
-        console.rule("step 3 of 4: evaluate both on the 872 SST-2 dev sentences")
+        _rule("step 3 of 4: evaluate both on the 872 SST-2 dev sentences")
         results = {}
         for stage in ("teacher", "student"):
             results[stage] = evaluate_model(str(out / stage), batch_size=64)
@@ -692,7 +800,7 @@ def demo(
             record.parent.mkdir(exist_ok=True)
             write_json(record, results[stage])
             console.print(f"{stage}: accuracy {results[stage]['metrics']['accuracy']:.4f}", highlight=False)
-        console.rule("step 4 of 4: export the student")
+        _rule("step 4 of 4: export the student")
         export_dir = out / "export"
         info = export_model(str(out / "student"), str(export_dir), force=True)
         console.print(
@@ -848,24 +956,35 @@ def _render_eval(result: dict) -> None:
         "teacher",
         "procrustes",
         "gram",
-        "1 - cka",
+        "cka_distance",
         "teacher eps-pairs",
         "preserved",
         "%",
     ):
         geo.add_column(column, justify="right")
+    notes = []
     for entry in report["layer_pairs"]:
         geo.add_row(
             str(entry["student_layer"]),
             str(entry["teacher_layer"]),
-            f"{entry['procrustes']:.4f}",
-            f"{entry['gram']:.4f}",
-            f"{entry['cka']:.4f}",
+            # None: undefined (a side's rows are all identical), never 0 = "same geometry"
+            *(
+                "n/a" if entry[k] is None else f"{entry[k]:.4f}"
+                for k in ("procrustes", "gram", "cka_distance")
+            ),
             f"{entry['teacher_pairs']:,}",
             f"{entry['preserved_pairs']:,}",
             _fmt(100.0 * entry["preserved_fraction"] if entry["teacher_pairs"] else None, ".1f"),
         )
-    geo.caption = "procrustes: squared, normalised (0..2); gram: normalised; layer 0 = embeddings"
+        if entry.get("undefined"):
+            notes.append(f"n/a at {entry['student_layer']}:{entry['teacher_layer']}: {entry['undefined']}")
+    geo.caption = "; ".join(
+        [
+            "procrustes: squared, normalised (0..2); gram: normalised; cka_distance = 1 - linear CKA; "
+            "0 = same geometry; layer 0 = embeddings",
+            *notes,
+        ]
+    )
     console.print(geo)
 
 

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -407,9 +408,12 @@ def claim_run_dir(config: RunConfig, holds: str = "a run") -> Iterator[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GeokdError(f"--out: cannot create {str(run_dir)!r} ({exc.strerror}); choose another --out") from None
+    # One writer per directory; under torchrun only rank 0 writes, so only rank 0 locks.
+    lock = DirectoryLock(run_dir, "--out") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        with DirectoryLock(run_dir, "--out"):
-            _check_out_dir(config, holds)
+        with lock:
+            if os.environ.get("RANK", "0") == "0":
+                _check_out_dir(config, holds)
             yield run_dir
     except BaseException:
         if created and not _contents(run_dir):
@@ -459,6 +463,9 @@ def load_weights(model: nn.Module, directory: Path) -> None:
         raise GeokdError(
             f"--resume: {str(directory)!r} has no model.safetensors; the checkpoint is incomplete"
         )
+    from geokd.models import check_safetensors
+
+    check_safetensors(path, "--resume")
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (e.g. output embeddings) are saved once; anything else missing is an error.
@@ -571,8 +578,13 @@ def train(
             "folder holding train and dev files (train.tsv/dev.tsv, or train/dev .csv/.jsonl)"
         )
     run_dir = prepare_run_dir(config)
-    with contextlib.ExitStack() as claim:
-        return _train(config, runtime, run_dir, claim, progress, on_start, warn)
+    try:
+        with contextlib.ExitStack() as claim:
+            return _train(config, runtime, run_dir, claim, progress, on_start, warn)
+    except Exception as exc:  # a full disk anywhere else (metrics.jsonl, env.json, results.json)
+        if not isinstance(exc, GeokdError) and is_disk_full(exc):
+            raise disk_full_error(run_dir, "the run") from None
+        raise
 
 
 def _train(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -117,13 +116,13 @@ def test_a_planted_pickle_never_runs(straight, teacher_dir, glue_dir, tmp_path):
     for step in ("step-4", "step-8"):
         folder = run / "checkpoints" / step
         for name in ("checkpoint.json", "trainer_state.safetensors", "trainer_state.json"):
-            (folder / name).unlink()
-        (folder / "trainer_state.pt").write_bytes(pickle.dumps(_Exploit(marker)))
+            (folder / name).unlink(missing_ok=True)
+        torch.save({"rng": _Exploit(marker)}, folder / "trainer_state.pt")  # torch.load would run it
     for resume in ("auto", str(run / "checkpoints" / "step-8")):
         result = runner.invoke(app, [*_args(teacher_dir, glue_dir, run), "--resume", resume])
+        assert not marker.exists(), "the pickle in the checkpoint was executed"
         line = _one_error_line(result)
         assert "trainer_state.pt" in line and "never unpickles" in line
-        assert not marker.exists(), "the pickle in the checkpoint was executed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +280,12 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(teacher_dir
     proc = _spawn(long_run)
     _wait_for_steps(run, proc, 3)
     # While it runs, the directory belongs to it: a second writer fails naming its PID.
-    second = runner.invoke(app, [*long_run, "--resume", "auto"])
-    assert f"PID {proc.pid}" in _one_error_line(second) and "in use" in second.output
+    second = subprocess.run(  # a timeout, not a hang, if the lock ever stops working
+        [sys.executable, "-m", "geokd", *long_run, "--resume", "auto"], capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, lines
+    assert f"PID {proc.pid}" in lines[0] and "in use" in lines[0]
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, (stdout, stderr)
@@ -390,6 +393,24 @@ def test_a_held_lock_refuses_a_second_writer_naming_the_pid(teacher_dir, glue_di
         line = _one_error_line(runner.invoke(app, _args(teacher_dir, glue_dir, run)))
         assert f"PID {os.getpid()}" in line
     assert runner.invoke(app, _args(teacher_dir, glue_dir, run, max_steps=1)).exit_code == 0
+
+
+def test_a_cache_being_written_cannot_be_written_by_a_second_process(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "cache"
+    args = ["cache", "--quiet", *options(teacher=teacher_dir / "final", task="sst2", data=glue_dir, layers="2,4",
+                                         out=out)]  # fmt: skip
+    out.mkdir()
+    with DirectoryLock(out, "test"):
+        line = _one_error_line(runner.invoke(app, args))
+        assert f"PID {os.getpid()}" in line and "in use" in line
+    assert not (out / "manifest.json").exists()
+    assert runner.invoke(app, args).exit_code == 0
+    # once it is written, a second cache with other settings is refused, not mixed in
+    other = runner.invoke(app, [*args, "--layers", "1,3"])
+    assert "another" in _one_error_line(other)
+    bad = tmp_path / "new-cache"
+    _one_error_line(runner.invoke(app, [*args[:-2], "--out", str(bad), "--layers", "99"]))
+    assert not bad.exists()  # bad input creates nothing
 
 
 @pytest.mark.parametrize("bad", [["--layers", "9:9"], ["--teacher", "/no/such/teacher"], ["--max-length", "1000"]])
