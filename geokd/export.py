@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def _resolve_source(source: str, checkpoint: str) -> tuple[Path, Path | None]:
         if checkpoint == "final":
             folder = path / "final"
         else:
+            if not re.fullmatch(r"step-\d+", checkpoint):
+                raise GeokdError(f"--checkpoint: expected final or step-N, got {checkpoint!r}")
             folder = path / "checkpoints" / checkpoint / "student"
         if not (folder / "config.json").is_file():
             have = (
@@ -76,6 +79,13 @@ def _resolve_source(source: str, checkpoint: str) -> tuple[Path, Path | None]:
                 f"--checkpoint: {checkpoint!r} is not in run {source!r} (no {folder.relative_to(path)}/config.json); "
                 f"choose final or one of: {', '.join(have) or 'none (no checkpoints were saved)'}"
             )
+        if checkpoint != "final":  # a checkpoint is exported only when every file matches its SHA-256
+            from geokd.checkpoints import verify_checkpoint
+
+            try:
+                verify_checkpoint(folder.parent)
+            except GeokdError as exc:
+                raise GeokdError("--checkpoint: " + str(exc).removeprefix("--resume: ")) from None
         return folder, path
     if checkpoint != "final":
         raise GeokdError(

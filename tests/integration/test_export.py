@@ -122,6 +122,24 @@ def test_checkpoints_can_be_exported_and_bad_ones_are_named(proj_run, tmp_path):
     assert info["source"]["folder"].endswith("checkpoints/step-2/student")
     with pytest.raises(GeokdError, match="choose final or one of: step-2, step-4"):
         export_model(str(proj_run), str(tmp_path / "s9"), checkpoint="step-9")
+    with pytest.raises(GeokdError, match="expected final or step-N"):
+        export_model(str(proj_run), str(tmp_path / "s9"), checkpoint="../../etc")
+
+
+def test_a_damaged_checkpoint_is_not_exported(proj_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(proj_run, run)
+    weights = run / "checkpoints" / "step-2" / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit in the tensor data: only the recorded SHA-256 can tell
+    weights.write_bytes(bytes(data))
+    result = runner.invoke(app, ["export", str(run), "--checkpoint", "step-2", "--out", str(tmp_path / "out")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "--checkpoint" in lines[0] and str(weights) in lines[0] and "damaged" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_overwrite_needs_force_and_a_failed_export_leaves_nothing(proj_run, tmp_path, monkeypatch):
