@@ -754,6 +754,7 @@ def demo(
     student_epochs: float = _O(3.0, "--student-epochs", help="Student distillation epochs."),
     max_steps: int = _O(None, "--max-steps", help="Cap every stage at N steps (a quick check)."),
     seed: int = _O(42, help="Random seed."),
+    trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow a --model's own repository code to run."),
     quiet: bool = _QUIET,
 ) -> None:
     """Offline quickstart: fine-tune MiniLM on an SST-2 sample, distil a 3-layer student, evaluate, export."""
@@ -770,6 +771,8 @@ def demo(
         for number, stage in enumerate(("teacher", "student"), start=1):
             epochs = teacher_epochs if stage == "teacher" else student_epochs
             flags = stage_flags(stage, teacher, out, epochs, max_steps, seed)
+            if trust_remote_code:
+                flags["trust_remote_code"] = True
             run = Path(flags["out"])
             _rule(
                 f"step {number} of 4: {'fine-tune the teacher' if stage == 'teacher' else 'distil the student'}"
@@ -794,7 +797,7 @@ def demo(
         _rule("step 3 of 4: evaluate both on the 872 SST-2 dev sentences")
         results = {}
         for stage in ("teacher", "student"):
-            results[stage] = evaluate_model(str(out / stage), batch_size=64)
+            results[stage] = evaluate_model(str(out / stage), batch_size=64, trust_remote_code=trust_remote_code)
             record = default_eval_path(out / stage, results[stage]["task"], results[stage]["split"], None)
             assert record is not None
             record.parent.mkdir(exist_ok=True)
@@ -802,7 +805,7 @@ def demo(
             console.print(f"{stage}: accuracy {results[stage]['metrics']['accuracy']:.4f}", highlight=False)
         _rule("step 4 of 4: export the student")
         export_dir = out / "export"
-        info = export_model(str(out / "student"), str(export_dir), force=True)
+        info = export_model(str(out / "student"), str(export_dir), force=True, trust_remote_code=trust_remote_code)
         console.print(
             f"exported to {export_dir} (round trip max |Δ logit| {info['check']['max_abs_logit_diff']:.3g})"
         )

@@ -140,7 +140,7 @@ def test_trust_remote_code_is_never_taken_from_a_recipe_or_set(teacher_dir, glue
     config = resolve_config("distill", file=recipe, flags={"trust_remote_code": True})
     assert config.trust_remote_code is True and config.alpha == 0.7
     assert resolve_config("distill", overrides=["trust_remote_code=false"]).trust_remote_code is False
-    for command in ("finetune", "distill", "cache", "eval"):
+    for command in ("finetune", "distill", "cache", "eval", "export", "demo"):
         help_text = runner.invoke(app, [command, "--help"]).output
         assert "--trust-remote-code" in help_text, command
 
