@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,8 +177,18 @@ class DirectoryLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return self
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symlink: a planted .geokd.lock -> ~/file must not be truncated
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as exc:
+                raise GeokdError(
+                    f"{self.what}: cannot open the lock file {str(self.path)!r} ({exc.strerror}); it must be a "
+                    "plain file (a symlink is refused): remove it"
+                ) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise GeokdError(f"{self.what}: {str(self.path)!r} is not a plain file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -56,7 +56,9 @@ from geokd.errors import GeokdError
 from geokd.models import FEATURES
 
 FORMAT = "geokd-teacher-cache"
-FORMAT_VERSION = 1
+# 2: logits are in the task's label order (teachers are re-indexed by label name, issue #10);
+# a version-1 cache of a teacher whose head was ordered differently holds permuted logits.
+FORMAT_VERSION = 2
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MANIFEST = "manifest.json"
 # Manifest keys that define what a cache holds: a resumed `geokd cache` must agree on all of them.
@@ -300,8 +302,8 @@ def build_cache(
     # Everything is checked: create --out if new and hold its lock while writing (one writer).
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with DirectoryLock(out, "--out"):
+    with DirectoryLock(out, "--out"):  # losing the lock never cleans up: the folder is the winner's
+        try:
             shards: list[dict[str, Any]] = []
             for pattern in (".shard-*.tmp*", f".{MANIFEST}.*.tmp*"):  # left by a killed run or a full disk
                 for stale in out.glob(pattern) if out.is_dir() else ():
@@ -403,10 +405,10 @@ def build_cache(
             manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
             _write_manifest(out, manifest)
             return manifest
-    except BaseException:
-        if created and not any(p.name != LOCK_NAME for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:
+            if created and not any(p.name != LOCK_NAME for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ MANIFEST = "checkpoint.json"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 LEGACY_STATE = "trainer_state.pt"
+_TAGS = frozenset({"__tensor__", "__ndarray__", "__tuple__", "__dict__"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def pack(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         if isinstance(value, np.generic):
             return value.item()
         if isinstance(value, dict):
-            if all(isinstance(k, str) for k in value) and "__dict__" not in value:
+            if all(isinstance(k, str) for k in value) and not _TAGS.intersection(value):
                 return {k: walk(v, f"{path}.{k}" if path else k) for k, v in value.items()}
             return {"__dict__": [[k, walk(v, f"{path}.{k}")] for k, v in value.items()]}
         if isinstance(value, tuple):
@@ -159,6 +160,9 @@ def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
         if name not in manifest["files"]:
             raise GeokdError(f"--resume: {str(checkpoint / MANIFEST)!r} does not list {name}; it is damaged")
     for name, expected in manifest["files"].items():
+        parts = Path(name).parts
+        if not isinstance(expected, dict) or Path(name).is_absolute() or ".." in parts or not parts:
+            raise GeokdError(f"--resume: {str(checkpoint / MANIFEST)!r} is damaged (bad entry {name!r})")
         path = checkpoint / name
         if not path.is_file():
             raise GeokdError(f"--resume: checkpoint file {str(path)!r} is missing")
@@ -184,7 +188,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         tensors = load_file(str(checkpoint / STATE_TENSORS))
         tree = json.loads((checkpoint / STATE_JSON).read_text(encoding="utf-8"))
         return unpack(tree, tensors)
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise GeokdError(
             f"--resume: the trainer state in {str(checkpoint)!r} cannot be read ({type(exc).__name__})"
         ) from None
@@ -235,13 +239,29 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
-def prune(run_dir: Path, keep: int | None) -> list[Path]:
-    """Keep the newest `keep` complete checkpoints (None: keep all); call only after a newer one is
-    complete. Returns what was removed."""
+def prune(run_dir: Path, keep: int | None, newest: Path) -> list[Path]:
+    """Keep `newest` (the checkpoint just completed) and the `keep - 1` newest others (None: keep
+    all); call only once `newest` is complete. Returns what was removed."""
     if keep is None:
         return []
-    checkpoints = list_checkpoints(run_dir)
-    removed = checkpoints[: max(0, len(checkpoints) - keep)]
+    others = [p for p in list_checkpoints(run_dir) if p != newest]
+    removed = others[: max(0, len(others) - (keep - 1))]
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def quarantine_newer(run_dir: Path, resumed: Path) -> list[Path]:
+    """Move checkpoints newer than the one resumed from (damaged ones that `--resume auto`
+    skipped, or an abandoned future of an explicit `--resume PATH`) to `checkpoints/skipped-step-N`,
+    so they are never resumed from or counted by `--keep-checkpoints`, yet nothing is deleted."""
+    step = step_of(resumed)
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if step is not None and (step_of(path) or 0) > step:
+            target = path.with_name(f"skipped-{path.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            path.rename(target)
+            moved.append(target)
+    return moved

@@ -290,8 +290,18 @@ def _progress_columns(label: str) -> tuple:
 def _json_line(event: str, **fields) -> None:
     """`--log-format json`: one JSON object per line on stdout, flushed at once."""
     import json
+    import math
 
-    sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+    def finite(value):  # strict JSON: NaN/inf (e.g. Pearson of constant predictions) become null
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    sys.stdout.write(json.dumps(finite({"event": event, **fields}), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

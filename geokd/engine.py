@@ -115,7 +115,10 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.getsignal(sig)
+                previous = signal.getsignal(sig)
+                if previous is signal.SIG_IGN:  # e.g. `cmd &` in a script: the signal stays ignored
+                    continue
+                self._previous[sig] = previous
                 signal.signal(sig, self._handle)
         return self
 
@@ -359,7 +362,24 @@ def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epo
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+    """A folder geokd wrote: a readable geokd config.yaml or env.json, a checkpoint with its
+    manifest, or (--finetune-teacher stopped early) a teacher/ run. A `checkpoints/` folder of
+    another tool is not enough."""
+    try:
+        env = json.loads((path / "env.json").read_text(encoding="utf-8"))
+        if isinstance(env, dict) and "geokd" in env:
+            return True
+    except (OSError, ValueError):
+        pass
+    if (path / "config.yaml").is_file():
+        try:
+            read_config(path / "config.yaml")
+            return True
+        except GeokdError:
+            pass
+    if any((c / ckpt.MANIFEST).is_file() for c in ckpt.list_checkpoints(path)):
+        return True
+    return (path / "teacher").is_dir() and _is_run_dir(path / "teacher")
 
 
 def _contents(path: Path) -> list[str]:
@@ -408,17 +428,18 @@ def claim_run_dir(config: RunConfig, holds: str = "a run") -> Iterator[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GeokdError(f"--out: cannot create {str(run_dir)!r} ({exc.strerror}); choose another --out") from None
-    # One writer per directory; under torchrun only rank 0 writes, so only rank 0 locks.
-    lock = DirectoryLock(run_dir, "--out") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
-    try:
-        with lock:
-            if os.environ.get("RANK", "0") == "0":
+    # One writer per directory; under torchrun only rank 0 writes, so only rank 0 locks. Losing
+    # the lock never cleans up: the directory is the winner's.
+    main = os.environ.get("RANK", "0") == "0"
+    with DirectoryLock(run_dir, "--out") if main else contextlib.nullcontext():
+        try:
+            if main:
                 _check_out_dir(config, holds)
             yield run_dir
-    except BaseException:
-        if created and not _contents(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        except BaseException:
+            if main and created and not _contents(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def write_results(
@@ -520,7 +541,10 @@ def _finetune_teacher_first(config: RunConfig, run_dir: Path, progress: Callable
             out=str(teacher_run),
             resume="auto" if teacher_run.exists() else None,
         )
-        train(teacher_config, progress=progress)
+        try:
+            train(teacher_config, progress=progress)
+        except RunInterrupted as stop:  # resume the whole command, not the inner teacher run
+            raise RunInterrupted(stop.signum, stop.step, stop.checkpoint, run_dir) from None
     return dataclasses.replace(config, teacher=str(teacher_run / "final"))
 
 
@@ -772,17 +796,21 @@ def _train(
             objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+            set_rng_state(state["rng"])
+            step, epoch, cursor = (
+                int(state["position"]["step"]),
+                int(state["position"]["epoch"]),
+                int(state["position"]["cursor"]),
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise GeokdError(
-                f"--resume: checkpoint {str(checkpoint)!r} was written with another loss, layer map or model "
-                f"({type(exc).__name__}); resume with the options of that run"
+                f"--resume: the trainer state of checkpoint {str(checkpoint)!r} does not fit this run: it was written "
+                f"with another loss, layer map or model, or it is damaged ({type(exc).__name__}); resume with the "
+                "options of that run"
             ) from None
-        set_rng_state(state["rng"])
-        step, epoch, cursor = (
-            state["position"]["step"],
-            state["position"]["epoch"],
-            state["position"]["cursor"],
-        )
+        if checkpoint.parent == run_dir / "checkpoints":
+            for moved in ckpt.quarantine_newer(run_dir, checkpoint):
+                warn(f"moved {moved.name.removeprefix('skipped-')} (newer than the checkpoint resumed from) to {moved}")
     save_config(requested, run_dir / "config.yaml")
     if on_start is not None:
         on_start(
@@ -835,13 +863,14 @@ def _train(
         path = save_checkpoint(
             run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position(), checkpoint_record
         )
-        ckpt.prune(run_dir, config.keep_checkpoints)  # only now that a newer checkpoint is complete
+        ckpt.prune(run_dir, config.keep_checkpoints, newest=path)  # only now that it is complete
         return path
 
     order = epoch_order(len(train_features), config.seed, epoch)
     stream = batches(order, cursor, config.batch_size, train_features, collate)
     stop = claim.enter_context(_StopSignals())
     last_saved_step, last_save_time = step, time.monotonic()
+    last_checkpoint: Path | None = checkpoint
     window_start, window_examples = time.perf_counter(), 0
     while step < total_steps:
         # Draw the step's micro-batches first, so each is weighted by its share of the step's
@@ -896,16 +925,22 @@ def _train(
         if config.save_minutes and time.monotonic() - last_save_time >= 60.0 * config.save_minutes:
             due = True
         if due or stop.received is not None:
-            checkpoint_now()
+            last_checkpoint = checkpoint_now() or last_checkpoint
             last_saved_step, last_save_time = step, time.monotonic()
         if progress is not None:
             progress({**record, "total_steps": total_steps})
-        if stop.received is not None:
-            raise RunInterrupted(stop.received, step, latest_checkpoint(run_dir), run_dir)
+        if stop.received is not None:  # also a signal that arrived during the save or the progress call
+            if last_saved_step != step:
+                last_checkpoint = checkpoint_now() or last_checkpoint
+                last_saved_step = step
+            raise RunInterrupted(stop.received, step, last_checkpoint, run_dir)
 
-    if stop.received is not None:  # a signal after the last step: keep the trained weights first
-        saved = checkpoint_now() if last_saved_step != step else latest_checkpoint(run_dir)
-        raise RunInterrupted(stop.received, step, saved, run_dir)
+    def stop_if_signalled() -> None:  # after the last step: keep the trained weights, then stop
+        if stop.received is not None:
+            saved = checkpoint_now() if last_saved_step != step else last_checkpoint
+            raise RunInterrupted(stop.received, step, saved or last_checkpoint, run_dir)
+
+    stop_if_signalled()
     metrics = evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
     other_splits = {}  # MNLI: dev_mismatched next to dev_matched
     for split in task.eval_splits[1:]:
@@ -913,6 +948,7 @@ def _train(
             data_lib.load_split(task, config.data, split), tokenizer, config.max_length
         )
         other_splits[split] = evaluate(student.model, extra, collate, runtime, task, config.batch_size)
+    stop_if_signalled()  # a signal during the final evaluation is not lost
     final_dir = run_dir / "final"
     if runtime.is_main:
         save_final(
@@ -951,7 +987,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _is_seeds_dir(path: Path) -> bool:
-    return any(path.glob("seed-*")) or (path / "teacher").is_dir()
+    return any(_is_run_dir(p) for p in path.glob("seed-*")) or _is_run_dir(path / "teacher")
 
 
 def train_seeds(
@@ -1006,7 +1042,10 @@ def _train_seeds(config, seeds, root, progress, on_start, on_seed, on_warning) -
             )
             continue
         seed_config = dataclasses.replace(config, seed=seed, out=str(run_dir))
-        results.append(train(seed_config, progress=progress, on_start=on_start, on_warning=on_warning))
+        try:
+            results.append(train(seed_config, progress=progress, on_start=on_start, on_warning=on_warning))
+        except RunInterrupted as stop:  # resume with the same --seeds command and the root --out
+            raise RunInterrupted(stop.signum, stop.step, stop.checkpoint, root) from None
     return results
 
 

@@ -4,6 +4,7 @@ resume checks, plain output without a terminal. Each test fails on the code befo
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -511,3 +512,178 @@ def test_final_and_checkpoint_files_follow_the_umask(teacher_dir, glue_dir, tmp_
     for path in [*(run / "final").iterdir(), *(run / "checkpoints" / "step-2").rglob("*")]:
         expected = 0o755 if path.is_dir() else 0o644
         assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings: planted lock symlinks, lost lock races, look-alike run folders, fallback with
+# --keep-checkpoints, stops inside --finetune-teacher / --seeds / the final evaluation, crafted state
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious user data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".geokd.lock").symlink_to(victim)
+    with pytest.raises(GeokdError, match="lock file"):
+        with DirectoryLock(run, "--out"):
+            pass
+    assert victim.read_text() == "precious user data"
+
+
+def test_losing_the_lock_never_removes_the_winners_directory(teacher_dir, glue_dir, tmp_path, monkeypatch):
+    import geokd.engine as engine
+
+    out = tmp_path / "run"
+
+    class Lost(DirectoryLock):  # the winner created the folder a moment ago and holds its lock
+        def __enter__(self):
+            raise GeokdError(f"--out: {str(out)!r} is in use by another geokd process (PID 1)")
+
+    monkeypatch.setattr(engine, "DirectoryLock", Lost)
+    with pytest.raises(GeokdError, match="in use"):
+        train(_config(teacher_dir, glue_dir, out))
+    assert out.is_dir()
+
+
+def test_resume_auto_refuses_another_tools_checkpoints_folder(teacher_dir, glue_dir, tmp_path):
+    folder = tmp_path / "project"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "epoch=3.ckpt").write_bytes(b"lightning")
+    (folder / "final").mkdir()
+    (folder / "final" / "report.pdf").write_bytes(b"%PDF")
+    line = _one_error_line(runner.invoke(app, [*_args(teacher_dir, glue_dir, folder), "--resume", "auto"]))
+    assert "not a geokd run" in line
+    assert (folder / "final" / "report.pdf").read_bytes() == b"%PDF"
+    seeds = tmp_path / "seeds"
+    (seeds / "seed-notes").mkdir(parents=True)
+    (seeds / "teacher").mkdir()
+    line = _one_error_line(runner.invoke(app, [*_args(teacher_dir, glue_dir, seeds, seed=None), "--seeds", "1", "--resume", "auto"]))
+    assert "not a geokd run" in line
+
+
+def test_fallback_with_keep_checkpoints_keeps_the_new_intact_checkpoint(teacher_dir, glue_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(_Stop):  # checkpoints at 4 and 8, stopped before the final save
+        train(_config(teacher_dir, glue_dir, run, max_steps=12), progress=_stop_at(8))
+    _damage(run / "checkpoints" / "step-8" / "trainer_state.safetensors", "truncated")
+    warnings: list[str] = []
+    with pytest.raises(_Stop):  # resumes at 4, checkpoints at 6, stops at 7
+        train(_config(teacher_dir, glue_dir, run, max_steps=12, save_every=2, keep_checkpoints=1, resume="auto"),
+              progress=_stop_at(7), on_warning=warnings.append)  # fmt: skip
+    assert any("skipped damaged checkpoint(s) step-8" in w for w in warnings)
+    assert any("skipped-step-8" in w for w in warnings)
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-6"]
+    verify_checkpoint(run / "checkpoints" / "step-6")
+    assert (run / "checkpoints" / "skipped-step-8").is_dir()  # moved aside, not deleted
+
+
+def _signal_self_at(step: int, sig: int = signal.SIGTERM):
+    def progress(record: dict) -> None:
+        if record["step"] == step:
+            os.kill(os.getpid(), sig)
+
+    return progress
+
+
+def test_a_stop_in_the_teacher_phase_resumes_the_whole_command(base_dir, glue_dir, tmp_path):
+    from geokd.engine import RunInterrupted
+
+    out = tmp_path / "run"
+    config = resolve_config("distill", flags=dict(teacher=str(base_dir), student="truncate:2", task="sst2",
+                            data=str(glue_dir), out=str(out), max_steps=4, batch_size=16, lr=3e-3,
+                            finetune_teacher=True, save_minutes=0))  # fmt: skip
+    with pytest.raises(RunInterrupted) as info:
+        train(config, progress=_signal_self_at(2))
+    assert info.value.run_dir == out and info.value.exit_code == 143
+    assert "--out " + str(out) in str(info.value) and (out / "teacher" / "checkpoints" / "step-2").is_dir()
+    result = train(dataclasses.replace(config, resume="auto"))
+    assert result.steps == 4 and (out / "teacher" / "final").is_dir() and (out / "final").is_dir()
+
+
+def test_a_stop_inside_seeds_names_the_root(teacher_dir, glue_dir, tmp_path):
+    from geokd.engine import RunInterrupted, train_seeds
+
+    out = tmp_path / "seeds"
+    config = _config(teacher_dir, glue_dir, out, max_steps=4)
+    with pytest.raises(RunInterrupted) as info:
+        train_seeds(config, [1, 2], progress=_signal_self_at(2, signal.SIGINT))
+    assert info.value.run_dir == out and info.value.exit_code == 130
+    results = train_seeds(dataclasses.replace(config, resume="auto"), [1, 2])
+    assert [r.steps for r in results] == [4, 4]
+
+
+def test_a_signal_during_the_final_evaluation_is_not_lost(teacher_dir, glue_dir, tmp_path, monkeypatch):
+    import geokd.engine as engine
+    from geokd.engine import RunInterrupted
+
+    real = engine.evaluate
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", signalled)
+    run = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as info:
+        train(_config(teacher_dir, glue_dir, run, max_steps=6, save_every=4))
+    assert info.value.step == 6 and info.value.checkpoint == run / "checkpoints" / "step-6"
+    assert not (run / "final").exists()
+
+
+def test_an_ignored_signal_stays_ignored():
+    from geokd.engine import _StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.received is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _rehash(checkpoint: Path) -> None:
+    """Re-write checkpoint.json for edited files: what a crafted checkpoint would do."""
+    from geokd.checkpoints import write_manifest
+
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    record = {k: v for k, v in manifest.items() if k not in ("format", "step", "files")}
+    (checkpoint / "checkpoint.json").unlink()
+    write_manifest(checkpoint, manifest["step"], record)
+
+
+@pytest.mark.parametrize("edit", ["rng", "position", "files"])
+def test_a_crafted_but_hash_consistent_checkpoint_is_one_line(straight, teacher_dir, glue_dir, tmp_path, edit):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    checkpoint = run / "checkpoints" / "step-8"
+    state_path = checkpoint / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    if edit == "rng":
+        state["rng"]["python"] = [1, 2]
+    elif edit == "position":
+        state["position"] = {"step": "x"}
+    state_path.write_text(json.dumps(state))
+    _rehash(checkpoint)
+    if edit == "files":
+        manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+        manifest["files"]["../../../../etc/hostname"] = {"sha256": "0", "bytes": 1}
+        (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+    line = _one_error_line(runner.invoke(app, [*_args(teacher_dir, glue_dir, run), "--resume", str(checkpoint)]))
+    assert str(checkpoint) in line
+
+
+def test_json_log_lines_are_strict_json():
+    import contextlib
+    import io
+
+    from geokd.cli import _json_line
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        _json_line("finished", metrics={"pearson": float("nan"), "spearman": 0.5}, values=[float("inf")])
+    record = json.loads(buffer.getvalue(), parse_constant=lambda name: pytest.fail(f"non-standard {name}"))
+    assert record["metrics"] == {"pearson": None, "spearman": 0.5} and record["values"] == [None]
