@@ -1,0 +1,91 @@
+"""Tiny causal language models and an offline tokenizer for the decoder tests (issue #11).
+
+`make_tokenizer()` builds a word-level fast tokenizer in code (no download): the special tokens
+`<pad>`, `<s>`, `</s>`, `<unk>`, the MiniLLM template's words and a small filler vocabulary, with
+a chat template. `make_causal_lm(family)` returns a randomly initialised model of each supported
+family (llama, qwen2, qwen3, mistral, gpt2, opt) sized for CPU tests, and `save_causal_lm` writes
+model + tokenizer into a folder that `AutoModelForCausalLM.from_pretrained` loads offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+# The words of the alpaca/MiniLLM prompt template and of the chat template, so prompts tokenise
+# into known ids; everything else is filler the tests compose sentences from.
+TEMPLATE_WORDS = (
+    "Below is an instruction that describes a task , paired with an input provides further context . "
+    "Write a response appropriately completes the request ### Instruction : Input Response user "
+    "assistant system <|im_start|> <|im_end|>"
+).split()
+FILLER = [f"w{i}" for i in range(60)]
+VOCAB = list(dict.fromkeys(SPECIAL + TEMPLATE_WORDS + FILLER))
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "opt")
+
+
+def make_tokenizer(padding_side: str = "right"):
+    """A word-level PreTrainedTokenizerFast over VOCAB (whitespace split, newlines dropped)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side=padding_side,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_config(family: str, vocab_size: int = len(VOCAB), layers: int = 4, hidden: int = 32, **extra):
+    """A tiny config of `family`: 4 blocks, width 32, 4 query heads (2 key/value heads where the
+    family has grouped-query attention), tied embeddings where the family ties them by default."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in ("llama", "qwen2", "qwen3", "mistral"):
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
+        kwargs = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=family in ("llama", "qwen2", "qwen3"))  # fmt: skip
+        if family == "qwen3":
+            kwargs["head_dim"] = hidden // 4
+        return cls(**common, **kwargs, **extra)
+    if family == "gpt2":
+        return GPT2Config(**common, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **extra)
+    if family == "opt":
+        return OPTConfig(**common, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                         **extra)  # fmt: skip
+    raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def make_causal_lm(family: str, seed: int = 0, **config_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(make_config(family, **config_kwargs)).eval()
+
+
+def save_causal_lm(folder: str | Path, family: str = "llama", seed: int = 0, **config_kwargs) -> Path:
+    """Write a tiny random causal LM of `family` and the test tokenizer into `folder`."""
+    folder = Path(folder)
+    model = make_causal_lm(family, seed=seed, **config_kwargs)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
