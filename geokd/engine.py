@@ -51,13 +51,14 @@ from geokd.artifacts import (
     is_disk_full,
     write_json,
 )
-from geokd.cache import TeacherCache, check_cache_matches, tokenizer_sha256
 from geokd.config import RunConfig, read_config, save_config
 from geokd.errors import GeokdError
-from geokd.evaluate import check_max_length, predict
+from geokd.evaluate import predict
 from geokd.export import reset_tokenizer_state
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime, resolve_runtime
+from geokd.workloads import build_workload
+from geokd.workloads.encoder import distill_step  # noqa: F401  (public: tests call it)
 
 
 def _current_key_format() -> dict[str, bool]:
@@ -177,27 +178,6 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
-
-
-def distill_step(
-    student: nn.Module,
-    objective: Objective,
-    batch: dict[str, torch.Tensor],
-    runtime: Runtime,
-    teacher_outputs: Callable[
-        [dict[str, torch.Tensor]], tuple[torch.Tensor | None, list[torch.Tensor] | None]
-    ],
-    student_features: Callable[[tuple[torch.Tensor, ...], torch.Tensor], list[torch.Tensor]],
-) -> LossOutput:
-    """Forward the student (and the teacher source) on one micro-batch and evaluate the objective.
-    No backward, no optimizer: the caller owns those."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
-    needs_hidden = bool(objective.layer_pairs)
-    with runtime.autocast():
-        out = student(**inputs, output_hidden_states=needs_hidden)
-    teacher_logits, teacher_feats = teacher_outputs(batch)
-    student_feats = student_features(out.hidden_states, batch["attention_mask"]) if needs_hidden else None
-    return objective(out.logits.float(), batch["labels"], teacher_logits, student_feats, teacher_feats)
 
 
 def _check_finite(output: LossOutput, step: int, run_dir: Path) -> None:
@@ -620,9 +600,7 @@ def _train(
     on_start: Callable[[dict[str, Any]], None] | None,
     warn: Callable[[str], None],
 ) -> TrainResult:
-    from geokd import data as data_lib
     from geokd import models as models_lib
-    from geokd.tasks import get_task
 
     requested = config
     claimed = False
@@ -631,137 +609,9 @@ def _train(
         claimed = True
         config = _finetune_teacher_first(config, run_dir, progress)
     seed_everything(config.seed)
-    # Data. A custom task's label names are inferred from its train split and reused for dev.
-    train_split = data_lib.load_split(
-        get_task(config.task, text_fields=config.text_fields, label_field=config.label_field),
-        config.data,
-        "train",
-    )
-    task = train_split.task
-    dev_split = data_lib.load_split(task, config.data, task.dev_split)
-    num_labels = task.num_labels
-    id2label = task.id2label or None
-
-    # Models: the teacher and student read the same tokenised batch (same vocabulary). With --cache
-    # the teacher is read from disk; it is loaded only to build a truncate:/shrink: student from it.
-    teacher = None
-    teacher_sha: str | None = None
-    cache = TeacherCache(config.cache) if config.mode == "distill" and config.cache else None
-    derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
-    if config.mode == "distill" and (cache is None or derived):
-        teacher = models_lib.load_teacher(
-            config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
-            num_labels=num_labels,
-            id2label=id2label,
-            trust_remote_code=config.trust_remote_code,
-        )
-        student = models_lib.load_student(
-            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
-        )
-    else:  # finetune, or distill of a pretrained student from --cache: no teacher at all
-        student = models_lib.load_model(
-            config.student,
-            num_labels=num_labels,
-            id2label=id2label,
-            trust_remote_code=config.trust_remote_code,
-        )
-    tokenizer = student.tokenizer
-    for loaded in (student, teacher):
-        if loaded is not None:
-            check_max_length(loaded, config.max_length)
-            for message in getattr(loaded, "warnings", ()):
-                warn(message)
-    if cache is not None:
-        teacher_info = {
-            "name": config.teacher or cache.manifest["teacher"]["path_or_id"],
-            "parameters": None,
-            "layers": int(cache.manifest["teacher_layers"]),
-            "hidden": int(cache.manifest["hidden_size"]),
-            "source": {**cache.manifest["teacher"], "cache": str(cache.path)},
-        }
-        teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
-        if teacher_sha is None and config.teacher:
-            teacher_sha = models_lib.model_source(config.teacher).weights_sha256
-        teacher = None  # never run: a derived student has its copy of the weights it needs
-    elif teacher is not None:
-        teacher_info = {
-            "name": config.teacher,
-            "parameters": models_lib.count_parameters(teacher.model),
-            "layers": teacher.num_layers,
-            "hidden": teacher.config.hidden_size,
-            "source": teacher.source.to_dict(),
-        }
-    else:
-        teacher_info = None
-    train_features = data_lib.tokenize_examples(train_split, tokenizer, config.max_length)
-    dev_features = data_lib.tokenize_examples(dev_split, tokenizer, config.max_length)
-    collate = data_lib.make_collate_fn(tokenizer, task)
-
-    layer_pairs: list[tuple[int, int]] = []
-    if teacher_info is not None and config.loss != "none":
-        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher_info["layers"])
-    if cache is not None:
-        check_cache_matches(
-            cache.manifest,
-            task=task.name,
-            data_fingerprint=train_split.fingerprint,
-            max_length=config.max_length,
-            features=config.features,
-            teacher_layers=sorted({t for _, t in layer_pairs}),
-            needs_logits=config.alpha < 1.0,
-            tokenizer_hash=tokenizer_sha256(tokenizer),
-            teacher_sha256=teacher_sha,
-            teacher_name=config.teacher,
-        )
-    objective = Objective(
-        config.loss,
-        layer_pairs,
-        student.config.hidden_size,
-        teacher_info["hidden"] if teacher_info is not None else 1,
-        alpha=config.alpha,
-        gamma=config.gamma,
-        temperature=config.temperature,
-        mode=config.mode,
-    ).to(runtime.device)
-    student.model.to(runtime.device).train()
-    if teacher is not None:
-        teacher.model.to(runtime.device).eval()
-        for param in teacher.model.parameters():
-            param.requires_grad_(False)
-
-    student_layers = [s for s, _ in layer_pairs]
-    teacher_layers = [t for _, t in layer_pairs]
-
-    def teacher_outputs(batch: dict[str, torch.Tensor]):
-        if cache is not None:
-            logits, rows = cache.lookup(batch["example_id"], teacher_layers)
-            if (
-                config.features == "tokens"
-                and rows
-                and rows[0].shape[0] != int(batch["attention_mask"].sum())
-            ):
-                raise GeokdError(
-                    f"--cache: the cache holds {rows[0].shape[0]} token rows for this batch, the student's batch has "
-                    f"{int(batch['attention_mask'].sum())} tokens; the cache was tokenised differently, rebuild it"
-                )
-            logits = logits.to(runtime.device) if logits is not None else None
-            return logits, [r.to(runtime.device) for r in rows] if layer_pairs else None
-        if teacher is None:
-            return None, None
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
-        with torch.no_grad(), runtime.autocast():
-            out = teacher.model(**inputs, output_hidden_states=bool(layer_pairs))
-        feats = (
-            models_lib.extract_features(
-                out.hidden_states, batch["attention_mask"], teacher_layers, config.features
-            )
-            if layer_pairs
-            else None
-        )
-        return out.logits.float(), feats
-
-    def student_features(hidden_states, attention_mask):
-        return models_lib.extract_features(hidden_states, attention_mask, student_layers, config.features)
+    work = build_workload(config, runtime, warn)  # data, models, layer map, cache: all checked here
+    student, tokenizer, objective = work.student, work.tokenizer, work.objective
+    train_features, teacher_info, layer_pairs = work.train_features, work.teacher_info, work.layer_pairs
 
     # Optimisation
     total_steps = config.max_steps or total_optimizer_steps(
@@ -777,14 +627,11 @@ def _train(
         claim.enter_context(claim_run_dir(config))
     for stale in ckpt.remove_stale_temporaries(run_dir):
         warn(f"removed {stale}, left behind by an interrupted save")
-    data_fingerprint = train_split.fingerprint
     checkpoint_record = {
         "config": requested.to_dict(),
-        "teacher_sha256": teacher_sha if cache is not None else (
-            teacher.source.weights_sha256 if teacher is not None else None
-        ),
-        "data_fingerprint": data_fingerprint,
-    }  # fmt: skip
+        "teacher_sha256": work.teacher_sha256,
+        "data_fingerprint": work.data_fingerprint,
+    }
     step, epoch, cursor = 0, 0, 0
     checkpoint, manifest = resolve_resume(config, run_dir, warn)
     if checkpoint is not None:
@@ -829,7 +676,7 @@ def _train(
                 "device": str(runtime.device),
                 "precision": runtime.reason,
                 "train_examples": len(train_features),
-                "dev_examples": len(dev_features),
+                "dev_examples": work.dev_examples,
                 "total_steps": total_steps,
                 "resumed_from": str(checkpoint) if checkpoint is not None else None,
             }
@@ -839,15 +686,15 @@ def _train(
         env_info(
             runtime,
             {
-                "task": task.name,
+                "task": work.task,
                 "student": student.source.to_dict(),
                 "teacher": teacher_info["source"] if teacher_info is not None else None,
                 "teacher_parameters": teacher_info["parameters"] if teacher_info is not None else None,
                 "student_parameters": models_lib.count_parameters(student.model),
-                "data": {"train": train_split.fingerprint, dev_split.split: dev_split.fingerprint},
+                "data": work.data,
                 "layer_pairs": layer_pairs,
                 "train_examples": len(train_features),
-                "dev_examples": len(dev_features),
+                "dev_examples": work.dev_examples,
                 "total_steps": total_steps,
             },
         ),
@@ -867,7 +714,7 @@ def _train(
         return path
 
     order = epoch_order(len(train_features), config.seed, epoch)
-    stream = batches(order, cursor, config.batch_size, train_features, collate)
+    stream = batches(order, cursor, config.batch_size, train_features, work.collate)
     stop = claim.enter_context(_StopSignals())
     last_saved_step, last_save_time = step, time.monotonic()
     last_checkpoint: Path | None = checkpoint
@@ -883,16 +730,19 @@ def _train(
             except StopIteration:
                 epoch, cursor = epoch + 1, 0
                 order = epoch_order(len(train_features), config.seed, epoch)
-                stream = batches(order, 0, config.batch_size, train_features, collate)
+                stream = batches(order, 0, config.batch_size, train_features, work.collate)
                 first, batch = next(stream)
-            cursor = first + batch["labels"].shape[0]
+            cursor = first + batch["example_id"].shape[0]
             micro_batches.append(batch)
-        step_examples = sum(batch["labels"].shape[0] for batch in micro_batches)
+        step_examples = sum(batch["example_id"].shape[0] for batch in micro_batches)
+        # A micro-batch weighs its share of the step's examples (encoders) or response tokens
+        # (decoders): the step's loss is a sum over the step divided by its count.
+        sizes = [work.size(batch) for batch in micro_batches]
         terms_sum: dict[str, float] = {}
-        for batch in micro_batches:
-            weight = batch["labels"].shape[0] / step_examples
+        for batch, size in zip(micro_batches, sizes, strict=True):
+            weight = size / max(1, sum(sizes))
             batch = {k: v.to(runtime.device) for k, v in batch.items()}
-            output = distill_step(student.model, objective, batch, runtime, teacher_outputs, student_features)
+            output = work.step(batch)
             _check_finite(output, step + 1, run_dir)
             (output.total * weight).backward()
             for name, value in output.as_floats().items():
@@ -917,9 +767,7 @@ def _train(
         window_start, window_examples = time.perf_counter(), 0
         if runtime.is_main:
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                record["eval"] = evaluate(
-                    student.model, dev_features, collate, runtime, task, config.batch_size
-                )
+                record["eval"] = work.evaluate()
             log.write(record)
         due = bool(config.save_every) and step % config.save_every == 0  # type: ignore[operator]
         if config.save_minutes and time.monotonic() - last_save_time >= 60.0 * config.save_minutes:
@@ -941,13 +789,7 @@ def _train(
             raise RunInterrupted(stop.received, step, saved or last_checkpoint, run_dir)
 
     stop_if_signalled()
-    metrics = evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
-    other_splits = {}  # MNLI: dev_mismatched next to dev_matched
-    for split in task.eval_splits[1:]:
-        extra = data_lib.tokenize_examples(
-            data_lib.load_split(task, config.data, split), tokenizer, config.max_length
-        )
-        other_splits[split] = evaluate(student.model, extra, collate, runtime, task, config.batch_size)
+    metrics, other_splits = work.final_evaluate()
     stop_if_signalled()  # a signal during the final evaluation is not lost
     final_dir = run_dir / "final"
     if runtime.is_main:
@@ -957,16 +799,16 @@ def _train(
             final_dir,
             {
                 "config": config.to_dict(),
-                "task": task.name,
-                "split": dev_split.split,
+                "task": work.task,
+                "split": work.dev_split,
                 "metrics": metrics,
                 "steps": step,
             },
         )
-        extra_results = {"steps": step, "geokd_version": geokd.__version__}
+        extra_results = {"steps": step, "geokd_version": geokd.__version__, **work.extra_results}
         if other_splits:
             extra_results["other_splits"] = other_splits
-        write_results(run_dir, task.name, dev_split.split, metrics, extra_results)
+        write_results(run_dir, work.task, work.dev_split, metrics, extra_results)
     return TrainResult(run_dir=run_dir, steps=step, metrics=metrics, final_dir=final_dir)
 
 

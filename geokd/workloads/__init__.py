@@ -1,0 +1,67 @@
+"""What a training run trains on, behind one interface: `Workload`.
+
+The training loop (`geokd.engine`) owns everything every run shares: the run directory, the lock,
+checkpoints and resume, the optimizer and schedule, gradient accumulation, signals, logging. A
+workload owns what differs between model kinds, side by side instead of `if is_decoder` branches:
+
+* `geokd.workloads.encoder`: encoders (BERT family) on GLUE or custom classification data, with
+  logit KD and pooled/token feature rows, a live teacher or a teacher cache.
+* `geokd.workloads.decoder`: causal LMs on instruction data (issue #11): response-token SFT,
+  token-level KD, response-token feature rows, perplexity and ROUGE-L evaluation.
+
+`build_workload(config, runtime, warn)` loads and checks everything (data, models, layer map,
+cache) without writing anything, so the engine can validate all input before `--out` exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from geokd.config import RunConfig
+from geokd.losses.objective import LossOutput
+from geokd.runtime import Runtime
+
+
+@dataclass
+class Workload:
+    """Everything the loop needs from one kind of model and data."""
+
+    kind: str  # "encoder" or "decoder"
+    task: str  # task name for results.json and final/geokd.json
+    dev_split: str  # the split `evaluate` scores
+    student: Any  # geokd.models.LoadedModel
+    tokenizer: Any
+    teacher_info: dict[str, Any] | None  # name, parameters, layers, hidden, source
+    teacher_sha256: str | None  # checked on resume
+    layer_pairs: list[tuple[int, int]]
+    objective: nn.Module  # its parameters (projection heads) are optimised and checkpointed
+    train_features: list[dict[str, Any]]
+    dev_examples: int
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    data: dict[str, str]  # split -> fingerprint
+    step: Callable[[dict[str, torch.Tensor]], LossOutput]  # one micro-batch, on the device
+    size: Callable[[dict[str, torch.Tensor]], int]  # a micro-batch's weight: examples or tokens
+    evaluate: Callable[[], dict[str, float]]  # dev metrics during training
+    final_evaluate: Callable[[], tuple[dict[str, float], dict[str, dict[str, float]]]]  # + other splits
+    warnings: list[str] = field(default_factory=list)
+    extra_results: dict[str, Any] = field(default_factory=dict)  # e.g. generations written
+
+    @property
+    def data_fingerprint(self) -> str:
+        return self.data["train"]
+
+
+def build_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], None]) -> Workload:
+    """The workload `config` asks for: decoders for `--task instruct`, encoders otherwise."""
+    if config.task == "instruct":
+        from geokd.workloads.decoder import decoder_workload
+
+        return decoder_workload(config, runtime, warn)
+    from geokd.workloads.encoder import encoder_workload
+
+    return encoder_workload(config, runtime, warn)
