@@ -13,6 +13,14 @@ label is turned into a label id, and the official metrics.
 
 Where the data comes from (GLUE TSV layouts, the `datasets` hub, tokenisation) is `geokd.data`.
 Nothing here imports torch; scikit-learn and scipy are imported when a metric is computed.
+
+The instruction-following task (`--task instruct`, issue #11) lives beside this module in
+`geokd.tasks.instruct`: its examples are prompts with reference responses, not texts with a label
+id, so a `TaskSpec` cannot describe it (no label space, no `num_labels`, metrics over generated
+text). `get_task("instruct")` therefore refuses with a line pointing to
+`geokd.tasks.instruct.load_instruct_split`; callers branch on `is_instruct_task(name)` first.
+This module does not import `geokd.tasks.instruct` (which imports `geokd.data`, which imports
+this module): import it by its own name.
 """
 
 from __future__ import annotations
@@ -148,6 +156,16 @@ GLUE_TASKS: Mapping[str, TaskSpec] = {
 }
 
 
+# The name of the instruction-following task (`--task instruct`); see `geokd.tasks.instruct`.
+INSTRUCT_TASK = "instruct"
+
+
+def is_instruct_task(name: str) -> bool:
+    """Whether `name` names the instruction-following task (case, dashes and spaces ignored, as for
+    `get_task`): such a task is loaded by `geokd.tasks.instruct`, not described by a `TaskSpec`."""
+    return isinstance(name, str) and _normalize_task_name(name) == INSTRUCT_TASK
+
+
 def task_names() -> list[str]:
     """The GLUE task names, in GLUE's order (plus `custom`, which `custom_task` builds)."""
     return [*GLUE_TASKS, "custom"]
@@ -177,6 +195,12 @@ def get_task(
         if isinstance(text_fields, str):
             text_fields = [f.strip() for f in text_fields.split(",")]
         return custom_task(text_fields, label_field, num_labels=num_labels)
+    if key == INSTRUCT_TASK:
+        raise GeokdError(
+            f"task {name!r} is the instruction-following task, which has no TaskSpec (prompts with reference "
+            "responses, not labels); load its data with geokd.tasks.instruct.load_instruct_split(data, split) "
+            "and branch on geokd.tasks.is_instruct_task(name) before calling get_task"
+        )
     if key in GLUE_TASKS:
         given = [f"{k}={v!r}" for k, v in custom_args.items() if v is not None]
         if given:
@@ -185,7 +209,7 @@ def get_task(
                 "drop them, or use --task custom"
             )
         return GLUE_TASKS[key]
-    raise GeokdError(f"unknown task {name!r}; choose one of: {', '.join(task_names())}")
+    raise GeokdError(f"unknown task {name!r}; choose one of: {', '.join([*task_names(), INSTRUCT_TASK])}")
 
 
 def custom_task(

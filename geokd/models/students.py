@@ -1,0 +1,380 @@
+"""Students built from a teacher: parse `--student`, find a model's block list, copy uniformly
+spaced blocks (`truncate:N`), build a smaller random model of the teacher's family (`shrink:...`),
+or load a pretrained model; `load_student` picks the per-kind builder (encoder or causal LM).
+
+The kinds differ only in a few decisions (which block lists exist, how a config is shrunk, how a
+pretrained student is loaded and checked against the teacher), so each kind is one small
+`StudentBuilder` (`geokd.models.encoder.EncoderStudents`, `geokd.models.decoder.DecoderStudents`)
+and the shared work (block copying, seeded random init, provenance) lives here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from geokd.errors import GeokdError
+from geokd.models.features import uniform_layer
+from geokd.models.loading import LoadedModel, LoadedStudent, ModelSource
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from transformers import PretrainedConfig
+
+ModelKind = Literal["encoder", "decoder"]
+
+# The one place that knows where each architecture keeps its transformer blocks (an
+# nn.ModuleList), as attribute paths from the model geokd loads, per kind of model:
+# * encoders (sequence classification): BERT, RoBERTa (ELECTRA and DeBERTa share the layout but
+#   are untested) and DistilBERT;
+# * causal LMs: Llama, Qwen2/Qwen3, Mistral (`model.layers`), GPT-2 (`transformer.h`) and OPT
+#   (`model.decoder.layers`).
+BLOCK_LISTS: dict[str, tuple[str, ...]] = {
+    "encoder": ("base_model.encoder.layer", "base_model.transformer.layer"),
+    "decoder": ("model.layers", "transformer.h", "model.decoder.layers"),
+}
+# Config entries with one value per block, sliced with the blocks (truncate) or mapped by the
+# `uniform` rule (shrink). Only these names: a list that merely happens to have L entries (e.g.
+# Llama 3's three eos_token_id) must not be touched.
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
+
+_SHRINK_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
+_SHRINK_REQUIRED = ("layers", "hidden", "heads")
+_SPEC_HELP = "use truncate:N, shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I] or a model name"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A parsed `--student` value: `truncate:N`, `shrink:...` or a model name (alias, directory, id)."""
+
+    kind: Literal["pretrained", "truncate", "shrink"]
+    text: str
+    name: str | None = None  # pretrained
+    layers: int | None = None  # truncate (N) and shrink
+    hidden: int | None = None  # shrink
+    heads: int | None = None  # shrink
+    intermediate: int | None = None  # shrink (None: the family's default, see the builders)
+    kv_heads: int | None = None  # shrink, grouped-query causal LMs (None: keep the teacher's ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# Kinds and block lists
+# --------------------------------------------------------------------------------------------
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    """ "decoder" for a causal language model (a transformers model that can generate and is not an
+    encoder-decoder), else "encoder" (sequence classification and bare encoders)."""
+    from transformers import GenerationMixin
+
+    config = getattr(model, "config", None)
+    if isinstance(model, GenerationMixin) and not getattr(config, "is_encoder_decoder", False):
+        return "decoder"
+    return "encoder"
+
+
+def block_list(model: nn.Module, kind: ModelKind | None = None) -> tuple[str, nn.ModuleList]:
+    """The transformer block list of `model` and its state-dict prefix, e.g.
+    ('bert.encoder.layer', ModuleList) or ('model.layers', ModuleList). `kind` (default: the
+    model's own, `model_kind`) chooses which layouts of `BLOCK_LISTS` are tried; any other layout
+    is one GeokdError line naming the class."""
+    kind = kind or model_kind(model)
+    paths = BLOCK_LISTS[kind]
+    for path in paths:
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            for name, candidate in model.named_modules():
+                if candidate is module:
+                    return name, module
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    raise GeokdError(
+        f"student: truncate does not support model_type {model_type!r} ({type(model).__name__}): no block list at "
+        f"{' or '.join(paths)}; use shrink:... or a pretrained student instead"
+    )
+
+
+def truncate_blocks(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
+    """The 0-based teacher blocks that `truncate:N` copies, in order: student block i (1-based) is
+    teacher block t(i) of the `uniform` rule, so 12 -> 6 gives (1, 3, 5, 7, 9, 11)."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise GeokdError(
+            f"student: truncate:{student_layers} is out of range; the teacher has {teacher_layers} blocks, "
+            f"choose N in 1..{teacher_layers}"
+        )
+    return tuple(uniform_layer(i, student_layers, teacher_layers) - 1 for i in range(1, student_layers + 1))
+
+
+def map_layer_config(config: PretrainedConfig, source_blocks: Sequence[int], teacher_layers: int) -> None:
+    """Give student block i the per-layer settings of teacher block `source_blocks[i]` (0-based):
+    every `PER_LAYER_CONFIG` list with one entry per teacher block is re-indexed, and Qwen2/Qwen3's
+    `max_window_layers` (blocks below it use full attention) becomes the number of student blocks
+    taken from below it, so it agrees with the re-indexed `layer_types`."""
+    for name in PER_LAYER_CONFIG:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == teacher_layers:
+            setattr(config, name, [values[j] for j in source_blocks])
+    window = getattr(config, "max_window_layers", None)
+    if isinstance(window, int) and not isinstance(window, bool):
+        config.max_window_layers = sum(1 for j in source_blocks if j < window)
+
+
+# --------------------------------------------------------------------------------------------
+# --student
+# --------------------------------------------------------------------------------------------
+
+
+def _int_value(key: str, value: str, problems: list[str]) -> int | None:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        problems.append(f"{key} must be an integer, got {value.strip()!r}")
+        return None
+    if number < 1:
+        problems.append(f"{key} must be at least 1, got {number}")
+        return None
+    return number
+
+
+def _near_divisors(number: int, wanted: int) -> str:
+    """The divisors of `number` closest to `wanted`, e.g. '3 or 5' for (30, 4)."""
+    divisors = sorted(
+        (d for d in range(1, number + 1) if number % d == 0), key=lambda d: (abs(d - wanted), d)
+    )
+    return " or ".join(str(d) for d in sorted(divisors[:2]))
+
+
+def parse_student_spec(spec: str) -> StudentSpec:
+    """Parse a `--student` value; every problem in a `truncate:`/`shrink:` spec is reported at once.
+
+    The truncate range (N ≤ teacher blocks) and the head counts a family allows need the teacher and
+    are checked by `load_student`.
+    """
+    text = spec.strip()
+    kind, sep, rest = text.partition(":")
+    if not sep or Path(text).expanduser().exists():
+        return StudentSpec(kind="pretrained", text=text, name=text)
+    if kind == "truncate":
+        problems: list[str] = []
+        n = _int_value("N", rest, problems)
+        if problems:
+            raise GeokdError(f"student: {spec!r}: {'; '.join(problems)}; use truncate:N, e.g. truncate:6")
+        return StudentSpec(kind="truncate", text=text, layers=n)
+    if kind == "shrink":
+        problems = []
+        values: dict[str, int] = {}
+        given: set[str] = set()
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                problems.append(f"{item.strip()!r} is not key=value")
+            elif key not in _SHRINK_KEYS:
+                problems.append(f"unknown key {key!r} (keys: {', '.join(_SHRINK_KEYS)})")
+            elif key in given:
+                problems.append(f"{key} is given twice")
+            else:
+                given.add(key)
+                if (number := _int_value(key, value, problems)) is not None:
+                    values[key] = number
+        problems += [f"{key} is missing" for key in _SHRINK_REQUIRED if key not in given]
+        hidden, heads, kv_heads = values.get("hidden"), values.get("heads"), values.get("kv_heads")
+        if hidden is not None and heads is not None and hidden % heads:
+            problems.append(
+                f"hidden={hidden} is not divisible by heads={heads} (e.g. heads={_near_divisors(hidden, heads)})"
+            )
+        if heads is not None and kv_heads is not None and heads % kv_heads:
+            problems.append(
+                f"heads={heads} is not divisible by kv_heads={kv_heads} (e.g. kv_heads={_near_divisors(heads, kv_heads)})"
+            )
+        if problems:
+            raise GeokdError(
+                f"student: {spec!r}: {'; '.join(problems)}; "
+                "use shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I], "
+                "e.g. shrink:layers=4,hidden=256,heads=4"
+            )
+        return StudentSpec(
+            kind="shrink",
+            text=text,
+            layers=values["layers"],
+            hidden=hidden,
+            heads=heads,
+            intermediate=values.get("intermediate"),
+            kv_heads=kv_heads,
+        )
+    if re.fullmatch(r"[A-Za-z_-]+", kind):
+        raise GeokdError(f"student: unknown initialisation {kind!r} in {spec!r}; {_SPEC_HELP}")
+    return StudentSpec(kind="pretrained", text=text, name=text)
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+def _derived_source(spec: str, teacher: LoadedModel) -> ModelSource:
+    return ModelSource(
+        name=spec,
+        path_or_id=teacher.source.path_or_id,
+        kind="derived",
+        revision=teacher.source.revision,
+        commit=teacher.source.commit,
+        weights_files=teacher.source.weights_files,
+        weights_sha256=teacher.source.weights_sha256,
+    )
+
+
+def _refuse_heterogeneous(spec: StudentSpec, config: PretrainedConfig) -> None:
+    """transformers 5 configs may carry per-layer overrides (`per_layer_config`); geokd does not
+    re-index them yet, so a student of such a teacher would silently get the wrong layers."""
+    if getattr(config, "is_heterogeneous", False):
+        raise GeokdError(
+            f"student: {spec.text!r}: the teacher's {config.model_type} config has per-layer settings "
+            "(per_layer_config), which truncate and shrink do not re-index yet; use a pretrained student"
+        )
+
+
+class StudentBuilder:
+    """What one kind of model (encoder, causal LM) decides when a student is made from a teacher.
+
+    Subclasses set `kind` (which `BLOCK_LISTS` apply) and implement `shrink_config` (the teacher's
+    config resized, or one GeokdError line) and `pretrained` (load `--student NAME` and check it
+    against the teacher). Block copying and seeded random initialisation are shared."""
+
+    kind: ClassVar[ModelKind]
+
+    def truncate(self, spec: StudentSpec, teacher: LoadedModel) -> LoadedStudent:
+        """The teacher's embeddings, everything outside the block list (final norms, heads) and the
+        `truncate_blocks` blocks, copied (the student owns its tensors); per-layer config entries
+        are sliced with the blocks."""
+        assert spec.layers is not None
+        _refuse_heterogeneous(spec, teacher.config)
+        teacher_layers = teacher.num_layers
+        kept = truncate_blocks(teacher_layers, spec.layers)
+        prefix, blocks = block_list(teacher.model, self.kind)
+        if (
+            len(blocks) != teacher_layers
+        ):  # a config that does not describe its model: a bug, not a user error
+            raise RuntimeError(f"{prefix} has {len(blocks)} blocks but num_hidden_layers is {teacher_layers}")
+        config = copy.deepcopy(teacher.config)
+        config.num_hidden_layers = spec.layers
+        map_layer_config(config, kept, teacher_layers)
+        student = type(teacher.model)(config)
+        teacher_state = teacher.model.state_dict()
+        state = {}
+        for key in student.state_dict():
+            source_key = key
+            if key.startswith(prefix + "."):
+                index, tail = key[len(prefix) + 1 :].split(".", 1)
+                source_key = f"{prefix}.{kept[int(index)]}.{tail}"
+            state[key] = teacher_state[source_key]
+        student.load_state_dict(state, strict=True)  # copies into the student's own tensors
+        student.eval()
+        return LoadedStudent(
+            model=student,
+            tokenizer=teacher.tokenizer,
+            config=student.config,
+            source=_derived_source(spec.text, teacher),
+            new_weights=teacher.new_weights,
+            init="truncate",
+            spec=spec.text,
+            teacher_blocks=kept,
+        )
+
+    def shrink_config(self, spec: StudentSpec, teacher: LoadedModel) -> PretrainedConfig:
+        raise NotImplementedError
+
+    def shrink(self, spec: StudentSpec, teacher: LoadedModel, seed: int | None) -> LoadedStudent:
+        """A randomly initialised model of the teacher's class with `shrink_config`, drawn from
+        `seed` when given without touching the global RNG."""
+        _refuse_heterogeneous(spec, teacher.config)
+        config = self.shrink_config(spec, teacher)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            student = type(teacher.model)(config)
+        student.eval()
+        return LoadedStudent(
+            model=student,
+            tokenizer=teacher.tokenizer,
+            config=student.config,
+            source=_derived_source(spec.text, teacher),
+            new_weights=tuple(sorted(name for name, _ in student.named_parameters())),
+            init="shrink",
+            spec=spec.text,
+        )
+
+    def pretrained(
+        self,
+        spec: StudentSpec,
+        teacher: LoadedModel,
+        *,
+        revision: str | None,
+        trust_remote_code: bool,
+        dtype: torch.dtype,
+        allow_different_tokenizer: bool,
+        hash_weights: bool,
+    ) -> LoadedStudent:
+        raise NotImplementedError
+
+
+def builder_for(teacher: LoadedModel) -> StudentBuilder:
+    """The student builder of the teacher's kind (`model_kind`)."""
+    if model_kind(teacher.model) == "decoder":
+        from geokd.models.decoder import DecoderStudents
+
+        return DecoderStudents()
+    from geokd.models.encoder import EncoderStudents
+
+    return EncoderStudents()
+
+
+def load_student(
+    spec: str,
+    teacher: LoadedModel,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+    allow_different_tokenizer: bool = False,
+    hash_weights: bool = True,
+) -> LoadedStudent:
+    """Build or load the student for `teacher` (an encoder or a causal LM) from `--student`:
+
+    * `truncate:N`: the teacher's embeddings, head and N uniformly spaced blocks (`truncate_blocks`);
+    * `shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I]`: a random model of the
+      teacher's family (initialised from `seed` when given, without touching the global RNG);
+    * anything else: a pretrained model (alias, directory, id; for causal LMs also a .gguf file).
+      An encoder student gets a head of the teacher's labels; a causal-LM student is loaded with
+      `load_causal_lm`. Its tokenizer must be the teacher's (one tokenised batch feeds both models)
+      unless `allow_different_tokenizer`.
+
+    Derived students share the teacher's tokenizer object and are float32 unless `dtype` says
+    otherwise; every student comes back in eval mode.
+    """
+    parsed = parse_student_spec(spec)
+    builder = builder_for(teacher)
+    if parsed.kind == "truncate":
+        student = builder.truncate(parsed, teacher)
+    elif parsed.kind == "shrink":
+        student = builder.shrink(parsed, teacher, seed)
+    else:
+        return builder.pretrained(
+            parsed,
+            teacher,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            allow_different_tokenizer=allow_different_tokenizer,
+            hash_weights=hash_weights,
+        )
+    student.model.to(dtype)
+    return student
