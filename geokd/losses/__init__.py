@@ -6,7 +6,9 @@ masked and flattened) and return a float32 scalar:
 * `cka(s, t)`: `1 − linear CKA`.
 * `proj(s, t, weight)`, `mse(s, t)`, `cosine(s, t)`: row-wise baselines.
 
-plus `kl(student_logits, teacher_logits, temperature)` and `task_loss(logits, labels)`. The
+plus `kl(student_logits, teacher_logits, temperature)` and `task_loss(logits, labels)`, and for
+decoders the token-level KD divergences (`KD_KINDS`, `token_divergence`, and `chunked_token_kd`,
+which starts from the final hidden states and never holds full `[N, V]` logits). The
 registry (`build_feature_loss`, `FEATURE_LOSSES`) maps names to modules.
 """
 
@@ -20,12 +22,15 @@ from geokd.losses.registry import (
     build_feature_loss,
     feature_loss_names,
 )
+from geokd.losses.token_kd import KD_KINDS, chunked_token_kd, token_divergence
 
 __all__ = [
     "FEATURE_LOSSES",
     "FunctionalLoss",
+    "KD_KINDS",
     "ProjectionLoss",
     "build_feature_loss",
+    "chunked_token_kd",
     "cka",
     "cosine",
     "feature_loss_names",
@@ -35,4 +40,5 @@ __all__ = [
     "procrustes",
     "proj",
     "task_loss",
+    "token_divergence",
 ]
