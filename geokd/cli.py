@@ -218,7 +218,7 @@ _COMMON_HELP = "Options may also come from --config FILE.yaml and --set key=valu
 
 
 def _render_run_summary(summary: dict) -> None:
-    from geokd.config import DISTILL_ONLY
+    from geokd.config import DISTILL_ONLY, INSTRUCT_ONLY
 
     cfg = summary["config"]
     finetune = cfg["mode"] == "finetune"
@@ -228,6 +228,8 @@ def _render_run_summary(summary: dict) -> None:
     for key, value in cfg.items():
         if finetune and key in DISTILL_ONLY:
             continue  # no teacher, no feature or KD terms: only the task loss
+        if cfg.get("task") != "instruct" and key in INSTRUCT_ONLY:
+            continue
         if value is not None:
             table.add_row("model" if finetune and key == "student" else key, str(value))
     console.print(table)
@@ -264,14 +266,15 @@ def models() -> None:
     """List the short model names accepted by --model, --teacher and --student."""
     from geokd.models import list_aliases
 
-    table = Table(title="model aliases (or pass a local directory or a Hugging Face id)")
-    for column in ("alias", "resolves to", "description"):
+    table = Table(title="model aliases (or pass a local directory, a Hugging Face id or a .gguf file)")
+    for column in ("alias", "kind", "resolves to", "description"):
         table.add_column(column)
-    for alias in list_aliases():
-        table.add_row(alias.name, alias.target, alias.description)
+    for alias in list_aliases("all"):
+        table.add_row(alias.name, getattr(alias, "kind", "encoder"), alias.target, alias.description)
     console.print(table)
     console.print(
-        "students may also be truncate:N (N of the teacher's blocks) or shrink:layers=L,hidden=H,heads=A"
+        "students may also be truncate:N (N of the teacher's blocks) or "
+        "shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I]"
     )
 
 
@@ -462,7 +465,7 @@ def _finish_seeds(root: Path, run_dirs: list[Path], as_json: bool = False) -> No
 
 _O = typer.Option
 # Options shared by finetune and distill (one definition each: same flag, same help).
-_TASK = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'.")
+_TASK = _O(None, help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), 'custom', or 'instruct' (decoders).")
 _DATA = _O(
     None, help="Folder of GLUE TSVs (train.tsv, dev.tsv) or of train/dev CSV/JSONL, or a datasets name."
 )
@@ -487,6 +490,11 @@ _KEEP_CHECKPOINTS = _O(
 _TRUST_REMOTE_CODE = _O(
     None, "--trust-remote-code", help="Allow the model repository's own Python code to run (never read from --config/--set)."
 )
+_FORMAT = _O(None, "--format", help="--task instruct: auto (default), minillm, dolly, self-instruct, chat, prompt-completion.")
+_TEMPLATE = _O(None, "--template", help="--task instruct: alpaca (default, the MiniLLM prompt) or chat (the tokenizer's template).")
+_MAX_PROMPT_LENGTH = _O(None, "--max-prompt-length", help="--task instruct: longer prompts are dropped and counted (default 256).")
+_EVAL_GENERATE = _O(None, "--eval-generate", help="--task instruct: greedy ROUGE-L on the first N dev examples at the end.")
+_MAX_NEW_TOKENS = _O(None, "--max-new-tokens", help="--task instruct: generation length for --eval-generate (default 128).")
 _LOG_FORMAT = _O("text", "--log-format", help="text (tables, progress) or json (one JSON object per line on stdout).")
 _RESUME = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path.")
 _DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
@@ -513,6 +521,11 @@ def finetune(
     batch_size: int = _BATCH_SIZE,
     grad_accum: int = _GRAD_ACCUM,
     max_length: int = _MAX_LENGTH,
+    format: str = _FORMAT,
+    template: str = _TEMPLATE,
+    max_prompt_length: int = _MAX_PROMPT_LENGTH,
+    eval_generate: int = _EVAL_GENERATE,
+    max_new_tokens: int = _MAX_NEW_TOKENS,
     seed: int = _SEED,
     seeds: str = _SEEDS,
     eval_every: int = _EVAL_EVERY,
@@ -536,7 +549,7 @@ def finetune(
 def distill(
     teacher: str = _O(None, help="Fine-tuned teacher: local directory, Hugging Face id or alias."),
     student: str = _O(
-        None, help="Student: directory/id/alias, truncate:N or shrink:layers=4,hidden=256,heads=4."
+        None, help="Student: directory/id/alias/.gguf, truncate:N or shrink:layers=4,hidden=256,heads=4[,kv_heads=2]."
     ),
     task: str = _TASK,
     data: str = _DATA,
@@ -547,7 +560,12 @@ def distill(
     gamma: float = _O(None, help="Task-loss weight γ (default 1.0)."),
     temperature: float = _O(None, help="KD temperature τ (default 2.0)."),
     layers: str = _O(None, help="uniform (default), last, or student:teacher pairs '2:4,4:8'."),
-    features: str = _O(None, help="cls (default), mean or tokens: rows per example or per token."),
+    features: str = _O(
+        None, help="cls (default), mean or tokens: rows per example or per token; decoders: tokens (default), mean, last."
+    ),
+    kd: str = _O(None, "--kd", help="--task instruct: forward (default), reverse, jsd, skew-forward, skew-reverse, tvd."),
+    kd_beta: float = _O(None, "--kd-beta", help="--kd jsd: the teacher's weight in the mixture (default 0.5)."),
+    kd_skew: float = _O(None, "--kd-skew", help="--kd skew-*: the skew alpha (default 0.1)."),
     finetune_teacher: bool = _O(
         None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."
     ),
@@ -561,6 +579,11 @@ def distill(
     batch_size: int = _BATCH_SIZE,
     grad_accum: int = _GRAD_ACCUM,
     max_length: int = _MAX_LENGTH,
+    format: str = _FORMAT,
+    template: str = _TEMPLATE,
+    max_prompt_length: int = _MAX_PROMPT_LENGTH,
+    eval_generate: int = _EVAL_GENERATE,
+    max_new_tokens: int = _MAX_NEW_TOKENS,
     seed: int = _SEED,
     seeds: str = _SEEDS,
     eval_every: int = _EVAL_EVERY,
@@ -862,11 +885,19 @@ def eval_command(
     features: str = _O(None, help="Geometry rows: cls (default, or the run's) or mean."),
     epsilon: float = _O(0.1, help="Geometry: pairs with |centred cosine| <= epsilon are epsilon-orthogonal."),
     plot_path: Path = _O(None, "--plot", help="Geometry: write a PNG heat-map here."),
+    decoding: str = _O("greedy", "--decoding", help="--task instruct: greedy (default) or sample (MiniLLM: T=1, top-k 0, top-p 1)."),
+    gen_seeds: str = _O(None, "--gen-seeds", help="--decoding sample: generation seeds (default 10,20,30,40,50)."),
+    max_new_tokens: int = _O(256, "--max-new-tokens", help="--task instruct: tokens generated per response."),
+    max_prompt_length: int = _O(None, "--max-prompt-length", help="--task instruct: longer prompts are dropped and counted (default: the run's, else 256)."),
+    template: str = _O(None, "--template", help="--task instruct: alpaca or chat (default: the run's, else alpaca)."),
+    data_format: str = _O("auto", "--format", help="--task instruct: data format (auto-detected by default)."),
+    train_data: str = _O(None, "--train-data", help="--task instruct: training data for the contamination count (default: the run's)."),
     device: str = _DEVICE,
     trust_remote_code: bool = _O(False, "--trust-remote-code", help="Allow custom model code."),
     quiet: bool = _QUIET,
 ) -> None:
-    """Score a model on a task split with the GLUE metrics (+ geometry against a teacher)."""
+    """Score a model on a task split: GLUE metrics (+ geometry against a teacher), or for
+    --task instruct generation with ROUGE-L on the MiniLLM protocol."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from geokd.artifacts import check_output_path, write_json
@@ -875,6 +906,10 @@ def eval_command(
     with user_errors():
         if json_path is not None:
             check_output_path(json_path, "--json")
+        if _is_instruct_eval(model, task):
+            _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, gen_seeds, max_new_tokens,
+                           max_prompt_length, template, data_format, train_data, device, trust_remote_code, quiet)  # fmt: skip
+            return
         if plot_path is not None:
             if not geometry:
                 raise GeokdError("--plot draws the geometry report; add --geometry --teacher TEACHER")
@@ -927,6 +962,72 @@ def eval_command(
             written.append(str(plot_path))
         if written:
             console.print(f"wrote {', '.join(written)}")
+
+
+def _is_instruct_eval(model: str, task: str | None) -> bool:
+    from geokd.evaluate import locate_model
+    from geokd.tasks import is_instruct_task
+
+    if task is not None:
+        return is_instruct_task(task)
+    record = locate_model(model).record or {}
+    return record.get("task") == "instruct"
+
+
+def _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, gen_seeds, max_new_tokens,
+                   max_prompt_length, template, data_format, train_data, device, trust_remote_code, quiet) -> None:  # fmt: skip
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from geokd.artifacts import write_json
+    from geokd.engine import parse_seeds
+    from geokd.evaluate import default_eval_path
+    from geokd.generation import write_generations_jsonl
+    from geokd.instruct_eval import evaluate_instruct_model
+
+    seeds = parse_seeds(gen_seeds) if gen_seeds is not None else None
+    columns = (TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=quiet or not err_console.is_terminal, transient=True) as bar:
+        bar_task = bar.add_task("generate", total=None)
+        result = evaluate_instruct_model(
+            model, data, split=split, data_format=data_format, template=template,
+            max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, decoding=decoding,
+            gen_seeds=seeds, limit=limit, batch_size=min(batch_size, 64), device=device or "auto",
+            trust_remote_code=trust_remote_code, train_data=train_data,
+            on_total=lambda n: bar.update(bar_task, total=n), on_batch=lambda k: bar.advance(bar_task, k),
+        )  # fmt: skip
+    records = result.pop("records")
+    table = Table(title=f"instruct: {model} on {result['data']['source']} ({result['decoding']['decoding']})")
+    table.add_column("examples", justify="right")
+    for name in result["metrics"]:
+        table.add_column(name + (" *" if name == "rouge_l" else ""), justify="right")
+    cells = []
+    for name in result["metrics"]:
+        spread = result["metrics_spread"][name]
+        std = f" ± {spread['std']:.2f}" if spread.get("std") is not None else ""
+        cells.append(f"{spread['mean']:.2f}{std}")
+    table.add_row(str(result["n_examples"]), *cells)
+    dropped = result["prompts"].get("dropped_prompt", 0)
+    contamination = result["contamination"]
+    table.caption = (
+        f"{result['model']['parameters']:,} parameters; {dropped} prompt(s) over {result['prompts']['max_prompt_length']} "
+        f"tokens dropped; contamination: "
+        + (f"{contamination['count']} of {contamination['total']}" if contamination else "unknown (no --train-data)")
+        + f"; {result['elapsed_s']:.1f} s"
+    )
+    console.print(table)
+    written = []
+    targets = [json_path] if json_path is not None else []
+    run_copy = default_eval_path(result["model"]["run_dir"], "instruct", result["split"], None)
+    if run_copy is not None:
+        run_copy.parent.mkdir(exist_ok=True)
+        targets.append(run_copy)
+    for target in targets:
+        generations = Path(target).with_suffix(".generations.jsonl")
+        write_generations_jsonl(generations, records)
+        write_json(target, {**result, "generations": str(generations)})
+        written += [str(target), str(generations)]
+    if written:
+        console.print(f"wrote {', '.join(written)}")
 
 
 def _render_eval(result: dict) -> None:

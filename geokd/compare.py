@@ -292,7 +292,12 @@ def _pick_metric(runs: list[RunResult], metric: str | None) -> str:
 
     if metric is None:
         spec = GLUE_TASKS.get(runs[0].task)
-        metric = spec.primary_metric if spec is not None else next(iter(runs[0].metrics))
+        if spec is not None:
+            metric = spec.primary_metric
+        elif runs[0].task == "instruct":  # generation quality when scored, else dev perplexity
+            metric = "rouge_l" if all("rouge_l" in r.metrics for r in runs) else "perplexity"
+        else:
+            metric = next(iter(runs[0].metrics))
     lacking = [r for r in runs if metric not in r.metrics]
     if lacking:
         shared = sorted(set.intersection(*(set(r.metrics) for r in runs)))

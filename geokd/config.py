@@ -27,8 +27,19 @@ MODES = ("finetune", "distill")
 # own decision, typed as a flag (a file asking for it is an error unless the flag is also given).
 FLAG_ONLY = ("trust_remote_code",)
 # Keys that only mean something to distill (not printed for finetune).
-DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features")
-FEATURES = ("cls", "mean", "tokens")
+DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features",
+                "kd", "kd_beta", "kd_skew")
+# Keys that only mean something for --task instruct.
+INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
+                 "max_new_tokens")
+FEATURES = ("cls", "mean", "tokens", "last")
+KD_KINDS = ("forward", "reverse", "jsd", "skew-forward", "skew-reverse", "tvd")
+TEMPLATES = ("alpaca", "chat")
+INSTRUCT_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "chat", "prompt-completion")
+# `--task instruct` (decoders, issue #11) changes these defaults when they are not given: token rows
+# (the geometry paper aligns decoder token representations), MiniLLM's 512-token sequences, and
+# τ = 1 (token-level KD as in MiniLLM/DistiLLM, not the sentence-level τ = 2 of encoders).
+INSTRUCT_DEFAULTS = {"features": "tokens", "max_length": 512, "temperature": 1.0}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LAYER_PAIRS = re.compile(r"^\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*$")
 
@@ -58,6 +69,15 @@ class RunConfig:
     temperature: float = 2.0
     layers: str = "uniform"
     features: str = "cls"
+    # decoders (--task instruct): token-level KD, data format and prompt template
+    kd: str = "forward"
+    kd_beta: float = 0.5  # jsd: the teacher's weight in the mixture
+    kd_skew: float = 0.1  # skew-forward / skew-reverse: the skew α
+    format: str = "auto"
+    template: str = "alpaca"
+    max_prompt_length: int = 256
+    eval_generate: int | None = None  # greedy ROUGE-L on the first N dev examples
+    max_new_tokens: int = 128
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None
@@ -144,6 +164,28 @@ def validation_problems(config: RunConfig) -> list[str]:
         )
     if config.features not in FEATURES:
         p.append(f"features: must be one of {', '.join(FEATURES)}, got {config.features!r}")
+    instruct = config.task == "instruct"
+    if instruct and config.features == "cls":
+        p.append("features: a decoder has no [CLS] row; use tokens (default), mean or last with --task instruct")
+    if not instruct and config.features == "last":
+        p.append("features: last (the last prompt token) is for --task instruct; use cls, mean or tokens")
+    if config.kd not in KD_KINDS:
+        p.append(f"kd: must be one of {', '.join(KD_KINDS)}, got {config.kd!r}")
+    if not 0.0 < config.kd_beta < 1.0:
+        p.append(f"kd_beta: the JSD mixture weight must be in (0, 1), got {config.kd_beta}")
+    if not 0.0 <= config.kd_skew < 1.0:
+        p.append(f"kd_skew: the skew must be in [0, 1), got {config.kd_skew}")
+    if config.template not in TEMPLATES:
+        p.append(f"template: must be one of {', '.join(TEMPLATES)}, got {config.template!r}")
+    if config.format not in INSTRUCT_FORMATS:
+        p.append(f"format: must be one of {', '.join(INSTRUCT_FORMATS)}, got {config.format!r}")
+    if config.max_prompt_length < 1 or (instruct and config.max_prompt_length >= config.max_length):
+        p.append(
+            f"max_prompt_length: must be at least 1 and below max_length ({config.max_length}) so a response "
+            f"fits, got {config.max_prompt_length}"
+        )
+    if config.max_new_tokens < 1:
+        p.append(f"max_new_tokens: must be at least 1, got {config.max_new_tokens}")
     if config.max_steps is None and config.epochs <= 0:
         p.append(f"epochs: must be > 0 (or give max_steps), got {config.epochs}")
     if config.max_steps is not None and config.max_steps < 1:
@@ -161,7 +203,7 @@ def validation_problems(config: RunConfig) -> list[str]:
             p.append(f"{name}: must be at least 1, got {getattr(config, name)}")
     if config.save_minutes < 0:
         p.append(f"save_minutes: must be >= 0 (0 turns wall-clock checkpoints off), got {config.save_minutes}")
-    for name in ("eval_every", "save_every", "keep_checkpoints"):
+    for name in ("eval_every", "save_every", "keep_checkpoints", "eval_generate"):
         value = getattr(config, name)
         if value is not None and value < 1:
             p.append(f"{name}: must be at least 1 step (or unset), got {value}")
@@ -284,6 +326,9 @@ def resolve_config(
                     )
                 continue
             values[name] = _coerce(name, raw, source)
+    if values.get("task") == "instruct":
+        for name, value in INSTRUCT_DEFAULTS.items():
+            values.setdefault(name, value)
     return RunConfig(**values)
 
 

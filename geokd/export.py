@@ -1,8 +1,10 @@
 """`geokd export`: the deployable student and nothing else (issue #6).
 
 * `hf` (default): a Hugging Face folder (config.json, tokenizer files, `model.safetensors`) that
-  `AutoModelForSequenceClassification.from_pretrained(DIR)` loads without geokd, plus a `README.md`
-  model card and `geokd.json` provenance.
+  `AutoModelForSequenceClassification.from_pretrained(DIR)` (a classifier) or
+  `AutoModelForCausalLM.from_pretrained(DIR)` and `pipeline("text-generation")` (a causal LM, with
+  its generation config and chat template) load without geokd, plus a `README.md` model card and
+  `geokd.json` provenance.
 * `safetensors`: one `.safetensors` file whose metadata header carries the provenance (`geokd`,
   JSON) and the model config (`config`, JSON), so it describes itself.
 
@@ -25,7 +27,8 @@ Reading an export (`--check`, the round trip) checks its safetensors structure f
 reads a pickled `.bin`.
 
 Round trip: the export records a probe batch's logits from the source model (float32) in its
-provenance; `verify_export` (`geokd export --check`) recomputes them with the exported model and
+provenance (a causal LM: the next-token logits at each probe text's last token, all compared at
+export time, the top 64 per text recorded); `verify_export` (`geokd export --check`) recomputes them with the exported model and
 compares, exactly for fp32 and to the dtype's tolerance for fp16/bf16.
 """
 
@@ -104,10 +107,31 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+# A causal LM's probe records the top logits of each probe text's last position (a full vocabulary
+# row per text would make geokd.json megabytes); the round trip at export time compares them all.
+PROBE_TOP_K = 64
+
+
+def is_causal_lm(config: Any) -> bool:
+    """True for a causal language model's config (or config dict): an architecture transformers maps
+    to causal language modelling (`*ForCausalLM`, `GPT2LMHeadModel`, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = (config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)) or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # GPT2LMHeadModel, LlamaForCausalLM, ...
+    return any(str(name) in causal or str(name).endswith("ForCausalLM") for name in architectures)
+
+
+def _auto_class(config: Any):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if is_causal_lm(config) else AutoModelForSequenceClassification
+
+
 def _probe_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:
-    encoded = dict(
-        tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=64, return_tensors="pt")
-    )
+    # A tokenizer without a pad token (GPT-2 style) probes one text, so nothing needs padding.
+    texts = list(PROBE_TEXTS) if tokenizer.pad_token_id is not None else list(PROBE_TEXTS[:1])
+    encoded = dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
     reset_tokenizer_state(tokenizer)
     return encoded
 
@@ -123,8 +147,30 @@ def reset_tokenizer_state(tokenizer: Any) -> None:
 
 
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, C] class logits, or for a causal LM the next-token logits [B, V] at each text's last
+    real token (left or right padding)."""
     with torch.inference_mode():
-        return model(**inputs).logits.float()
+        logits = model(**inputs).logits.float()
+    if logits.dim() == 3:
+        mask = inputs["attention_mask"]
+        positions = torch.arange(mask.shape[1]).expand_as(mask)
+        last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+        logits = logits[torch.arange(logits.shape[0]), last]
+    return logits
+
+
+def _record_logits(logits: torch.Tensor) -> Any:
+    if logits.shape[-1] <= PROBE_TOP_K * 4:
+        return logits.tolist()
+    values, ids = logits.topk(PROBE_TOP_K, dim=-1)
+    return {"top_ids": ids.tolist(), "top_values": values.tolist()}
+
+
+def _recorded_diff(got: torch.Tensor, recorded: Any) -> float:
+    if isinstance(recorded, dict):  # a causal LM's top-k record
+        ids = torch.tensor(recorded["top_ids"])
+        return float((got.gather(-1, ids) - torch.tensor(recorded["top_values"])).abs().max())
+    return float((got - torch.tensor(recorded)).abs().max())
 
 
 def provenance(folder: Path, run_dir: Path | None, loaded: Any, dtype: str, fmt: str) -> dict[str, Any]:
@@ -160,14 +206,17 @@ def provenance(folder: Path, run_dir: Path | None, loaded: Any, dtype: str, fmt:
         "parameters": count_parameters(loaded.model),
         "teacher_parameters": (env or {}).get("teacher_parameters"),
         "model_type": getattr(loaded.config, "model_type", None),
+        "causal_lm": is_causal_lm(loaded.config),
         "id2label": {str(k): v for k, v in (loaded.config.id2label or {}).items()},
     }
 
 
 def model_card(info: dict[str, Any]) -> str:
     """README.md for an `hf` export."""
+    causal = info.get("causal_lm", False)
+    kind = "instruction following" if causal else "sequence classification"
     lines = [
-        f"# {info['model_type'] or 'model'} for {info['task'] or 'sequence classification'} (geokd export)",
+        f"# {info['model_type'] or 'model'} for {info['task'] or kind} (geokd export)",
         "",
     ]
     if info["mode"] == "distill":
@@ -194,15 +243,27 @@ def model_card(info: dict[str, Any]) -> str:
         rows.append((f"{info['split'] or 'dev'} {name}", f"{value:.4f}"))
     rows += [
         ("dtype", info["dtype"]),
-        ("labels", json.dumps(info["id2label"])),
+        *([] if causal else [("labels", json.dumps(info["id2label"]))]),
         ("geokd", info["geokd_version"]),
     ]
     lines += ["", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    usage = (
+        [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+            'generate = pipeline("text-generation", model="PATH")',
+        ]
+        if causal
+        else [
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            'model = AutoModelForSequenceClassification.from_pretrained("PATH")',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        ]
+    )
     lines += [
         "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-        'model = AutoModelForSequenceClassification.from_pretrained("PATH")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        *usage,
         "```",
         "",
         "`geokd.json` holds the full provenance, including the logits of a probe batch that",
@@ -309,7 +370,12 @@ def export_model(
     recover_stale(target)
     check_out(target, force, fmt)
     _quiet_transformers()
-    loaded = load_model(str(folder), trust_remote_code=trust_remote_code)
+    if is_causal_lm(_read_json(folder / "config.json") or {}):
+        from geokd.models.decoder import load_causal_lm
+
+        loaded = load_causal_lm(str(folder), trust_remote_code=trust_remote_code)
+    else:
+        loaded = load_model(str(folder), trust_remote_code=trust_remote_code)
     head_missing = [k for k in loaded.new_weights if not k.startswith(loaded.model.base_model_prefix + ".")]
     if loaded.new_weights:
         raise GeokdError(
@@ -324,7 +390,7 @@ def export_model(
     info["probe"] = {
         "texts": list(PROBE_TEXTS),
         "inputs": {k: v.tolist() for k, v in probe.items()},  # token ids: --check needs no tokenizer
-        "logits": reference.tolist(),
+        "logits": _record_logits(reference),
     }
     tmp, _ = _temporaries(target)
     with disk_full_as_error(target, "the export"):  # after the temporary is gone (below)
@@ -384,10 +450,10 @@ def load_export(
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer or None, provenance) of an export: an hf folder or a .safetensors file."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from geokd.evaluate import _quiet_transformers
-    from geokd.models import _check_weights, check_safetensors
+    from geokd.models import check_safetensors, check_weights
 
     _quiet_transformers()
     target = Path(path).expanduser()
@@ -397,13 +463,11 @@ def load_export(
             raise GeokdError(f"--check: {str(target)!r} has no geokd.json; it is not a geokd export")
         _check_info(info, target)
 
-        def find(filename: str) -> Path | None:
-            file = target / filename
-            return file if file.is_file() else None
-
-        _check_weights(repr(str(target)), find, what="--check")  # no pickles, no damaged safetensors
+        config_json = _read_json(target / "config.json") or {}
+        auto = _auto_class(config_json)
+        check_weights(target, "--check", auto_class=auto.__name__)  # no pickles, no damaged safetensors
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = auto.from_pretrained(
                 target, trust_remote_code=trust_remote_code, dtype=DTYPES[info["dtype"]], use_safetensors=True
             )
             tokenizer = AutoTokenizer.from_pretrained(target)
@@ -432,7 +496,7 @@ def load_export(
             raise GeokdError(f"--check: the metadata of {str(target)!r} is damaged; re-export it") from None
         _check_info(info, target)
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[info["dtype"]])
+        model = _auto_class(config).from_config(config, dtype=DTYPES[info["dtype"]])
         try:
             load_model(model, str(target))
         except SafetensorError as exc:
@@ -473,7 +537,7 @@ def verify_export(path: str | Path, trust_remote_code: bool = False) -> dict[str
         raise GeokdError(f"--check: {str(path)!r} records no probe batch; re-export it with this geokd")
     inputs = {k: torch.tensor(v) for k, v in probe["inputs"].items()}
     got = _logits(model, inputs)
-    diff = float((got - torch.tensor(probe["logits"])).abs().max())
+    diff = _recorded_diff(got, probe["logits"])
     tolerance = TOLERANCE[info["dtype"]]
     return {
         "ok": diff <= tolerance,

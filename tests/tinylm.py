@@ -1,6 +1,7 @@
 """Tiny causal language models and an offline tokenizer for the decoder tests (issue #11).
 
-`make_tokenizer()` builds a word-level fast tokenizer in code (no download): the special tokens
+`make_tokenizer()` builds a word-level fast tokenizer in code (no download; note that a saved qwen2
+folder reloads it as `Qwen2Tokenizer`, which cannot read a word-level vocabulary: use qwen3): the special tokens
 `<pad>`, `<s>`, `</s>`, `<unk>`, the MiniLLM template's words and a small filler vocabulary, with
 a chat template. `make_causal_lm(family)` returns a randomly initialised model of each supported
 family (llama, qwen2, qwen3, mistral, gpt2, opt) sized for CPU tests, and `save_causal_lm` writes
@@ -88,4 +89,23 @@ def save_causal_lm(folder: str | Path, family: str = "llama", seed: int = 0, **c
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_instruct_data(folder: str | Path, n_train: int = 48, n_dev: int = 12, seed: int = 0) -> Path:
+    """A learnable toy instruction task in the MiniLLM format: the response repeats the
+    instruction's filler words in reverse; every third example has an input block."""
+    import json
+    import random
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = []
+        for i in range(n):
+            words = rng.sample(FILLER, rng.randint(2, 5))
+            rows.append({"instruction": " ".join(words), "input": "w0 w1" if i % 3 == 0 else "",
+                         "output": " ".join(reversed(words))})  # fmt: skip
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return folder

@@ -58,7 +58,9 @@ class Workload:
 
 def build_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], None]) -> Workload:
     """The workload `config` asks for: decoders for `--task instruct`, encoders otherwise."""
-    if config.task == "instruct":
+    from geokd.tasks import is_instruct_task
+
+    if config.task is not None and is_instruct_task(config.task):
         from geokd.workloads.decoder import decoder_workload
 
         return decoder_workload(config, runtime, warn)

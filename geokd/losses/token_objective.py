@@ -1,0 +1,117 @@
+"""The decoder objective (issue #11): `γ·L_SFT + α·Σ_layers L_feature + (1 − α)·L_KD` on response
+tokens only.
+
+* `L_SFT`: cross-entropy of the student's next-token prediction at every response position,
+  averaged over the micro-batch's response tokens.
+* `L_KD`: a token-level divergence between the teacher's and the student's next-token
+  distributions at the same positions (`--kd forward|reverse|jsd|skew-forward|skew-reverse|tvd`,
+  `geokd.losses.token_kd`), averaged over the same tokens.
+* `L_feature`: any feature loss of the library on response-token rows (or their mean, or the last
+  prompt token), one per mapped layer pair, as for encoders.
+
+Both vocabulary-sized terms start from the final hidden states of the response positions and apply
+the output heads chunk by chunk, so no `[B, T, V]` (or `[N, V]`) float32 logits exist at once: the
+KD term through `chunked_token_kd`'s own autograd function, the SFT term through activation
+checkpointing per chunk (the chunk's logits are recomputed in the backward pass instead of kept).
+The engine weights each micro-batch by its number of response tokens, so a step's loss is the sum
+over the step's response tokens divided by their count: never an average of averages.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from geokd.losses.objective import LossOutput
+from geokd.losses.registry import build_feature_loss
+from geokd.losses.token_kd import chunked_token_kd
+
+
+def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+              vocab: int | None) -> torch.Tensor:  # fmt: skip
+    logits = F.linear(hidden, weight if vocab is None else weight[:vocab], None if bias is None else
+                      (bias if vocab is None else bias[:vocab]))  # fmt: skip
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, vocab: int | None = None, chunk_tokens: int = 256
+) -> torch.Tensor:
+    """Σ over rows of −log softmax(head(hidden))[target], computed `chunk_tokens` rows at a time with
+    each chunk's logits recomputed in the backward pass (peak memory: one chunk's logits)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            part = checkpoint(_chunk_ce, hidden[rows], head.weight, head.bias, targets[rows], vocab, use_reentrant=False)
+        else:
+            part = _chunk_ce(hidden[rows], head.weight, head.bias, targets[rows], vocab)
+        total = total + part
+    return total
+
+
+class TokenObjective(nn.Module):
+    """Weighted sum of response-token SFT, token-level KD and per-layer feature losses."""
+
+    def __init__(
+        self,
+        loss: str,
+        layer_pairs: list[tuple[int, int]],
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        alpha: float = 0.5,
+        gamma: float = 1.0,
+        temperature: float = 1.0,
+        kd: str = "forward",
+        kd_beta: float = 0.5,
+        kd_skew: float = 0.1,
+        mode: str = "distill",
+        vocab: int | None = None,
+        chunk_tokens: int = 256,
+    ):
+        super().__init__()
+        self.loss_name = loss
+        self.layer_pairs = list(layer_pairs) if mode == "distill" and loss != "none" else []
+        self.alpha, self.gamma, self.temperature, self.mode = alpha, gamma, temperature, mode
+        self.kd, self.kd_beta, self.kd_skew = kd, kd_beta, kd_skew
+        self.vocab, self.chunk_tokens = vocab, chunk_tokens
+        # The same attribute name as the encoder Objective: projection heads checkpoint alike.
+        self.feature_losses = nn.ModuleList(
+            build_feature_loss(loss, student_dim, teacher_dim) for _ in self.layer_pairs
+        )
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,  # [N, d_s]: final hidden states at the response positions
+        student_head: nn.Linear,
+        targets: torch.Tensor,  # [N]: the next token at each of those positions
+        teacher_hidden: torch.Tensor | None = None,  # [N, d_t]
+        teacher_head: nn.Linear | None = None,
+        student_features: list[torch.Tensor] | None = None,
+        teacher_features: list[torch.Tensor] | None = None,
+    ) -> LossOutput:
+        n = max(1, int(targets.shape[0]))
+        terms: dict[str, torch.Tensor] = {}
+        sft = chunked_cross_entropy(student_hidden, student_head, targets, self.vocab, self.chunk_tokens) / n
+        terms["sft"] = sft
+        total = self.gamma * sft
+        if self.mode == "distill":
+            if teacher_hidden is not None and teacher_head is not None and self.alpha < 1.0:
+                kd_sum, _ = chunked_token_kd(
+                    student_hidden, student_head, teacher_hidden, teacher_head, self.kd,
+                    temperature=self.temperature, beta=self.kd_beta, skew=self.kd_skew, vocab=self.vocab,
+                    chunk_tokens=self.chunk_tokens,
+                )  # fmt: skip
+                kd_value = kd_sum / n
+                terms["kd"] = kd_value
+                total = total + (1.0 - self.alpha) * kd_value
+            for (s_layer, t_layer), loss_fn, s, t in zip(
+                self.layer_pairs, self.feature_losses, student_features or [], teacher_features or [], strict=True
+            ):
+                value = loss_fn(s, t)
+                terms[f"feature/{self.loss_name}/{s_layer}->{t_layer}"] = value
+                total = total + self.alpha * value
+        return LossOutput(total=total, terms={k: v.detach() for k, v in terms.items()})

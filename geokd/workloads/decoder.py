@@ -1,0 +1,219 @@
+"""The decoder workload: causal LMs on instruction data, the MiniLLM / DistiLLM protocol (issue #11).
+
+Data: `--task instruct --data FOLDER` with train.jsonl and dev.jsonl in any supported format
+(`geokd.tasks.instruct`), rendered with `--template alpaca|chat`; prompt and padding tokens carry
+label -100 and never enter a loss. Models: causal-LM teacher and student (`truncate:N`, `shrink:...`
+or pretrained) sharing one tokenizer (checked before anything runs; vocabularies that differ only
+by padding rows are sliced to the shared size). The objective is `geokd.losses.token_objective`.
+
+One micro-batch: both models run their base transformer (not the LM head) on the same batch; the
+final hidden states at the response positions (position t predicts token t + 1, so the positions
+whose next token has a label) go to the chunked SFT and KD terms, and the mapped hidden states give
+the feature rows (`tokens`: every response token; `mean`: the mean over an example's response
+tokens; `last`: the last prompt token). A micro-batch weighs its number of response tokens.
+
+Evaluation during training: the response-token loss and perplexity on dev (fast);
+`--eval-generate N` adds greedy ROUGE-L on the first N dev examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from geokd.config import RunConfig
+from geokd.errors import GeokdError
+from geokd.losses.objective import LossOutput
+from geokd.losses.token_objective import TokenObjective, chunked_cross_entropy
+from geokd.runtime import Runtime
+from geokd.workloads import Workload
+
+
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, T-1] of positions whose next token is a response token, those next tokens [N])."""
+    following = labels[:, 1:]
+    mask = following != -100
+    return mask, following[mask]
+
+
+def _base_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], hidden: bool):
+    """The transformer below the LM head: last_hidden_state (what the head reads) and, when asked,
+    every layer's hidden states."""
+    return model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden
+    )
+
+
+def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], None]) -> Workload:
+    from geokd import models as models_lib
+    from geokd.models import decoder as decoder_lib
+    from geokd.tasks import instruct
+
+    if config.cache:
+        raise GeokdError("--cache: decoder caches come with issue #12; distil --task instruct with a live --teacher")
+    if config.data is None:
+        raise GeokdError("--data: --task instruct needs a folder holding train.jsonl and dev.jsonl")
+    train_split = instruct.load_instruct_split(config.data, "train", format=config.format)
+    dev_split = instruct.load_instruct_split(config.data, "dev", format=config.format)
+
+    teacher = None
+    if config.mode == "distill":
+        teacher = decoder_lib.load_causal_lm(config.teacher, trust_remote_code=config.trust_remote_code)
+        student = models_lib.load_student(
+            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
+        )
+    else:
+        student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
+    vocab = decoder_lib.check_same_tokenizer(teacher, student) if teacher is not None else None
+    for loaded in (student, teacher):
+        if loaded is not None:
+            for message in getattr(loaded, "warnings", ()):
+                warn(message)
+    tokenizer = student.tokenizer
+    tokenize = dict(template=config.template, max_prompt_length=config.max_prompt_length,
+                    max_length=config.max_length)  # fmt: skip
+    train_features, train_stats = instruct.tokenize_instruct(train_split, tokenizer, **tokenize)
+    dev_features, dev_stats = instruct.tokenize_instruct(dev_split, tokenizer, **tokenize)
+    for name, stats in (("train", train_stats), ("dev", dev_stats)):
+        dropped, cut = stats.get("dropped_prompt", 0), stats.get("truncated_response", 0)
+        if dropped or cut:
+            warn(
+                f"{name}: {dropped} example(s) dropped (prompt over --max-prompt-length {config.max_prompt_length}), "
+                f"{cut} response(s) cut at --max-length {config.max_length}"
+            )
+    collate = instruct.make_instruct_collate(tokenizer)
+    for message in getattr(collate, "warnings", ()):
+        warn(message)
+
+    teacher_info = None
+    if teacher is not None:
+        teacher_info = {
+            "name": config.teacher,
+            "parameters": models_lib.count_parameters(teacher.model),
+            "layers": teacher.num_layers,
+            "hidden": teacher.config.hidden_size,
+            "source": teacher.source.to_dict(),
+        }
+    layer_pairs: list[tuple[int, int]] = []
+    if teacher_info is not None and config.loss != "none":
+        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher_info["layers"])
+    objective = TokenObjective(
+        config.loss,
+        layer_pairs,
+        student.config.hidden_size,
+        teacher_info["hidden"] if teacher_info is not None else 1,
+        alpha=config.alpha,
+        gamma=config.gamma,
+        temperature=config.temperature,
+        kd=config.kd,
+        kd_beta=config.kd_beta,
+        kd_skew=config.kd_skew,
+        mode=config.mode,
+        vocab=vocab,
+    ).to(runtime.device)
+    student.model.to(runtime.device).train()
+    student_head = decoder_lib.output_head(student.model)
+    teacher_head = None
+    if teacher is not None:
+        teacher.model.to(runtime.device).eval()
+        for param in teacher.model.parameters():
+            param.requires_grad_(False)
+        teacher_head = decoder_lib.output_head(teacher.model)
+    student_layers = [s for s, _ in layer_pairs]
+    teacher_layers = [t for _, t in layer_pairs]
+    needs_teacher = teacher is not None and (config.alpha < 1.0 or bool(layer_pairs))
+
+    def step(batch: dict[str, torch.Tensor]) -> LossOutput:
+        positions, targets = response_positions(batch["labels"])
+        response_mask = batch["labels"] != -100
+        with runtime.autocast():
+            out = _base_forward(student.model, batch, bool(layer_pairs))
+        s_hidden = out.last_hidden_state[:, :-1][positions]
+        t_hidden = s_feats = t_feats = None
+        if needs_teacher:
+            with torch.no_grad(), runtime.autocast():
+                t_out = _base_forward(teacher.model, batch, bool(layer_pairs))  # type: ignore[union-attr]
+            t_hidden = t_out.last_hidden_state[:, :-1][positions]
+            if layer_pairs:
+                t_feats = decoder_lib.decoder_features(t_out.hidden_states, response_mask, teacher_layers,
+                                                       config.features)  # fmt: skip
+        if layer_pairs:
+            s_feats = decoder_lib.decoder_features(out.hidden_states, response_mask, student_layers, config.features)
+        return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats)
+
+    def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def dev_loss() -> dict[str, float]:
+        """Response-token cross-entropy (mean over all dev response tokens) and perplexity."""
+        was_training = student.model.training
+        student.model.eval()
+        total, count = 0.0, 0
+        try:
+            order = sorted(range(len(dev_features)), key=lambda i: len(dev_features[i]["input_ids"]))
+            with torch.inference_mode():
+                for first in range(0, len(order), config.batch_size):
+                    batch = collate([dev_features[i] for i in order[first : first + config.batch_size]])
+                    batch = {k: v.to(runtime.device) for k, v in batch.items()}
+                    positions, targets = response_positions(batch["labels"])
+                    with runtime.autocast():
+                        hidden = _base_forward(student.model, batch, False).last_hidden_state[:, :-1][positions]
+                    total += float(chunked_cross_entropy(hidden, student_head, targets, vocab))
+                    count += int(targets.shape[0])
+        finally:
+            student.model.train(was_training)
+        loss = total / max(1, count)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "response_tokens": float(count)}
+
+    extra_results: dict[str, Any] = {"data_stats": {"train": train_stats, "dev": dev_stats}}
+
+    def generate_dev() -> dict[str, float]:
+        from geokd.generation import generate, rouge_l
+
+        n = min(int(config.eval_generate or 0), len(dev_split.examples))
+        subset = dataclasses.replace(dev_split, examples=dev_split.examples[:n])
+        prompts, _ = instruct.tokenize_prompts(subset, tokenizer, template=config.template,
+                                               max_prompt_length=config.max_prompt_length)  # fmt: skip
+        was_training = student.model.training
+        student.model.eval()
+        try:
+            outputs = generate(student.model, tokenizer, [f["input_ids"] for f in prompts],
+                               max_new_tokens=config.max_new_tokens, decoding="greedy")  # fmt: skip
+        finally:
+            student.model.train(was_training)
+        scores = [
+            rouge_l(o.text, subset.examples[f["example_id"]].references)
+            for o, f in zip(outputs, prompts, strict=True)
+        ]
+        return {"rouge_l": sum(scores) / max(1, len(scores)), "generated": float(len(scores))}
+
+    def final_evaluate() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        metrics = dev_loss()
+        if config.eval_generate:
+            metrics.update(generate_dev())
+        return metrics, {}
+
+    return Workload(
+        kind="decoder",
+        task="instruct",
+        dev_split="dev",
+        student=student,
+        tokenizer=tokenizer,
+        teacher_info=teacher_info,
+        teacher_sha256=teacher.source.weights_sha256 if teacher is not None else None,
+        layer_pairs=layer_pairs,
+        objective=objective,
+        train_features=train_features,
+        dev_examples=len(dev_features),
+        collate=collate,
+        data={"train": train_split.fingerprint, "dev": dev_split.fingerprint},
+        step=step,
+        size=response_tokens,
+        evaluate=dev_loss,
+        final_evaluate=final_evaluate,
+        extra_results=extra_results,
+    )
