@@ -358,7 +358,7 @@ def _run_training(
             terms = " ".join(
                 f"{k.split('/')[-1] if k.startswith('feature/') else k}={v:.4f}"
                 for k, v in record.items()
-                if k in ("loss", "task", "kl") or k.startswith("feature/")
+                if k in ("loss", "task", "kl", "sft", "kd") or k.startswith("feature/")
             )
             info = f"epoch {record['epoch']:.2f} {terms} {record['examples_per_s']:.0f} ex/s"
             bar.update(bar.task_ids[0], total=record["total_steps"], completed=record["step"], info=info)
@@ -907,8 +907,13 @@ def eval_command(
         if json_path is not None:
             check_output_path(json_path, "--json")
         if _is_instruct_eval(model, task):
+            if geometry and teacher is None:
+                raise GeokdError("--geometry needs --teacher TEACHER (a causal LM) to compare against")
+            geometry_options = dict(teacher=teacher if geometry else None, layers=layers, features=features,
+                                    epsilon=epsilon, max_length=max_length)  # fmt: skip
             _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, gen_seeds, max_new_tokens,
-                           max_prompt_length, template, data_format, train_data, device, trust_remote_code, quiet)  # fmt: skip
+                           max_prompt_length, template, data_format, train_data, device, trust_remote_code, quiet,
+                           geometry_options)  # fmt: skip
             return
         if plot_path is not None:
             if not geometry:
@@ -975,7 +980,8 @@ def _is_instruct_eval(model: str, task: str | None) -> bool:
 
 
 def _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, gen_seeds, max_new_tokens,
-                   max_prompt_length, template, data_format, train_data, device, trust_remote_code, quiet) -> None:  # fmt: skip
+                   max_prompt_length, template, data_format, train_data, device, trust_remote_code, quiet,
+                   geometry_options) -> None:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from geokd.artifacts import write_json
@@ -994,6 +1000,7 @@ def _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, g
             gen_seeds=seeds, limit=limit, batch_size=min(batch_size, 64), device=device or "auto",
             trust_remote_code=trust_remote_code, train_data=train_data,
             on_total=lambda n: bar.update(bar_task, total=n), on_batch=lambda k: bar.advance(bar_task, k),
+            **geometry_options,
         )  # fmt: skip
     records = result.pop("records")
     table = Table(title=f"instruct: {model} on {result['data']['source']} ({result['decoding']['decoding']})")
@@ -1015,6 +1022,7 @@ def _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, g
         + f"; {result['elapsed_s']:.1f} s"
     )
     console.print(table)
+    _render_geometry(result.get("geometry"))
     written = []
     targets = [json_path] if json_path is not None else []
     run_copy = default_eval_path(result["model"]["run_dir"], "instruct", result["split"], None)
@@ -1056,7 +1064,11 @@ def _render_eval(result: dict) -> None:
     console.print(table)
     for warning in result["warnings"]:
         err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", highlight=False)
-    report = result.get("geometry")
+    _render_geometry(result.get("geometry"))
+
+
+def _render_geometry(report: dict | None) -> None:
+    """The geometry table of `geokd eval --geometry` (classifiers and decoders alike)."""
     if report is None:
         return
     geo = Table(

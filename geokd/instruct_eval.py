@@ -50,9 +50,16 @@ def evaluate_instruct_model(
     train_data: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    teacher: str | None = None,
+    layers: str | None = None,
+    features: str | None = None,
+    epsilon: float = 0.1,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """Generate and score; returns the result dict with its `records` (pop them before writing
-    the metrics JSON; `geokd.generation.write_generations_jsonl` writes them)."""
+    the metrics JSON; `geokd.generation.write_generations_jsonl` writes them). With `teacher`, the
+    result also holds the geometry report against it (`decoder_geometry_report`; layer map, rows
+    and max length default to the run's)."""
     from geokd.config import read_config
     from geokd.evaluate import _quiet_transformers, locate_model
     from geokd.generation import evaluate_generations
@@ -115,6 +122,16 @@ def evaluate_instruct_model(
         on_batch=(lambda done, total: on_batch(done)) if on_batch is not None else None,
     )
     metrics = {name: result["metrics"][name]["mean"] for name in METRIC_ORDER if name in result["metrics"]}
+    geometry = None
+    if teacher is not None:
+        geometry = decoder_geometry_report(
+            loaded, teacher, eval_split,
+            layers=layers or (run_config.layers if run_config is not None else "uniform"),
+            features=features or (run_config.features if run_config is not None else "tokens"),
+            epsilon=epsilon, template=template, max_prompt_length=max_prompt_length,
+            max_length=max_length or (run_config.max_length if run_config is not None else 512),
+            batch_size=batch_size, runtime=runtime, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
     folder = Path(located.load)
     return {
         "task": "instruct",
@@ -138,8 +155,100 @@ def evaluate_instruct_model(
         "data": {"source": eval_split.source, "format": eval_split.format, "fingerprint": eval_split.fingerprint},
         "prompts": {"template": template, "max_prompt_length": max_prompt_length, **stats},
         "contamination": contamination,
+        "geometry": geometry,
         "settings": {"device": str(runtime.device), "precision": runtime.reason, "batch_size": batch_size},
         "geokd_version": geokd.__version__,
         "elapsed_s": time.perf_counter() - started,
         "records": result["records"],
+    }
+
+
+def _decoder_rows(
+    loaded: Any, split: Any, layers: list[int], *, features: str, template: str, max_prompt_length: int,
+    max_length: int, batch_size: int, runtime: Any,
+) -> dict[int, list[Any]]:  # fmt: skip
+    """{example id: [rows of each layer in `layers`]}: the prompt + reference response read through
+    the model's own tokenizer; response-token rows, their mean, or the last prompt token."""
+    import torch
+
+    from geokd.models.decoder import decoder_features
+    from geokd.tasks import instruct
+
+    tokenized, _ = instruct.tokenize_instruct(split, loaded.tokenizer, template=template,
+                                              max_prompt_length=max_prompt_length, max_length=max_length)  # fmt: skip
+    collate = instruct.make_instruct_collate(loaded.tokenizer)
+    model = loaded.model.to(runtime.device).eval()
+    rows: dict[int, list[Any]] = {}
+    with torch.inference_mode():
+        for first in range(0, len(tokenized), batch_size):
+            chunk = tokenized[first : first + batch_size]
+            batch = {k: v.to(runtime.device) for k, v in collate(chunk).items()}
+            with runtime.autocast():
+                out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       output_hidden_states=True)  # fmt: skip
+            response = batch["labels"] != -100
+            per_layer = decoder_features(out.hidden_states, response, layers, features,
+                                         attention_mask=batch["attention_mask"])  # fmt: skip
+            counts = response.sum(dim=1).tolist() if features == "tokens" else [1] * len(chunk)
+            start = 0
+            for feature, count in zip(chunk, counts, strict=True):
+                rows[feature["example_id"]] = [r[start : start + count].float().cpu() for r in per_layer]
+                start += count
+    return rows
+
+
+def decoder_geometry_report(
+    student: Any, teacher_name: str, split: Any, *, layers: str, features: str, epsilon: float,
+    template: str, max_prompt_length: int, max_length: int, batch_size: int, runtime: Any,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """The geometry of a causal-LM student against a causal-LM teacher on instruction data, per
+    mapped layer pair, in the same form as the encoder report (`geokd.evaluate.geometry_report`):
+    `tokens` rows (one per response token; the models must share the tokenizer), `mean` (one row
+    per example: the mean over its response tokens) or `last` (the last prompt token). Only examples
+    both models keep (prompt within `max_prompt_length` in each tokenizer) are compared."""
+    import torch
+
+    from geokd.evaluate import constant_rows, geometry_distances, preserved_pairs, undefined_note
+    from geokd.models import parse_layer_map
+    from geokd.models.decoder import check_same_tokenizer, load_causal_lm
+
+    teacher = load_causal_lm(teacher_name, trust_remote_code=trust_remote_code)
+    if features == "tokens":
+        check_same_tokenizer(teacher, student)
+    pairs = parse_layer_map(layers, student.num_layers, teacher.num_layers)
+    common = dict(features=features, template=template, max_prompt_length=max_prompt_length,
+                  max_length=max_length, batch_size=batch_size, runtime=runtime)  # fmt: skip
+    s_rows = _decoder_rows(student, split, sorted({s for s, _ in pairs}), **common)
+    t_rows = _decoder_rows(teacher, split, sorted({t for _, t in pairs}), **common)
+    s_index = {layer: i for i, layer in enumerate(sorted({s for s, _ in pairs}))}
+    t_index = {layer: i for i, layer in enumerate(sorted({t for _, t in pairs}))}
+    shared = [i for i in sorted(s_rows) if i in t_rows]
+    if not shared:
+        raise GeokdError("--geometry: no example is kept by both models (prompts over --max-prompt-length)")
+    entries = []
+    for s_layer, t_layer in pairs:
+        s = torch.cat([s_rows[i][s_index[s_layer]] for i in shared])
+        t = torch.cat([t_rows[i][t_index[t_layer]] for i in shared])
+        if s.shape[0] != t.shape[0]:
+            raise GeokdError(
+                f"--geometry: {s.shape[0]} student rows but {t.shape[0]} teacher rows at {s_layer}:{t_layer}; "
+                "token rows need the same tokenizer: use --features mean or last"
+            )
+        counts = preserved_pairs(s, t, epsilon)
+        entries.append({
+            "student_layer": s_layer, "teacher_layer": t_layer, **geometry_distances(s, t),
+            "undefined": undefined_note(constant_rows(s), constant_rows(t)), **counts,
+            "preserved_fraction": counts["preserved_pairs"] / counts["teacher_pairs"] if counts["teacher_pairs"] else None,
+        })  # fmt: skip
+    return {
+        "teacher": teacher.source.to_dict(),
+        "split": split.split,
+        "n_examples": len(shared),
+        "n_rows": int(sum(s_rows[i][0].shape[0] for i in shared)),
+        "features": features,
+        "layers": layers,
+        "epsilon": epsilon,
+        "layer_pairs": entries,
+        "grid": None,
     }

@@ -70,6 +70,14 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
     vocab = decoder_lib.check_same_tokenizer(teacher, student) if teacher is not None else None
     for loaded in (student, teacher):
+        cfg = loaded.config if loaded is not None else None
+        positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if isinstance(positions, int) and config.max_length > positions:
+            raise GeokdError(
+                f"--max-length: {config.max_length} tokens exceeds the {positions} positions of "
+                f"{loaded.source.name!r}; pass --max-length {positions} or less"  # type: ignore[union-attr]
+            )
+    for loaded in (student, teacher):
         if loaded is not None:
             for message in getattr(loaded, "warnings", ()):
                 warn(message)

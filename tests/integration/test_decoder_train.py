@@ -219,3 +219,40 @@ def test_eval_instruct_end_to_end_and_compare_on_rouge_l(llama_dir, instruct_dir
     bad = runner.invoke(app, ["eval", str(llama_dir), "--task", "instruct", "--data", str(eval_file),
                               "--gen-seeds", "1,2"])  # fmt: skip
     assert bad.exit_code == 2 and "--decoding sample" in bad.output
+
+
+def test_max_length_beyond_the_models_positions_is_one_line(llama_dir, instruct_dir, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--quiet", *options(teacher=llama_dir, student="truncate:2",
+                                 task="instruct", data=instruct_dir, out=out, max_steps=1)])  # fmt: skip
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "--max-length: 512 tokens exceeds the 256" in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("features", ["tokens", "mean", "last"])
+def test_eval_geometry_of_a_decoder_student(llama_dir, instruct_dir, tmp_path, features):
+    run = tmp_path / "student"
+    train(_config(llama_dir, instruct_dir, run, max_steps=2, save_every=None))
+    out_json = tmp_path / "geo.json"
+    result = runner.invoke(app, ["eval", str(run), "--data", str(instruct_dir / "dev.jsonl"), "--geometry",
+                                 "--teacher", str(llama_dir), "--features", features, "--max-new-tokens", "2",
+                                 "--json", str(out_json)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "cka_distance" in result.output
+    report = json.loads(out_json.read_text())["geometry"]
+    assert [(e["student_layer"], e["teacher_layer"]) for e in report["layer_pairs"]] == [(1, 2), (2, 4)]
+    assert report["features"] == features and report["n_examples"] == 12
+    if features != "tokens":
+        assert report["n_rows"] == 12
+    entry = report["layer_pairs"][0]
+    assert 0.0 < entry["procrustes"] <= 2.0 and entry["cka_distance"] is not None
+    # a model against itself: the same rows, so every distance is ~0 and every pair is preserved
+    same = runner.invoke(app, ["eval", str(llama_dir), "--task", "instruct", "--data", str(instruct_dir / "dev.jsonl"),
+                               "--geometry", "--teacher", str(llama_dir), "--features", features, "--layers", "2:2",
+                               "--max-new-tokens", "2", "--max-length", "64", "--max-prompt-length", "48",
+                               "--json", str(tmp_path / "same.json")])  # fmt: skip
+    assert same.exit_code == 0, same.output
+    (pair,) = json.loads((tmp_path / "same.json").read_text())["geometry"]["layer_pairs"]
+    assert pair["procrustes"] < 1e-4 and pair["gram"] < 1e-3 and pair["cka_distance"] < 1e-5
+    assert pair["preserved_fraction"] in (None, 1.0)
