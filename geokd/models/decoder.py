@@ -48,9 +48,11 @@ Rules (tested in tests/unit/test_decoder_models.py):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -116,6 +118,20 @@ def _require_gguf_packages(shown: str, target: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """TQDM_DISABLE=1 for the block (tqdm reads it when a bar is created), then restored."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
 def load_causal_lm(
     name: str,
     *,
@@ -171,15 +187,16 @@ def load_causal_lm(
         _check_weights(shown, find, local=kind == "local", auto_class="AutoModelForCausalLM")
         load = {"use_safetensors": True, "weights_only": True, **hub}  # never a pickled .bin
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            root,
-            config=config,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype,
-            ignore_mismatched_sizes=True,  # reported and refused below, in one line
-            output_loading_info=True,
-            **load,
-        )
+        with _no_tqdm():  # transformers' GGUF de-quantisation draws its own bar, even in logs
+            model, info = AutoModelForCausalLM.from_pretrained(
+                root,
+                config=config,
+                trust_remote_code=trust_remote_code,
+                dtype=dtype,
+                ignore_mismatched_sizes=True,  # reported and refused below, in one line
+                output_loading_info=True,
+                **load,
+            )
     except SafetensorError as exc:  # damage the structural check cannot see
         files = ", ".join(repr(str(f)) for f in _weights_files(_finder(target, kind, revision))) or shown
         detail = " ".join(str(exc).split())[:200]
