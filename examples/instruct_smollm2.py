@@ -7,7 +7,7 @@ with greedy ROUGE-L on DollyEval and Self-Instruct, next to the teacher's own sc
 
 Stages (`--stages`, comma-separated):
   teacher         score the teacher itself
-  sft             the student fine-tuned on the responses only (`geokd finetune`)
+  sft             the student trained on the responses only (SFT: `--alpha 1 --loss none`, no KD)
   kd              the student distilled with forward KL only (`--loss none`)
   kd-procrustes   forward KL + Procrustes on response-token rows
 
@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
             model = "smollm2"
         elif not (run / "results.json").is_file():
             resume = ["--resume", "auto"] if run.exists() else []
-            if stage == "sft":
-                seconds = _geokd("finetune", "--model", "smollm2", "--out", str(run), *common, *resume)
-            else:
-                loss = "none" if stage == "kd" else "procrustes"
-                seconds = _geokd("distill", "--teacher", "smollm2", "--student", args.student, "--loss", loss,
-                                 "--kd", "forward", "--out", str(run), *common, *resume)  # fmt: skip
+            # Every student is the same truncate:N of the teacher. SFT only is alpha = 1 with no
+            # feature loss: the KD weight 1 - alpha is 0 and the teacher never runs.
+            loss = "procrustes" if stage == "kd-procrustes" else "none"
+            alpha = "1.0" if stage == "sft" else "0.5"
+            seconds = _geokd("distill", "--teacher", "smollm2", "--student", args.student, "--loss", loss,
+                             "--alpha", alpha, "--kd", "forward", "--out", str(run), *common, *resume)  # fmt: skip
             model = str(run)
         else:
             model = str(run)
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
             target = out / "eval" / f"{stage}-{path.parent.name}.json"
             target.parent.mkdir(parents=True, exist_ok=True)
             limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+            if target.is_file() and json.loads(target.read_text()).get("n_examples") is not None and seconds == 0.0:
+                scores[name] = json.loads(target.read_text())  # scored by an earlier invocation
+                continue
             _geokd("eval", model, "--task", "instruct", "--data", str(path), "--max-new-tokens",
                    str(args.max_new_tokens), "--train-data", str(data / "dolly" / "train.jsonl"), "--json",
                    str(target), "--quiet", *limit)  # fmt: skip
