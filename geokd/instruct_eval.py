@@ -86,9 +86,11 @@ def evaluate_instruct_model(
         if run_config is None or run_config.data is None:
             raise GeokdError("--data: pass the instruction file to evaluate on (e.g. dolly/eval.jsonl)")
         data, split = run_config.data, split or "dev"
-    eval_split = instruct.load_instruct_split(data, split or "eval", format=data_format) if Path(
-        data
-    ).is_dir() else instruct.load_instruct_split(data, format=data_format)
+    if Path(data).is_dir():
+        eval_split = instruct.load_instruct_split(data, split or "eval", format=data_format)
+    else:  # one file: the split is named by its folder and stem (dolly-eval, self-inst-eval)
+        eval_split = instruct.read_instruct(data, format=data_format)
+        eval_split = dataclasses.replace(eval_split, split=f"{Path(data).resolve().parent.name}-{eval_split.split}")
     if train_data is None and run_config is not None and run_config.data is not None:
         train_data = run_config.data
     contamination = None

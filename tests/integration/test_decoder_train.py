@@ -204,6 +204,8 @@ def test_eval_instruct_end_to_end_and_compare_on_rouge_l(llama_dir, instruct_dir
     assert evaluated.exit_code == 0, evaluated.output
     record = json.loads(out_json.read_text())
     assert record["task"] == "instruct" and record["n_examples"] == 5 and record["primary_metric"] == "rouge_l"
+    assert record["split"] == "toy-dev-first5"  # the file's folder and stem: two eval files never collide
+    assert (runs / "seed-1" / "eval" / "instruct-toy-dev-first5.json").is_file()
     assert 0.0 <= record["metrics"]["rouge_l"] <= 100.0
     assert record["contamination"]["count"] == 0 and record["data"]["fingerprint"].startswith("sha256:")
     assert record["model"]["run_dir"] == str(runs / "seed-1") and record["decoding"]["decoding"] == "greedy"
