@@ -132,6 +132,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Build a folder at `.NAME.tmp` next to `target` (a stale one from a kill is removed first);
+    on success give it the umask's permissions and rename it onto `target`, replacing it; on any
+    failure remove the temporary, and turn a full disk into one GeokdError naming the place and
+    the free space. A reader never sees a half-written folder."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        yield tmp
+        follow_umask(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, GeokdError) and is_disk_full(exc):
+            raise disk_full_error(target.parent, what) from None
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

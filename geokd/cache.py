@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 import geokd
-from geokd.artifacts import LOCK_NAME, DirectoryLock, atomic_path, disk_full_as_error, write_json
+from geokd.artifacts import LOCK_NAME, DirectoryLock, atomic_path, disk_full_as_error, human_bytes, write_json
 from geokd.errors import GeokdError
 from geokd.models import FEATURES
 
@@ -183,14 +183,6 @@ def expected_bytes(
     if features == "tokens":
         size += (len(lengths) + 1) * 8
     return size
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def shard_name(index: int) -> str:
@@ -345,7 +337,7 @@ def build_cache(
                 on_plan(plan)
             if total - done_bytes > free:
                 raise GeokdError(
-                    f"--out: the cache needs about {_human(total - done_bytes)} more but {str(probe)!r} has {_human(free)} "
+                    f"--out: the cache needs about {human_bytes(total - done_bytes)} more but {str(probe)!r} has {human_bytes(free)} "
                     "free; free space, choose another --out, or cache fewer --layers, pooled --features or --dtype bf16"
                 )
             out.mkdir(parents=True, exist_ok=True)

@@ -632,7 +632,8 @@ def cache(
     """Run the teacher once over a split and store its logits and hidden states for distill --cache."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from geokd.cache import CacheRequest, _human, build_cache, read_manifest, verify_cache
+    from geokd.artifacts import human_bytes
+    from geokd.cache import CacheRequest, build_cache, read_manifest, verify_cache
 
     with user_errors():
         if verify is not None or info is not None:
@@ -669,7 +670,7 @@ def cache(
                     err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False)
                 console.print(
                     f"caching {plan['examples']:,} examples ({plan['tokens']:,} tokens), layers {plan['layers']}: "
-                    f"about {_human(plan['expected_bytes'])} on disk, {_human(plan['free_bytes'])} free; "
+                    f"about {human_bytes(plan['expected_bytes'])} on disk, {human_bytes(plan['free_bytes'])} free; "
                     f"{plan['shards']} shard(s), {plan['shards_kept']} kept from an earlier run",
                     highlight=False,
                 )
@@ -682,7 +683,7 @@ def cache(
 
 
 def _render_cache_manifest(manifest: dict, report: dict | None) -> None:
-    from geokd.cache import _human
+    from geokd.artifacts import human_bytes
 
     table = Table(
         title=f"teacher cache ({'complete' if manifest.get('complete') else 'INCOMPLETE'})", show_header=False
@@ -702,7 +703,7 @@ def _render_cache_manifest(manifest: dict, report: dict | None) -> None:
         "features / dtype": f"{manifest['features']} / {manifest['dtype']}",
         "logits": "yes" if manifest["logits"] else "no",
         "shards": f"{len(manifest['shards'])} of {manifest['shard_size']:,} examples, "
-        f"{_human(sum(s['bytes'] for s in manifest['shards']))}",
+        f"{human_bytes(sum(s['bytes'] for s in manifest['shards']))}",
         "geokd version": manifest["geokd_version"],
     }
     for key, value in rows.items():
@@ -715,7 +716,7 @@ def _render_cache_manifest(manifest: dict, report: dict | None) -> None:
         for entry in report["shards"]:
             style = "green" if entry["status"] == "ok" else "red"
             shards.add_row(entry["file"], f"{entry['first_example']}..{entry['first_example'] + entry['n_examples'] - 1}",
-                           f"{entry['n_rows']:,}", _human(entry["bytes"]), f"[{style}]{entry['status']}[/{style}]")  # fmt: skip
+                           f"{entry['n_rows']:,}", human_bytes(entry["bytes"]), f"[{style}]{entry['status']}[/{style}]")  # fmt: skip
         console.print(shards)
 
 

@@ -45,9 +45,9 @@ from geokd import checkpoints as ckpt
 from geokd.artifacts import (
     LOCK_NAME,
     DirectoryLock,
+    atomic_dir,
     atomic_path,
     disk_full_error,
-    follow_umask,
     is_disk_full,
     write_json,
 )
@@ -211,11 +211,7 @@ def save_checkpoint(
     safetensors + JSON, then checkpoint.json with every file's SHA-256) renamed into place. On any
     failure the temporary is removed; a full disk is one GeokdError naming the path and free space."""
     final = run_dir / "checkpoints" / f"step-{step}"
-    tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    with atomic_dir(final, f"checkpoint step-{step}") as tmp:
         # Current key names (not an old checkpoint's LayerNorm.gamma/beta), so load_weights matches.
         student.save_pretrained(tmp / "student", safe_serialization=True, **_CURRENT_KEY_FORMAT)
         tokenizer.save_pretrained(tmp / "student")
@@ -231,15 +227,6 @@ def save_checkpoint(
             },
         )
         ckpt.write_manifest(tmp, step, {"geokd_version": geokd.__version__, **(record or {})})
-        follow_umask(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full_error(tmp.parent, f"checkpoint step-{step}") from None
-        raise
     return final
 
 
@@ -432,26 +419,15 @@ def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: di
     """Write the Hugging Face folder (config, tokenizer, model.safetensors) plus geokd.json
     provenance (with the SHA-256 of the weights, checked by `geokd eval`) into a temporary
     directory, then rename it into place."""
-    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
     from geokd.models import weights_sha256
 
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    # follow the umask: a deployable model is readable by the group that deploys it
+    with atomic_dir(final_dir, "the final model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         reset_tokenizer_state(tokenizer)  # no run-time truncation/padding baked into tokenizer.json
         tokenizer.save_pretrained(tmp)
         record = {"geokd_version": geokd.__version__, **provenance, "weights_sha256": weights_sha256(tmp)}
         write_json(tmp / "geokd.json", record)
-        follow_umask(tmp)  # a deployable model is readable by the group that deploys it
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        tmp.rename(final_dir)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full_error(final_dir.parent, "the final model") from None
-        raise
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:

@@ -79,13 +79,25 @@ class Objective(nn.Module):
                 total = total + (1.0 - self.alpha) * distill
             elif self.alpha != 1.0:  # only a feature-only objective (alpha = 1) may go without
                 raise ValueError("distill objective needs teacher logits unless alpha = 1")
-            if self.layer_pairs:
-                if student_features is None or teacher_features is None:
-                    raise ValueError("feature loss needs student and teacher features for every layer pair")
-                for (s_layer, t_layer), loss_fn, s, t in zip(
-                    self.layer_pairs, self.feature_losses, student_features, teacher_features, strict=True
-                ):
-                    value = loss_fn(s, t)
-                    terms[f"feature/{self.loss_name}/{s_layer}->{t_layer}"] = value
-                    total = total + self.alpha * value
+            total = self.add_feature_terms(total, terms, student_features, teacher_features)
         return LossOutput(total=total, terms={k: v.detach() for k, v in terms.items()})
+
+    def add_feature_terms(
+        self,
+        total: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+        student_features: list[torch.Tensor] | None,
+        teacher_features: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """`total + α·Σ_pairs L_feature`, recording each pair's term in `terms`."""
+        if not self.layer_pairs:
+            return total
+        if student_features is None or teacher_features is None:
+            raise ValueError("feature loss needs student and teacher features for every layer pair")
+        for (s_layer, t_layer), loss_fn, s, t in zip(
+            self.layer_pairs, self.feature_losses, student_features, teacher_features, strict=True
+        ):
+            value = loss_fn(s, t)
+            terms[f"feature/{self.loss_name}/{s_layer}->{t_layer}"] = value
+            total = total + self.alpha * value
+        return total

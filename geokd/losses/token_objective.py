@@ -24,8 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from geokd.losses.objective import LossOutput
-from geokd.losses.registry import build_feature_loss
+from geokd.losses.objective import LossOutput, Objective
 from geokd.losses.token_kd import chunked_token_kd
 
 
@@ -52,8 +51,9 @@ def chunked_cross_entropy(
     return total
 
 
-class TokenObjective(nn.Module):
-    """Weighted sum of response-token SFT, token-level KD and per-layer feature losses."""
+class TokenObjective(Objective):
+    """Weighted sum of response-token SFT, token-level KD and per-layer feature losses (the feature
+    losses, their projection heads and their weighting are the encoder `Objective`'s)."""
 
     def __init__(
         self,
@@ -72,16 +72,17 @@ class TokenObjective(nn.Module):
         vocab: int | None = None,
         chunk_tokens: int = 256,
     ):
-        super().__init__()
-        self.loss_name = loss
-        self.layer_pairs = list(layer_pairs) if mode == "distill" and loss != "none" else []
-        self.alpha, self.gamma, self.temperature, self.mode = alpha, gamma, temperature, mode
+        super().__init__(loss, layer_pairs, student_dim, teacher_dim, alpha=alpha, gamma=gamma,
+                         temperature=temperature, mode=mode)  # fmt: skip
         self.kd, self.kd_beta, self.kd_skew = kd, kd_beta, kd_skew
         self.vocab, self.chunk_tokens = vocab, chunk_tokens
-        # The same attribute name as the encoder Objective: projection heads checkpoint alike.
-        self.feature_losses = nn.ModuleList(
-            build_feature_loss(loss, student_dim, teacher_dim) for _ in self.layer_pairs
-        )
+
+    def term_names(self) -> list[str]:
+        names = ["sft"]
+        if self.mode == "distill":
+            names += ["kd"] if self.alpha < 1.0 else []
+            names += [f"feature/{self.loss_name}/{s}->{t}" for s, t in self.layer_pairs]
+        return names
 
     def forward(
         self,
@@ -108,10 +109,5 @@ class TokenObjective(nn.Module):
                 kd_value = kd_sum / n
                 terms["kd"] = kd_value
                 total = total + (1.0 - self.alpha) * kd_value
-            for (s_layer, t_layer), loss_fn, s, t in zip(
-                self.layer_pairs, self.feature_losses, student_features or [], teacher_features or [], strict=True
-            ):
-                value = loss_fn(s, t)
-                terms[f"feature/{self.loss_name}/{s_layer}->{t_layer}"] = value
-                total = total + self.alpha * value
+            total = self.add_feature_terms(total, terms, student_features, teacher_features)
         return LossOutput(total=total, terms={k: v.detach() for k, v in terms.items()})

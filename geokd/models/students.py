@@ -10,6 +10,7 @@ and the shared work (block copying, seeded random init, provenance) lives here o
 
 from __future__ import annotations
 
+import abc
 import copy
 import re
 from collections.abc import Sequence
@@ -241,7 +242,7 @@ def _refuse_heterogeneous(spec: StudentSpec, config: PretrainedConfig) -> None:
         )
 
 
-class StudentBuilder:
+class StudentBuilder(abc.ABC):
     """What one kind of model (encoder, causal LM) decides when a student is made from a teacher.
 
     Subclasses set `kind` (which `BLOCK_LISTS` apply) and implement `shrink_config` (the teacher's
@@ -288,8 +289,9 @@ class StudentBuilder:
             teacher_blocks=kept,
         )
 
+    @abc.abstractmethod
     def shrink_config(self, spec: StudentSpec, teacher: LoadedModel) -> PretrainedConfig:
-        raise NotImplementedError
+        """The teacher's config resized to `spec`, or one GeokdError line."""
 
     def shrink(self, spec: StudentSpec, teacher: LoadedModel, seed: int | None) -> LoadedStudent:
         """A randomly initialised model of the teacher's class with `shrink_config`, drawn from
@@ -311,6 +313,7 @@ class StudentBuilder:
             spec=spec.text,
         )
 
+    @abc.abstractmethod
     def pretrained(
         self,
         spec: StudentSpec,
@@ -322,7 +325,7 @@ class StudentBuilder:
         allow_different_tokenizer: bool,
         hash_weights: bool,
     ) -> LoadedStudent:
-        raise NotImplementedError
+        """Load `--student NAME` (a pretrained model of this kind) and check it against the teacher."""
 
 
 def builder_for(teacher: LoadedModel) -> StudentBuilder:

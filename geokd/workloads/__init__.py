@@ -56,6 +56,28 @@ class Workload:
         return self.data["train"]
 
 
+def teacher_summary(name: str | None, teacher: Any) -> dict[str, Any]:
+    """What the run summary, env.json and the layer map need to know of a live teacher."""
+    from geokd.models import count_parameters
+
+    return {
+        "name": name,
+        "parameters": count_parameters(teacher.model),
+        "layers": teacher.num_layers,
+        "hidden": teacher.config.hidden_size,
+        "source": teacher.source.to_dict(),
+    }
+
+
+def place_models(student: Any, teacher: Any | None, device: torch.device) -> None:
+    """Student on the device in training mode; teacher (if any) on the device, in eval mode, frozen."""
+    student.model.to(device).train()
+    if teacher is not None:
+        teacher.model.to(device).eval()
+        for param in teacher.model.parameters():
+            param.requires_grad_(False)
+
+
 def build_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], None]) -> Workload:
     """The workload `config` asks for: decoders for `--task instruct`, encoders otherwise."""
     from geokd.tasks import is_instruct_task

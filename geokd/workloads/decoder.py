@@ -30,7 +30,7 @@ from geokd.errors import GeokdError
 from geokd.losses.objective import LossOutput
 from geokd.losses.token_objective import TokenObjective, chunked_cross_entropy
 from geokd.runtime import Runtime
-from geokd.workloads import Workload
+from geokd.workloads import Workload, place_models, teacher_summary
 
 
 def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,15 +97,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     for message in getattr(collate, "warnings", ()):
         warn(message)
 
-    teacher_info = None
-    if teacher is not None:
-        teacher_info = {
-            "name": config.teacher,
-            "parameters": models_lib.count_parameters(teacher.model),
-            "layers": teacher.num_layers,
-            "hidden": teacher.config.hidden_size,
-            "source": teacher.source.to_dict(),
-        }
+    teacher_info = teacher_summary(config.teacher, teacher) if teacher is not None else None
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
         layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher_info["layers"])
@@ -123,14 +115,9 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         mode=config.mode,
         vocab=vocab,
     ).to(runtime.device)
-    student.model.to(runtime.device).train()
+    place_models(student, teacher, runtime.device)
     student_head = decoder_lib.output_head(student.model)
-    teacher_head = None
-    if teacher is not None:
-        teacher.model.to(runtime.device).eval()
-        for param in teacher.model.parameters():
-            param.requires_grad_(False)
-        teacher_head = decoder_lib.output_head(teacher.model)
+    teacher_head = decoder_lib.output_head(teacher.model) if teacher is not None else None
     student_layers = [s for s, _ in layer_pairs]
     teacher_layers = [t for _, t in layer_pairs]
     needs_teacher = teacher is not None and (config.alpha < 1.0 or bool(layer_pairs))

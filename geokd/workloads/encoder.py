@@ -20,7 +20,7 @@ from geokd.errors import GeokdError
 from geokd.evaluate import check_max_length
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime
-from geokd.workloads import Workload
+from geokd.workloads import Workload, place_models, teacher_summary
 
 
 def distill_step(
@@ -103,13 +103,7 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             teacher_sha = models_lib.model_source(config.teacher).weights_sha256
         teacher = None  # never run: a derived student has its copy of the weights it needs
     elif teacher is not None:
-        teacher_info = {
-            "name": config.teacher,
-            "parameters": models_lib.count_parameters(teacher.model),
-            "layers": teacher.num_layers,
-            "hidden": teacher.config.hidden_size,
-            "source": teacher.source.to_dict(),
-        }
+        teacher_info = teacher_summary(config.teacher, teacher)
         teacher_sha = teacher.source.weights_sha256
     else:
         teacher_info = None
@@ -143,11 +137,7 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         temperature=config.temperature,
         mode=config.mode,
     ).to(runtime.device)
-    student.model.to(runtime.device).train()
-    if teacher is not None:
-        teacher.model.to(runtime.device).eval()
-        for param in teacher.model.parameters():
-            param.requires_grad_(False)
+    place_models(student, teacher, runtime.device)
 
     student_layers = [s for s, _ in layer_pairs]
     teacher_layers = [t for _, t in layer_pairs]

@@ -83,6 +83,10 @@ def test_every_kd_kind_distils(llama_dir, instruct_dir, tmp_path, kd):
     records = _records(out)
     assert {"sft", "kd", "loss"} <= set(records[0])
     assert all(r["kd"] >= 0 for r in records)
+    from geokd.losses.token_objective import TokenObjective
+
+    assert TokenObjective("none", [], 32, 32, kd=kd).term_names() == ["sft", "kd"]
+    assert TokenObjective("gram", [(1, 2)], 32, 32, alpha=1.0).term_names() == ["sft", "feature/gram/1->2"]
 
 
 @pytest.mark.parametrize("features", ["tokens", "mean", "last"])
