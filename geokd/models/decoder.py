@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -120,16 +120,19 @@ def _require_gguf_packages(shown: str, target: str) -> None:
 
 @contextlib.contextmanager
 def _no_tqdm() -> Iterator[None]:
-    """TQDM_DISABLE=1 for the block (tqdm reads it when a bar is created), then restored."""
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """Silence the tqdm bars of transformers' GGUF reader for the block (it imports tqdm itself, and
+    tqdm reads TQDM_DISABLE only at import, so the reader's own reference is swapped)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        gguf_utils.tqdm = original
 
 
 def load_causal_lm(
@@ -145,6 +148,21 @@ def load_causal_lm(
     or a `.gguf` file. Weights load in `dtype` (float32 by default), the model in eval mode, with
     provenance (`ModelSource`: path or id, commit, SHA-256 of the weights or of the GGUF file).
     Every failure is one GeokdError line (see the module docstring)."""
+    # transformers reads a GGUF file several times (config, tokenizer, weights), each pass with
+    # its own tqdm bar, even in logs: geokd prints its own summary instead.
+    with _no_tqdm():
+        return _load_causal_lm(name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+                               hash_weights=hash_weights)  # fmt: skip
+
+
+def _load_causal_lm(
+    name: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    hash_weights: bool = True,
+) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -187,16 +205,15 @@ def load_causal_lm(
         _check_weights(shown, find, local=kind == "local", auto_class="AutoModelForCausalLM")
         load = {"use_safetensors": True, "weights_only": True, **hub}  # never a pickled .bin
     try:
-        with _no_tqdm():  # transformers' GGUF de-quantisation draws its own bar, even in logs
-            model, info = AutoModelForCausalLM.from_pretrained(
-                root,
-                config=config,
-                trust_remote_code=trust_remote_code,
-                dtype=dtype,
-                ignore_mismatched_sizes=True,  # reported and refused below, in one line
-                output_loading_info=True,
-                **load,
-            )
+        model, info = AutoModelForCausalLM.from_pretrained(
+            root,
+            config=config,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            ignore_mismatched_sizes=True,  # reported and refused below, in one line
+            output_loading_info=True,
+            **load,
+        )
     except SafetensorError as exc:  # damage the structural check cannot see
         files = ", ".join(repr(str(f)) for f in _weights_files(_finder(target, kind, revision))) or shown
         detail = " ".join(str(exc).split())[:200]
