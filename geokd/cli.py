@@ -559,7 +559,7 @@ def distill(
     alpha: float = _O(None, help="Feature weight α in [0, 1] (default 0.5); KL gets 1 − α."),
     gamma: float = _O(None, help="Task-loss weight γ (default 1.0)."),
     temperature: float = _O(None, help="KD temperature τ (default 2.0)."),
-    layers: str = _O(None, help="uniform (default), last, or student:teacher pairs '2:4,4:8'."),
+    layers: str = _O(None, help="uniform (default), last, copied (each truncate: block with its source block), or student:teacher pairs '2:4,4:8'."),
     features: str = _O(
         None, help="cls (default), mean or tokens: rows per example or per token; decoders: tokens (default), mean, last."
     ),

@@ -158,9 +158,9 @@ def validation_problems(config: RunConfig) -> list[str]:
     if config.temperature <= 0:
         p.append(f"temperature: must be > 0, got {config.temperature}; 2.0 is a common choice")
     layers = str(config.layers)
-    if layers not in ("uniform", "last") and not _LAYER_PAIRS.match(layers):
+    if layers not in ("uniform", "last", "copied") and not _LAYER_PAIRS.match(layers):
         p.append(
-            f"layers: expected 'uniform', 'last' or student:teacher pairs such as '2:4,4:8', got {layers!r}"
+            f"layers: expected 'uniform', 'last', 'copied' (a truncate: student's source blocks) or student:teacher pairs such as '2:4,4:8', got {layers!r}"
         )
     if config.features not in FEATURES:
         p.append(f"features: must be one of {', '.join(FEATURES)}, got {config.features!r}")

@@ -694,7 +694,7 @@ def _train(
     stop = claim.enter_context(_StopSignals())
     last_saved_step, last_save_time = step, time.monotonic()
     last_checkpoint: Path | None = checkpoint
-    window_start, window_examples = time.perf_counter(), 0
+    window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
     while step < total_steps:
         # Draw the step's micro-batches first, so each is weighted by its share of the step's
         # examples (an epoch's short last batch counts for what it holds): sums and counts, never
@@ -724,6 +724,9 @@ def _train(
             for name, value in output.as_floats().items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + value * weight
         window_examples += step_examples
+        # Tokens the models read (prompt and response, padding excluded): the throughput that
+        # compares across tasks and sequence lengths.
+        window_tokens += sum(int(batch["attention_mask"].sum()) for batch in micro_batches if "attention_mask" in batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if not torch.isfinite(grad_norm):  # never let NaN/inf reach the weights or a checkpoint
             _check_finite(LossOutput(total=grad_norm, terms={"grad_norm": grad_norm}), step + 1, run_dir)
@@ -739,8 +742,9 @@ def _train(
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "examples_per_s": window_examples / max(elapsed, 1e-9),
+            "tokens_per_s": window_tokens / max(elapsed, 1e-9),
         }
-        window_start, window_examples = time.perf_counter(), 0
+        window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
         if runtime.is_main:
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 record["eval"] = work.evaluate()

@@ -512,6 +512,7 @@ def evaluate_model(
             teacher,
             loaded_splits[0],
             layers=layers or recorded.get("layers") or "uniform",
+            student_spec=recorded.get("student") if isinstance(recorded.get("student"), str) else None,
             features=geometry_features,
             epsilon=epsilon,
             batch_size=batch_size,
@@ -649,14 +650,17 @@ def geometry_report(
     trust_remote_code: bool = False,
     student_rows: list[torch.Tensor] | None = None,
     grid: bool = False,
+    student_spec: str | None = None,
 ) -> dict[str, Any]:
     """The geometry of `student` against `teacher` on `data_split` (rows = examples, pooled by
     `features`). Each model reads the texts through its own tokenizer, so any two models compare.
     `student_rows` (every hidden state pooled by `features`, from `predict`) saves a second student
     forward pass. `grid=True` also computes the three distances for every student × teacher layer
-    combination (what `plot_geometry` draws; (L_s+1)·(L_t+1) float64 evaluations)."""
+    combination (what `plot_geometry` draws; (L_s+1)·(L_t+1) float64 evaluations). `student_spec`
+    (the run's `--student`) lets `layers="copied"` find a truncate: student's source blocks."""
     from geokd.data import make_collate_fn, tokenize_examples
     from geokd.models import load_model, parse_layer_map
+    from geokd.models.students import copied_blocks
 
     if features not in GEOMETRY_FEATURES:
         raise GeokdError(
@@ -665,7 +669,8 @@ def geometry_report(
         )
     teacher_model = load_model(locate_model(teacher).load, trust_remote_code=trust_remote_code)
     check_max_length(teacher_model, max_length, option="--max-length (for the teacher)")
-    pairs = parse_layer_map(layers, student.num_layers, teacher_model.num_layers)
+    copied_from = getattr(student, "teacher_blocks", None) or copied_blocks(student_spec, teacher_model.num_layers)
+    pairs = parse_layer_map(layers, student.num_layers, teacher_model.num_layers, copied_from)
     teacher_model.model.to(runtime.device)
     pooled = {"student": student_rows}
     for role, loaded in (("student", student), ("teacher", teacher_model)):

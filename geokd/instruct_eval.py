@@ -133,6 +133,7 @@ def evaluate_instruct_model(
             epsilon=epsilon, template=template, max_prompt_length=max_prompt_length,
             max_length=max_length or (run_config.max_length if run_config is not None else 512),
             batch_size=batch_size, runtime=runtime, trust_remote_code=trust_remote_code,
+            student_spec=run_config.student if run_config is not None else None,
         )  # fmt: skip
     folder = Path(located.load)
     return {
@@ -202,7 +203,7 @@ def _decoder_rows(
 def decoder_geometry_report(
     student: Any, teacher_name: str, split: Any, *, layers: str, features: str, epsilon: float,
     template: str, max_prompt_length: int, max_length: int, batch_size: int, runtime: Any,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, student_spec: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The geometry of a causal-LM student against a causal-LM teacher on instruction data, per
     mapped layer pair, in the same form as the encoder report (`geokd.evaluate.geometry_report`):
@@ -218,7 +219,10 @@ def decoder_geometry_report(
     teacher = load_causal_lm(teacher_name, trust_remote_code=trust_remote_code)
     if features == "tokens":
         check_same_tokenizer(teacher, student)
-    pairs = parse_layer_map(layers, student.num_layers, teacher.num_layers)
+    from geokd.models.students import copied_blocks
+
+    copied_from = getattr(student, "teacher_blocks", None) or copied_blocks(student_spec, teacher.num_layers)
+    pairs = parse_layer_map(layers, student.num_layers, teacher.num_layers, copied_from)
     common = dict(features=features, template=template, max_prompt_length=max_prompt_length,
                   max_length=max_length, batch_size=batch_size, runtime=runtime)  # fmt: skip
     s_rows = _decoder_rows(student, split, sorted({s for s, _ in pairs}), **common)

@@ -25,14 +25,28 @@ def uniform_layer(i: int, student_layers: int, teacher_layers: int) -> int:
 _PAIR = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 
 
-def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """`uniform`, `last` or `"s:t,s:t"` -> [(student_layer, teacher_layer), ...] in hidden_states
-    indexing (0 = embeddings, i = output of block i). `uniform` maps student layer i in 1..L_s to
-    teacher layer max(1, floor(i·L_t/L_s + 1/2)); `last` is [(L_s, L_t)]; explicit pairs keep
-    their order. Every malformed or out-of-range pair is reported at once."""
+def parse_layer_map(
+    spec: str, student_layers: int, teacher_layers: int, copied_from: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
+    """`uniform`, `last`, `copied` or `"s:t,s:t"` -> [(student_layer, teacher_layer), ...] in
+    hidden_states indexing (0 = embeddings, i = output of block i). `uniform` maps student layer i
+    in 1..L_s to teacher layer max(1, floor(i·L_t/L_s + 1/2)); `last` is [(L_s, L_t)]; `copied`
+    pairs each block of a `truncate:` student with the teacher block it was copied from
+    (`copied_from`, 0-based, as `LoadedStudent.teacher_blocks`; the same pairs as `uniform` for
+    `truncate:N`); explicit pairs keep their order. Every malformed or out-of-range pair is
+    reported at once."""
     if student_layers < 1 or teacher_layers < 1:
         raise ValueError(f"layer counts must be positive, got {student_layers} and {teacher_layers}")
     text = spec.strip()
+    if text == "copied":
+        if copied_from is None:
+            raise GeokdError(
+                "layers: 'copied' pairs the blocks of a truncate: student with the teacher blocks they were copied "
+                "from, and this student was not built by truncate:; use 'uniform', 'last' or pairs such as '2:4,4:8'"
+            )
+        if len(copied_from) != student_layers:  # a LoadedStudent that does not describe its model: a bug
+            raise ValueError(f"copied_from has {len(copied_from)} blocks for {student_layers} student layers")
+        return [(i, block + 1) for i, block in enumerate(copied_from, start=1)]
     if text == "uniform":
         return [(i, uniform_layer(i, student_layers, teacher_layers)) for i in range(1, student_layers + 1)]
     if text == "last":
@@ -54,7 +68,7 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
         pairs.append(pair)
     if problems:
         raise GeokdError(
-            f"layers: {'; '.join(problems)} in {spec!r}; use 'uniform', 'last' or pairs such as '2:4,4:8' with "
+            f"layers: {'; '.join(problems)} in {spec!r}; use 'uniform', 'last', 'copied' or pairs such as '2:4,4:8' with "
             f"student layers in 0..{student_layers} and teacher layers in 0..{teacher_layers} (0 = embeddings)"
         )
     return pairs

@@ -47,7 +47,7 @@ PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 
 _SHRINK_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 _SHRINK_REQUIRED = ("layers", "hidden", "heads")
-_SPEC_HELP = "use truncate:N, shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I] or a model name"
+_SPEC_HELP = "use truncate:N, truncate:BLOCKS (e.g. truncate:1-4,9-12), shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I] or a model name"
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class StudentSpec:
     text: str
     name: str | None = None  # pretrained
     layers: int | None = None  # truncate (N) and shrink
+    blocks: tuple[int, ...] | None = None  # truncate:BLOCKS, the 1-based teacher blocks to copy
     hidden: int | None = None  # shrink
     heads: int | None = None  # shrink
     intermediate: int | None = None  # shrink (None: the family's default, see the builders)
@@ -113,6 +114,23 @@ def truncate_blocks(teacher_layers: int, student_layers: int) -> tuple[int, ...]
     return tuple(uniform_layer(i, student_layers, teacher_layers) - 1 for i in range(1, student_layers + 1))
 
 
+def copied_blocks(spec: str | None, teacher_layers: int) -> tuple[int, ...] | None:
+    """The 0-based teacher blocks a `--student` value copies (`truncate:N` or `truncate:BLOCKS`),
+    or None for any other student: what `--layers copied` pairs with when the student is read
+    back from a run directory rather than built."""
+    if not spec:
+        return None
+    try:
+        parsed = parse_student_spec(spec)
+    except GeokdError:
+        return None
+    if parsed.kind != "truncate" or parsed.layers is None:
+        return None
+    if parsed.blocks is not None:
+        return tuple(block - 1 for block in parsed.blocks)
+    return truncate_blocks(teacher_layers, parsed.layers)
+
+
 def map_layer_config(config: PretrainedConfig, source_blocks: Sequence[int], teacher_layers: int) -> None:
     """Give student block i the per-layer settings of teacher block `source_blocks[i]` (0-based):
     every `PER_LAYER_CONFIG` list with one entry per teacher block is re-indexed, and Qwen2/Qwen3's
@@ -144,6 +162,28 @@ def _int_value(key: str, value: str, problems: list[str]) -> int | None:
     return number
 
 
+def _parse_blocks(text: str, problems: list[str]) -> tuple[int, ...]:
+    """`1-4,9,11-12` -> (1, 2, 3, 4, 9, 11, 12): 1-based teacher blocks (the numbering of
+    `--layers`), strictly increasing; each problem is appended to `problems`."""
+    blocks: list[int] = []
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            problems.append(f"{item.strip()!r} is not a block number or a range such as 3-7")
+            continue
+        if low < 1 or high < low:
+            problems.append(f"{item.strip()!r} is not a range of blocks counted from 1")
+            continue
+        if blocks and low <= blocks[-1]:
+            problems.append(f"{item.strip()!r} does not come after block {blocks[-1]} (blocks must increase)")
+            continue
+        blocks.extend(range(low, high + 1))
+    return tuple(blocks)
+
+
 def _near_divisors(number: int, wanted: int) -> str:
     """The divisors of `number` closest to `wanted`, e.g. '3 or 5' for (30, 4)."""
     divisors = sorted(
@@ -164,9 +204,20 @@ def parse_student_spec(spec: str) -> StudentSpec:
         return StudentSpec(kind="pretrained", text=text, name=text)
     if kind == "truncate":
         problems: list[str] = []
+        if "," in rest or "-" in rest:
+            blocks = _parse_blocks(rest, problems)
+            if problems:
+                raise GeokdError(
+                    f"student: {spec!r}: {'; '.join(problems)}; use truncate:BLOCKS with increasing 1-based teacher "
+                    "blocks and ranges, e.g. truncate:1-4,9-12, or truncate:N"
+                )
+            return StudentSpec(kind="truncate", text=text, layers=len(blocks), blocks=blocks)
         n = _int_value("N", rest, problems)
         if problems:
-            raise GeokdError(f"student: {spec!r}: {'; '.join(problems)}; use truncate:N, e.g. truncate:6")
+            raise GeokdError(
+                f"student: {spec!r}: {'; '.join(problems)}; use truncate:N, e.g. truncate:6, or truncate:BLOCKS, "
+                "e.g. truncate:1-4,9-12"
+            )
         return StudentSpec(kind="truncate", text=text, layers=n)
     if kind == "shrink":
         problems = []
@@ -258,7 +309,15 @@ class StudentBuilder(abc.ABC):
         assert spec.layers is not None
         _refuse_heterogeneous(spec, teacher.config)
         teacher_layers = teacher.num_layers
-        kept = truncate_blocks(teacher_layers, spec.layers)
+        if spec.blocks is not None:
+            if spec.blocks[-1] > teacher_layers:
+                raise GeokdError(
+                    f"student: {spec.text!r} copies block {spec.blocks[-1]}, but the teacher has {teacher_layers} "
+                    f"blocks; choose blocks in 1..{teacher_layers}"
+                )
+            kept = tuple(block - 1 for block in spec.blocks)
+        else:
+            kept = truncate_blocks(teacher_layers, spec.layers)
         prefix, blocks = block_list(teacher.model, self.kind)
         if (
             len(blocks) != teacher_layers
@@ -353,6 +412,7 @@ def load_student(
     """Build or load the student for `teacher` (an encoder or a causal LM) from `--student`:
 
     * `truncate:N`: the teacher's embeddings, head and N uniformly spaced blocks (`truncate_blocks`);
+    * `truncate:BLOCKS`: the same with the listed 1-based teacher blocks, e.g. `truncate:1-7,23-30`;
     * `shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I]`: a random model of the
       teacher's family (initialised from `seed` when given, without touching the global RNG);
     * anything else: a pretrained model (alias, directory, id; for causal LMs also a .gguf file).

@@ -100,7 +100,9 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     teacher_info = teacher_summary(config.teacher, teacher) if teacher is not None else None
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
-        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher_info["layers"])
+        layer_pairs = models_lib.parse_layer_map(
+            config.layers, student.num_layers, teacher_info["layers"], getattr(student, "teacher_blocks", None)
+        )
     objective = TokenObjective(
         config.loss,
         layer_pairs,

@@ -113,7 +113,9 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
 
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
-        layer_pairs = models_lib.parse_layer_map(config.layers, student.num_layers, teacher_info["layers"])
+        layer_pairs = models_lib.parse_layer_map(
+            config.layers, student.num_layers, teacher_info["layers"], getattr(student, "teacher_blocks", None)
+        )
     if cache is not None:
         check_cache_matches(
             cache.manifest,

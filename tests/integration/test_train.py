@@ -35,7 +35,8 @@ def test_finetune_run_directory_and_learning(teacher_dir, glue_dir):
     assert {"model.safetensors", "config.json", "geokd.json"} <= {p.name for p in (run / "final").iterdir()}
     records = _records(run)
     assert [r["step"] for r in records] == list(range(1, 61))
-    assert {"step", "loss", "task", "lr", "examples_per_s", "epoch"} <= set(records[0])
+    assert {"step", "loss", "task", "lr", "examples_per_s", "tokens_per_s", "epoch"} <= set(records[0])
+    assert all(r["tokens_per_s"] > 0 for r in records if "step" in r)
     assert "eval" in records[29]
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5

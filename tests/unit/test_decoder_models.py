@@ -602,3 +602,17 @@ def test_smollm2_gguf_loads_dequantised_with_its_tokenizer():
         out = student.model(**batch, output_hidden_states=True)
     torch.testing.assert_close(output_head(student.model)(out.hidden_states[-1]), out.logits)
     print(f"smollm2: loaded in {seconds:.1f} s")
+
+
+def test_truncate_block_list_copies_the_named_blocks(teachers):
+    teacher = teachers["llama"]
+    student = load_student("truncate:1,4", teacher)  # 1-based, as --layers counts
+    assert student.teacher_blocks == (0, 3) and student.num_layers == 2
+    prefix, _ = block_list(student.model)
+    t_state = teacher.model.state_dict()
+    for index, source in enumerate((0, 3)):
+        for key, value in student.model.state_dict().items():
+            if key.startswith(f"{prefix}.{index}."):
+                assert torch.equal(value, t_state[key.replace(f"{prefix}.{index}.", f"{prefix}.{source}.", 1)])
+    with pytest.raises(GeokdError, match=r"copies block 5, but the teacher has 4 blocks; choose blocks in 1\.\.4"):
+        load_student("truncate:1-2,5", teacher)

@@ -646,3 +646,30 @@ def test_minilm_loads_offline_and_is_detected_as_headless():
         out = model.model(**batch, output_hidden_states=True)
     (rows,) = extract_features(out.hidden_states, batch["attention_mask"], [6], "mean")
     assert rows.shape == (2, 384) and torch.isfinite(rows).all()
+
+
+def test_truncate_block_lists_parse_and_report_every_problem():
+    spec = parse_student_spec("truncate:1-3, 7,10-12")
+    assert spec.kind == "truncate" and spec.blocks == (1, 2, 3, 7, 10, 11, 12) and spec.layers == 7
+    assert parse_student_spec("truncate:4-4").blocks == (4,)  # one block: a range, not N
+    assert parse_student_spec("truncate:4").blocks is None
+    with pytest.raises(GeokdError) as exc:
+        parse_student_spec("truncate:0-2,5-3,x,4,4")
+    message = _one_line(exc)
+    for part in ("'0-2' is not a range of blocks counted from 1", "'5-3'", "'x' is not a block number",
+                 "'4' does not come after block 4"):  # fmt: skip
+        assert part in message, part
+    with pytest.raises(GeokdError, match="'-3' is not a block number"):
+        parse_student_spec("truncate:-3")
+
+
+def test_copied_layer_map_pairs_each_truncated_block_with_its_source():
+    assert parse_layer_map("copied", 3, 12, (0, 1, 11)) == [(1, 1), (2, 2), (3, 12)]
+    # truncate:N copies exactly the blocks `uniform` pairs with.
+    for n in range(1, 13):
+        assert parse_layer_map("copied", n, 12, truncate_blocks(12, n)) == parse_layer_map("uniform", n, 12)
+        assert M.copied_blocks(f"truncate:{n}", 12) == truncate_blocks(12, n)
+    assert M.copied_blocks("truncate:1-2,12", 12) == (0, 1, 11)
+    assert M.copied_blocks("shrink:layers=2,hidden=8,heads=2", 12) is None and M.copied_blocks(None, 12) is None
+    with pytest.raises(GeokdError, match="was not built by truncate:"):
+        parse_layer_map("copied", 3, 12)
