@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="copied", help="layer map of the Procrustes run")
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--dev-examples", type=int, default=100)
-    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--eval-every", type=int, default=100)

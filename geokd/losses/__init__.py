@@ -8,7 +8,9 @@ masked and flattened) and return a float32 scalar:
 
 plus `kl(student_logits, teacher_logits, temperature)` and `task_loss(logits, labels)`, and for
 decoders the token-level KD divergences (`KD_KINDS`, `token_divergence`, and `chunked_token_kd`,
-which starts from the final hidden states and never holds full `[N, V]` logits). The
+which starts from the final hidden states and never holds full `[N, V]` logits), their top-k +
+tail form for cached teachers (`topk_targets`, `topk_token_divergence`, `chunked_topk_kd`) and the
+cross-tokenizer ULD distance (`uld_distance`). The
 registry (`build_feature_loss`, `FEATURE_LOSSES`) maps names to modules.
 """
 
@@ -23,6 +25,8 @@ from geokd.losses.registry import (
     feature_loss_names,
 )
 from geokd.losses.token_kd import KD_KINDS, chunked_token_kd, token_divergence
+from geokd.losses.topk_kd import chunked_topk_kd, topk_targets, topk_token_divergence
+from geokd.losses.uld import uld_distance, uld_positions
 
 __all__ = [
     "FEATURE_LOSSES",
@@ -31,6 +35,7 @@ __all__ = [
     "ProjectionLoss",
     "build_feature_loss",
     "chunked_token_kd",
+    "chunked_topk_kd",
     "cka",
     "cosine",
     "feature_loss_names",
@@ -41,4 +46,8 @@ __all__ = [
     "proj",
     "task_loss",
     "token_divergence",
+    "topk_targets",
+    "topk_token_divergence",
+    "uld_distance",
+    "uld_positions",
 ]

@@ -1,0 +1,59 @@
+"""The Universal Logit Distillation distance (ULD; Boizard et al. 2024, "Towards Cross-Tokenizer
+Distillation: the Universal Logit Distillation Loss for LLMs", arXiv 2402.12030): token-level KD
+between models whose vocabularies differ (issue #12).
+
+Definition, per aligned position: with `p = softmax(z_t/τ)` over the teacher's vocabulary
+`V_t` and `q = softmax(z_s/τ)` over the student's `V_s`, sort each in decreasing order and pad the
+shorter one with zeros to `n = max(|V_t|, |V_s|)` entries; then
+
+    ULD(p, q) = Σ_{i=1..n} | p_(i) − q_(i) |
+
+This is the closed form the paper uses for the 1-Wasserstein distance between the two
+distributions under a uniform transport cost once the token identities are dropped (only the
+shape of the distribution is compared, so no vocabulary mapping is needed). It lies in [0, 2], is
+0 exactly when the sorted probability vectors agree, is invariant to permuting either vocabulary,
+and does not change when zero-probability tokens are added to either side.
+
+Positions: the paper aligns the i-th response token of the teacher's tokenisation with the i-th of
+the student's and truncates both to the shorter response (`uld_positions`). The full objective
+adds the student's own cross-entropy: `γ·L_SFT + λ·mean ULD` (geokd: `(1 − α)` is λ).
+
+The gradient flows through the sort (a permutation) to the student's logits only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from geokd.errors import GeokdError
+from geokd.losses._core import compute_dtype
+
+
+def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position ULD `[N]` between `student_logits [N, V_s]` and `teacher_logits [N, V_t]` (any
+    two vocabulary sizes), in float32 (float64 for float64 input); the teacher is a constant."""
+    if not temperature > 0:
+        raise GeokdError(f"ULD: temperature must be > 0, got {temperature}")
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0]:
+        raise GeokdError(
+            f"ULD: expected student [N, V_s] and teacher [N, V_t] logits at the same N aligned positions, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; align them with uld_positions first"
+        )
+    dtype = compute_dtype(student_logits)
+    q = F.softmax(student_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
+    with torch.no_grad():
+        p = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
+    n = max(q.shape[1], p.shape[1])
+    q = F.pad(q, (0, n - q.shape[1]))
+    p = F.pad(p, (0, n - p.shape[1]))
+    return (q - p).abs().sum(dim=-1)
+
+
+def uld_positions(student_count: int, teacher_count: int) -> int:
+    """How many response positions ULD compares when the student's tokenisation of a response has
+    `student_count` tokens and the teacher's `teacher_count`: the first min(·, ·) of each, in
+    order (the paper's alignment)."""
+    if student_count < 0 or teacher_count < 0:
+        raise GeokdError(f"ULD: token counts must be >= 0, got {student_count} and {teacher_count}")
+    return min(student_count, teacher_count)
