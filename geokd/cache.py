@@ -621,6 +621,16 @@ def check_cache_matches(
     if manifest["tokenizer_sha256"] != tokenizer_hash:
         raise refuse("tokenizer", manifest["tokenizer_sha256"][:12], tokenizer_hash[:12],
                      "the student must tokenise like the teacher the cache was written with")  # fmt: skip
+    check_cached_teacher(manifest, teacher_sha256, teacher_name)
+
+
+def check_cached_teacher(manifest: dict[str, Any], teacher_sha256: str | None, teacher_name: str | None) -> None:
+    """Refuse a cache written by another teacher than the run's `--teacher` (by weights hash when
+    both are known, else by resolved name); nothing to check without a `--teacher`."""
+
+    def refuse(field: str, cached: Any, run: Any, fix: str) -> GeokdError:
+        return GeokdError(f"--cache: {field} differs: the cache has {cached!r}, this run {run!r}; {fix}")
+
     cached_teacher = manifest["teacher"]
     if teacher_name is not None and (teacher_sha256 is None or cached_teacher.get("weights_sha256") is None):
         given = _where(teacher_name)

@@ -45,6 +45,7 @@ from geokd.cache import (
     MANIFEST,
     _identity,
     _write_manifest,
+    check_cached_teacher,
     file_sha256,
     shard_name,
     tokenizer_sha256,
@@ -465,6 +466,7 @@ def verify_decoder_cache(path: str | Path) -> dict[str, Any]:
 def check_decoder_cache_matches(
     manifest: dict[str, Any], *, data_fingerprint: str, template: str, max_prompt_length: int, max_length: int,
     features: str, teacher_layers: Sequence[int], temperature: float, tokenizer_hash: str,
+    teacher_sha256: str | None = None, teacher_name: str | None = None,
 ) -> None:  # fmt: skip
     """Refuse a decoder cache that disagrees with a run; the message names the field and the fix."""
 
@@ -491,3 +493,4 @@ def check_decoder_cache_matches(
     if manifest["tokenizer_sha256"] != tokenizer_hash:
         raise refuse("tokenizer", manifest["tokenizer_sha256"][:12], tokenizer_hash[:12],
                      "the student must tokenise like the teacher the cache was written with")  # fmt: skip
+    check_cached_teacher(manifest, teacher_sha256, teacher_name)

@@ -613,12 +613,20 @@ def cache(
     task: str = _TASK,
     data: str = _DATA,
     split: str = _O("train", help="Split to cache (distillation reads train)."),
-    layers: str = _O("all", help="Teacher hidden states to store, e.g. 2,4,6 (0 = embeddings), or all."),
-    features: str = _O("cls", help="cls or mean (one row per example) or tokens (every non-padding token)."),
-    dtype: str = _O("bf16", help="Storage precision of the features: bf16, fp16 or fp32 (logits: fp32)."),
+    layers: str = _O(None, help="Teacher hidden states to store, e.g. 2,4,6 (0 = embeddings), or all (default: "
+                     "all; none for --task instruct)."),
+    features: str = _O(None, help="cls or mean (one row per example) or tokens (every non-padding token); "
+                       "instruct: tokens (response tokens, default), mean or last."),
+    dtype: str = _O("bf16", help="Storage precision of the features (and top-k values): bf16, fp16 or fp32."),
     logits: bool = _O(True, "--logits/--no-logits", help="Store the teacher's logits (logit KD needs them)."),
-    max_length: int = _O(128, "--max-length", help="Tokens per example (must match the distill run)."),
-    batch_size: int = _O(64, "--batch-size", help="Examples per teacher batch at the longest length."),
+    max_length: int = _O(None, "--max-length", help="Tokens per example, must match the distill run (128; "
+                         "instruct 512)."),
+    batch_size: int = _O(None, "--batch-size", help="Examples per teacher batch (64; instruct 8)."),
+    topk: int = _O(64, "--topk", help="instruct: the teacher's top-k next-token log-probabilities stored per response token."),
+    temperature: float = _O(1.0, "--temperature", help="instruct: τ of the stored distribution (distill uses the same)."),
+    template: str = _O("alpaca", "--template", help="instruct: alpaca (MiniLLM prompt) or chat."),
+    max_prompt_length: int = _O(256, "--max-prompt-length", help="instruct: longer prompts are dropped and counted."),
+    data_format: str = _O("auto", "--format", help="instruct: the data format (auto-detected)."),
     shard_size: int = _O(4096, "--shard-size", help="Examples per shard (the unit of resume)."),
     text_fields: str = _TEXT_FIELDS,
     label_field: str = _LABEL_FIELD,
@@ -634,11 +642,15 @@ def cache(
 
     from geokd.artifacts import human_bytes
     from geokd.cache import CacheRequest, build_cache, read_manifest, verify_cache
+    from geokd.cache_decoder import is_decoder_cache
 
     with user_errors():
         if verify is not None or info is not None:
             if verify is not None and info is not None:
                 raise GeokdError("--verify and --info: pass one of them")
+            if is_decoder_cache(verify or info):
+                _decoder_cache_report(verify, info)
+                return
             if verify is not None:
                 report = verify_cache(verify)
                 _render_cache_manifest(read_manifest(verify), report)
@@ -655,10 +667,17 @@ def cache(
         ]
         if missing:
             raise GeokdError(f"cache: {', '.join(missing)} missing; pass them (or --verify/--info CACHE)")
+        if task == "instruct":
+            _cache_instruct(teacher, data, out, split=split, layers=layers or "", features=features or "tokens",
+                            dtype=dtype, topk=topk, temperature=temperature, template=template,
+                            max_prompt_length=max_prompt_length, max_length=max_length or 512,
+                            batch_size=batch_size or 8, shard_size=shard_size, data_format=data_format,
+                            device=device or "auto", trust_remote_code=trust_remote_code, quiet=quiet)  # fmt: skip
+            return
         request = CacheRequest(
-            teacher=teacher, task=task, data=data, split=split, layers=layers, features=features, dtype=dtype,
-            logits=logits, max_length=max_length, batch_size=batch_size, shard_size=shard_size,
-            text_fields=text_fields, label_field=label_field, out=out, device=device or "auto",
+            teacher=teacher, task=task, data=data, split=split, layers=layers or "all", features=features or "cls",
+            dtype=dtype, logits=logits, max_length=max_length or 128, batch_size=batch_size or 64,
+            shard_size=shard_size, text_fields=text_fields, label_field=label_field, out=out, device=device or "auto",
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
         columns = (TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -680,6 +699,84 @@ def cache(
             manifest = build_cache(request, on_plan=on_plan, on_batch=lambda k: bar.advance(bar_task, k))
         _render_cache_manifest(manifest, None)
         console.print(f"wrote {out}")
+
+
+def _cache_instruct(teacher: str, data: str | None, out: str, *, quiet: bool, data_format: str, **options) -> None:
+    """`geokd cache --task instruct`: the decoder cache (geokd.cache_decoder)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from geokd.artifacts import human_bytes
+    from geokd.cache_decoder import DecoderCacheRequest, build_decoder_cache
+
+    if data is None:
+        raise GeokdError("cache: --data missing; --task instruct needs a folder holding train.jsonl (and dev.jsonl)")
+    request = DecoderCacheRequest(teacher=teacher, data=data, out=out, format=data_format, **options)
+    columns = (TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=quiet or not err_console.is_terminal) as bar:
+        bar_task = bar.add_task("cache", total=None)
+
+        def on_plan(plan: dict) -> None:
+            for message in plan.get("warnings", []):
+                err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False)
+            stats = plan["data_stats"]
+            console.print(
+                f"caching {plan['examples']:,} examples ({plan['tokens']:,} response tokens; {stats['dropped_prompt']} "
+                f"dropped for long prompts), top-{request.topk}, layers {plan['layers'] or 'none'}: about "
+                f"{human_bytes(plan['expected_bytes'])} on disk ({plan['minimum_bytes'] / max(1, plan['tokens']):.0f} "
+                f"bytes per response token), {human_bytes(plan['free_bytes'])} free; {plan['shards']} shard(s), "
+                f"{plan['shards_kept']} kept from an earlier run",
+                highlight=False,
+            )
+            bar.update(bar_task, total=plan["examples"], completed=min(plan["examples"], plan["shards_kept"] * request.shard_size))
+
+        manifest = build_decoder_cache(request, on_plan=on_plan, on_batch=lambda k: bar.advance(bar_task, k))
+    _render_decoder_cache_manifest(manifest, None)
+    console.print(f"wrote {out}")
+
+
+def _decoder_cache_report(verify: Path | None, info: Path | None) -> None:
+    from geokd.cache_decoder import read_decoder_manifest, verify_decoder_cache
+
+    if verify is not None:
+        report = verify_decoder_cache(verify)
+        _render_decoder_cache_manifest(read_decoder_manifest(verify), report)
+        if not report["ok"]:
+            raise GeokdError(f"cache {str(verify)!r} failed verification: {'; '.join(report['problems'])}")
+        console.print(f"[bold green]ok[/bold green]: {len(report['shards'])} shard(s) verified")
+    else:
+        assert info is not None
+        _render_decoder_cache_manifest(read_decoder_manifest(info), None)
+
+
+def _render_decoder_cache_manifest(manifest: dict, report: dict | None) -> None:
+    from geokd.artifacts import human_bytes
+
+    table = Table(title=f"decoder teacher cache ({'complete' if manifest.get('complete') else 'INCOMPLETE'})",
+                  show_header=False)  # fmt: skip
+    table.add_column("field")
+    table.add_column("value")
+    teacher = manifest["teacher"]
+    stored = sum(s["bytes"] for s in manifest["shards"])
+    rows = {
+        "teacher": f"{teacher['path_or_id']} (weights sha256 {str(teacher.get('weights_sha256'))[:12]})",
+        "teacher shape": f"{manifest['teacher_layers']} layers, hidden {manifest['hidden_size']}, vocabulary {manifest['vocab']:,}",
+        "tokenizer sha256": manifest["tokenizer_sha256"][:12],
+        "data": f"{manifest['data']['source']} ({manifest['data']['fingerprint'][:19]}), split {manifest['split']}",
+        "template / lengths": f"{manifest['template']} / prompt {manifest['max_prompt_length']}, total {manifest['max_length']}",
+        "examples / response tokens": f"{manifest['n_examples']:,} / {manifest['n_tokens']:,}",
+        "top-k / τ": f"{manifest['topk']} ({manifest['id_dtype']} ids, {manifest['dtype']} values) / {manifest['temperature']}",
+        "layers / features": f"{', '.join(map(str, manifest['layers'])) or 'none'} / {manifest['features']}",
+        "shards": f"{len(manifest['shards'])} of {manifest['shard_size']:,} examples, {human_bytes(stored)} "
+        f"({stored / max(1, manifest['n_tokens']):.1f} bytes per response token; fields alone "
+        f"{manifest['bytes_minimum'] / max(1, manifest['n_tokens']):.1f})",
+        "geokd version": manifest["geokd_version"],
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+    if report is not None:
+        for problem in report["problems"]:
+            console.print(f"[red]{escape(problem)}[/red]")
 
 
 def _render_cache_manifest(manifest: dict, report: dict | None) -> None:

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from geokd.losses.objective import LossOutput, Objective
 from geokd.losses.token_kd import chunked_token_kd
+from geokd.losses.topk_kd import chunked_topk_kd
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -93,14 +94,24 @@ class TokenObjective(Objective):
         teacher_head: nn.Linear | None = None,
         student_features: list[torch.Tensor] | None = None,
         teacher_features: list[torch.Tensor] | None = None,
+        cached_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> LossOutput:
+        """`cached_targets` (`ids [N, k]`, `log_probs [N, k]`, `log_tail [N]` from a decoder cache)
+        replaces the live teacher in the KD term: top-k + tail KD (`geokd.losses.topk_kd`)."""
         n = max(1, int(targets.shape[0]))
         terms: dict[str, torch.Tensor] = {}
         sft = chunked_cross_entropy(student_hidden, student_head, targets, self.vocab, self.chunk_tokens) / n
         terms["sft"] = sft
         total = self.gamma * sft
         if self.mode == "distill":
-            if teacher_hidden is not None and teacher_head is not None and self.alpha < 1.0:
+            if cached_targets is not None and self.alpha < 1.0:
+                kd_sum, _ = chunked_topk_kd(
+                    student_hidden, student_head, *cached_targets, self.kd, temperature=self.temperature,
+                    beta=self.kd_beta, skew=self.kd_skew, vocab=self.vocab, chunk_tokens=self.chunk_tokens,
+                )  # fmt: skip
+                terms["kd"] = kd_sum / n
+                total = total + (1.0 - self.alpha) * terms["kd"]
+            elif teacher_hidden is not None and teacher_head is not None and self.alpha < 1.0:
                 kd_sum, _ = chunked_token_kd(
                     student_hidden, student_head, teacher_hidden, teacher_head, self.kd,
                     temperature=self.temperature, beta=self.kd_beta, skew=self.kd_skew, vocab=self.vocab,

@@ -53,22 +53,51 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     from geokd.models import decoder as decoder_lib
     from geokd.tasks import instruct
 
-    if config.cache:
-        raise GeokdError("--cache: decoder caches come with issue #12; distil --task instruct with a live --teacher")
     if config.data is None:
         raise GeokdError("--data: --task instruct needs a folder holding train.jsonl and dev.jsonl")
     train_split = instruct.load_instruct_split(config.data, "train", format=config.format)
     dev_split = instruct.load_instruct_split(config.data, "dev", format=config.format)
 
+    # With --cache the teacher is read from disk: it is loaded only to build a truncate:/shrink:
+    # student from its weights, and never run.
     teacher = None
-    if config.mode == "distill":
-        teacher = decoder_lib.load_causal_lm(config.teacher, trust_remote_code=config.trust_remote_code)
+    cache = None
+    if config.mode == "distill" and config.cache:
+        from geokd.cache_decoder import DecoderCache
+
+        cache = DecoderCache(config.cache)
+    derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
+    if config.mode == "distill" and (cache is None or derived):
+        teacher = decoder_lib.load_causal_lm(
+            config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
+            trust_remote_code=config.trust_remote_code,
+        )
         student = models_lib.load_student(
             config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
         )
     else:
         student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
     vocab = decoder_lib.check_same_tokenizer(teacher, student) if teacher is not None else None
+    teacher_info = teacher_summary(config.teacher, teacher) if teacher is not None else None
+    if cache is not None:
+        from geokd.cache import tokenizer_sha256
+
+        vocab = int(cache.manifest["vocab"])
+        if decoder_lib.vocab_rows(student.model) < vocab:
+            raise GeokdError(
+                f"--cache: the student's head has {decoder_lib.vocab_rows(student.model)} rows but the cache's vocabulary "
+                f"is {vocab} tokens; the student must tokenise like the cached teacher"
+            )
+        teacher_info = {
+            "name": config.teacher or cache.manifest["teacher"]["path_or_id"],
+            "parameters": None,
+            "layers": int(cache.manifest["teacher_layers"]),
+            "hidden": int(cache.manifest["hidden_size"]),
+            "source": {**cache.manifest["teacher"], "cache": str(cache.path)},
+        }
+        cache_teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
+        cache_tokenizer = tokenizer_sha256(student.tokenizer)
+        teacher = None  # never run: a derived student has its own copy of the weights it needs
     for loaded in (student, teacher):
         cfg = loaded.config if loaded is not None else None
         positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -97,12 +126,20 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     for message in getattr(collate, "warnings", ()):
         warn(message)
 
-    teacher_info = teacher_summary(config.teacher, teacher) if teacher is not None else None
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
         layer_pairs = models_lib.parse_layer_map(
             config.layers, student.num_layers, teacher_info["layers"], getattr(student, "teacher_blocks", None)
         )
+    if cache is not None:
+        from geokd.cache_decoder import check_decoder_cache_matches
+
+        check_decoder_cache_matches(
+            cache.manifest, data_fingerprint=train_split.fingerprint, template=config.template,
+            max_prompt_length=config.max_prompt_length, max_length=config.max_length, features=config.features,
+            teacher_layers=sorted({t for _, t in layer_pairs}), temperature=config.temperature,
+            tokenizer_hash=cache_tokenizer, teacher_sha256=cache_teacher_sha, teacher_name=config.teacher,
+        )  # fmt: skip
     objective = TokenObjective(
         config.loss,
         layer_pairs,
@@ -123,6 +160,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     student_layers = [s for s, _ in layer_pairs]
     teacher_layers = [t for _, t in layer_pairs]
     needs_teacher = teacher is not None and (config.alpha < 1.0 or bool(layer_pairs))
+    reads_cache = cache is not None and (config.alpha < 1.0 or bool(layer_pairs))
 
     def step(batch: dict[str, torch.Tensor]) -> LossOutput:
         positions, targets = response_positions(batch["labels"])
@@ -138,9 +176,20 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             if layer_pairs:
                 t_feats = decoder_lib.decoder_features(t_out.hidden_states, response_mask, teacher_layers,
                                                        config.features)  # fmt: skip
+        cached = None
+        if reads_cache:
+            read = cache.lookup(batch["example_id"].tolist(), teacher_layers)  # type: ignore[union-attr]
+            if read.ids.shape[0] != s_hidden.shape[0]:
+                raise GeokdError(
+                    f"--cache: the cache holds {read.ids.shape[0]} response tokens for this batch, the student's batch has "
+                    f"{s_hidden.shape[0]}; the cache was tokenised differently, rebuild it"
+                )
+            device = s_hidden.device
+            cached = (read.ids.to(device), read.log_probs.to(device), read.log_tail.to(device))
+            t_feats = [row.to(device) for row in read.rows] if layer_pairs else None
         if layer_pairs:
             s_feats = decoder_lib.decoder_features(out.hidden_states, response_mask, student_layers, config.features)
-        return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats)
+        return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats, cached)
 
     def response_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
@@ -201,7 +250,8 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         student=student,
         tokenizer=tokenizer,
         teacher_info=teacher_info,
-        teacher_sha256=teacher.source.weights_sha256 if teacher is not None else None,
+        teacher_sha256=(teacher.source.weights_sha256 if teacher is not None
+                        else cache.manifest["teacher"].get("weights_sha256") if cache is not None else None),  # fmt: skip
         layer_pairs=layer_pairs,
         objective=objective,
         train_features=train_features,

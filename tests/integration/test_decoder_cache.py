@@ -143,3 +143,80 @@ def test_stale_caches_are_refused_by_field(llama_dir, instruct_dir, tmp_path):
     ):
         with pytest.raises(GeokdError, match=message):
             check_decoder_cache_matches(manifest, **{**good, **change})
+
+
+def test_geokd_cache_task_instruct_cli(llama_dir, instruct_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from geokd.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cache"
+    result = runner.invoke(app, ["cache", "--teacher", str(llama_dir), "--task", "instruct", "--data", str(instruct_dir),
+                                 "--layers", "2", "--topk", "4", "--max-length", "64", "--max-prompt-length", "48",
+                                 "--out", str(out), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "bytes per response token" in result.output and "decoder teacher cache (complete)" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["topk"] == 4 and manifest["layers"] == [2] and manifest["features"] == "tokens"
+    verified = runner.invoke(app, ["cache", "--verify", str(out)])
+    assert verified.exit_code == 0 and "shard(s) verified" in verified.output
+    shard = out / manifest["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    broken = runner.invoke(app, ["cache", "--verify", str(out)])
+    assert broken.exit_code == 2 and "failed verification" in broken.output
+    bad = runner.invoke(app, ["cache", "--teacher", str(llama_dir), "--task", "instruct", "--data", str(instruct_dir),
+                              "--topk", "0", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert bad.exit_code == 2 and "--topk must be at least 1, got 0" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
+def _distill_config(teacher, data, out, **extra):
+    from geokd.config import resolve_config
+
+    flags = dict(teacher=str(teacher), student="truncate:2", task="instruct", data=str(data), out=str(out),
+                 loss="procrustes", layers="1:2,2:4", max_steps=4, batch_size=4, lr=3e-3, seed=5, save_minutes=0,
+                 max_length=64, max_prompt_length=48, temperature=1.5)  # fmt: skip
+    flags.update(extra)
+    return resolve_config("distill", flags=flags)
+
+
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+
+@pytest.mark.parametrize("features", ["tokens", "mean"])
+def test_distill_from_a_full_vocabulary_cache_equals_the_live_teacher(llama_dir, instruct_dir, tmp_path, features):
+    """k = V and fp32: top-k + tail KD is the full KD, so every per-step loss term of a cached run
+    equals the live run's to 1e-5 (data order, masking, rows, the objective: all the same)."""
+    from geokd.engine import train
+    from tinylm import VOCAB
+
+    build_decoder_cache(_request(llama_dir, instruct_dir, tmp_path / "cache", topk=len(VOCAB), features=features,
+                                 batch_size=4))  # fmt: skip
+    train(_distill_config(llama_dir, instruct_dir, tmp_path / "live", features=features))
+    train(_distill_config(llama_dir, instruct_dir, tmp_path / "cached", features=features,
+                          cache=str(tmp_path / "cache")))  # fmt: skip
+    live, cached = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert len(live) == len(cached) == 4
+    for a, b in zip(live, cached, strict=True):
+        for term in ("loss", "sft", "kd", "feature/procrustes/1->2", "feature/procrustes/2->4"):
+            assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-6), (a["step"], term)
+    # With a smaller k the KD term is the top-k + tail approximation: lower, but the same ballpark.
+    build_decoder_cache(_request(llama_dir, instruct_dir, tmp_path / "cache8", topk=8, features=features, batch_size=4))
+    train(_distill_config(llama_dir, instruct_dir, tmp_path / "cached8", features=features,
+                          cache=str(tmp_path / "cache8")))  # fmt: skip
+    first = _losses(tmp_path / "cached8")[0]
+    assert 0 < first["kd"] <= live[0]["kd"] + 1e-6 and first["sft"] == pytest.approx(live[0]["sft"], rel=1e-5)
+
+
+def test_distill_cache_refusals(llama_dir, instruct_dir, tmp_path):
+    from geokd.engine import train
+
+    build_decoder_cache(_request(llama_dir, instruct_dir, tmp_path / "cache", layers="2"))
+    with pytest.raises(GeokdError, match="pass --temperature 1.5"):
+        train(_distill_config(llama_dir, instruct_dir, tmp_path / "a", cache=str(tmp_path / "cache"), layers="1:2",
+                              temperature=1.0))  # fmt: skip
+    with pytest.raises(GeokdError, match="teacher layer 4 is not cached"):
+        train(_distill_config(llama_dir, instruct_dir, tmp_path / "b", cache=str(tmp_path / "cache")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
