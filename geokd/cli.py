@@ -563,7 +563,7 @@ def distill(
     features: str = _O(
         None, help="cls (default), mean or tokens: rows per example or per token; decoders: tokens (default), mean, last."
     ),
-    kd: str = _O(None, "--kd", help="--task instruct: forward (default), reverse, jsd, skew-forward, skew-reverse, tvd."),
+    kd: str = _O(None, "--kd", help="--task instruct: forward (default), reverse, jsd, skew-forward, skew-reverse, tvd, or uld (any two tokenizers)."),
     kd_beta: float = _O(None, "--kd-beta", help="--kd jsd: the teacher's weight in the mixture (default 0.5)."),
     kd_skew: float = _O(None, "--kd-skew", help="--kd skew-*: the skew alpha (default 0.1)."),
     finetune_teacher: bool = _O(

@@ -33,7 +33,9 @@ DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma"
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
 FEATURES = ("cls", "mean", "tokens", "last")
-KD_KINDS = ("forward", "reverse", "jsd", "skew-forward", "skew-reverse", "tvd")
+# The token-level KD kinds (geokd.losses.token_kd) and ULD (geokd.losses.uld), which also works
+# between different tokenizers.
+KD_KINDS = ("forward", "reverse", "jsd", "skew-forward", "skew-reverse", "tvd", "uld")
 TEMPLATES = ("alpaca", "chat")
 INSTRUCT_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "chat", "prompt-completion")
 # `--task instruct` (decoders, issue #11) changes these defaults when they are not given: token rows

@@ -52,6 +52,26 @@ def make_tokenizer(padding_side: str = "right"):
     return tokenizer
 
 
+def make_bpe_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in code on the template and filler words (so it splits
+    them differently from `make_tokenizer`: e.g. `w17` -> `w`, `17`), with the same special tokens
+    at the same ids: a genuinely different tokenizer for the cross-tokenizer tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    corpus = [" ".join(TEMPLATE_WORDS)] + [" ".join(FILLER[i : i + 6]) for i in range(0, len(FILLER), 3)]
+    backend.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def make_config(family: str, vocab_size: int = len(VOCAB), layers: int = 4, hidden: int = 32, **extra):
     """A tiny config of `family`: 4 blocks, width 32, 4 query heads (2 key/value heads where the
     family has grouped-query attention), tied embeddings where the family ties them by default."""
@@ -82,13 +102,18 @@ def make_causal_lm(family: str, seed: int = 0, **config_kwargs):
     return AutoModelForCausalLM.from_config(make_config(family, **config_kwargs)).eval()
 
 
-def save_causal_lm(folder: str | Path, family: str = "llama", seed: int = 0, **config_kwargs) -> Path:
-    """Write a tiny random causal LM of `family` and the test tokenizer into `folder`."""
+def save_causal_lm(folder: str | Path, family: str = "llama", seed: int = 0, tokenizer: str = "word",
+                   **config_kwargs) -> Path:  # fmt: skip
+    """Write a tiny random causal LM of `family` and the test tokenizer (`word`, or `bpe`:
+    `make_bpe_tokenizer`) into `folder`."""
     folder = Path(folder)
+    tok = make_bpe_tokenizer() if tokenizer == "bpe" else make_tokenizer()
+    if tokenizer == "bpe":
+        config_kwargs.setdefault("vocab_size", len(tok))
     model = make_causal_lm(family, seed=seed, **config_kwargs)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from geokd.losses.objective import LossOutput, Objective
 from geokd.losses.token_kd import chunked_token_kd
 from geokd.losses.topk_kd import chunked_topk_kd
+from geokd.losses.uld import chunked_uld
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -95,9 +96,13 @@ class TokenObjective(Objective):
         student_features: list[torch.Tensor] | None = None,
         teacher_features: list[torch.Tensor] | None = None,
         cached_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        aligned: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LossOutput:
         """`cached_targets` (`ids [N, k]`, `log_probs [N, k]`, `log_tail [N]` from a decoder cache)
-        replaces the live teacher in the KD term: top-k + tail KD (`geokd.losses.topk_kd`)."""
+        replaces the live teacher in the KD term: top-k + tail KD (`geokd.losses.topk_kd`).
+        With `kd="uld"`, `aligned` holds the student's and the teacher's final hidden states at the
+        aligned response positions (`geokd.losses.uld.uld_positions`; the tokenizers may differ) and
+        the KD term is their mean ULD."""
         n = max(1, int(targets.shape[0]))
         terms: dict[str, torch.Tensor] = {}
         sft = chunked_cross_entropy(student_hidden, student_head, targets, self.vocab, self.chunk_tokens) / n
@@ -110,6 +115,11 @@ class TokenObjective(Objective):
                     beta=self.kd_beta, skew=self.kd_skew, vocab=self.vocab, chunk_tokens=self.chunk_tokens,
                 )  # fmt: skip
                 terms["kd"] = kd_sum / n
+                total = total + (1.0 - self.alpha) * terms["kd"]
+            elif self.kd == "uld" and aligned is not None and teacher_head is not None and self.alpha < 1.0:
+                uld_sum, m = chunked_uld(aligned[0], student_head, aligned[1], teacher_head,
+                                         temperature=self.temperature, chunk_tokens=self.chunk_tokens)  # fmt: skip
+                terms["kd"] = uld_sum / max(1, m)
                 total = total + (1.0 - self.alpha) * terms["kd"]
             elif teacher_hidden is not None and teacher_head is not None and self.alpha < 1.0:
                 kd_sum, _ = chunked_token_kd(

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from geokd.errors import GeokdError
 from geokd.losses._core import compute_dtype
@@ -57,3 +59,37 @@ def uld_positions(student_count: int, teacher_count: int) -> int:
     if student_count < 0 or teacher_count < 0:
         raise GeokdError(f"ULD: token counts must be >= 0, got {student_count} and {teacher_count}")
     return min(student_count, teacher_count)
+
+
+def _chunk_uld(s_hidden, weight, bias, t_logits, temperature: float) -> torch.Tensor:
+    return uld_distance(F.linear(s_hidden, weight, bias), t_logits, temperature=temperature).sum()
+
+
+def chunked_uld(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear,
+    teacher_hidden: torch.Tensor,
+    teacher_head: nn.Linear,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 256,
+) -> tuple[torch.Tensor, int]:
+    """`(Σ ULD, N)` over N aligned positions from each model's final hidden states (`[N, d_s]`,
+    `[N, d_t]`, already aligned by `uld_positions`), applying the heads `chunk_tokens` rows at a
+    time; the student's chunk logits are recomputed in backward (activation checkpointing), the
+    teacher's are computed without a graph."""
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise GeokdError(
+            f"ULD: {student_hidden.shape[0]} student and {teacher_hidden.shape[0]} teacher positions; align them first"
+        )
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        with torch.no_grad():
+            t_logits = teacher_head(teacher_hidden[rows].to(teacher_head.weight.dtype)).float()
+        args = (student_hidden[rows], student_head.weight, student_head.bias, t_logits, float(temperature))
+        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.weight.requires_grad):
+            total = total + checkpoint(_chunk_uld, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_uld(*args)
+    return total, int(student_hidden.shape[0])

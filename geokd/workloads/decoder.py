@@ -40,6 +40,59 @@ def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mask, following[mask]
 
 
+def aligned_rows(student_positions: torch.Tensor, teacher_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ULD's alignment (`geokd.losses.uld.uld_positions`): for each example, its first
+    min(n_student, n_teacher) response positions on each side. Returns boolean masks over the
+    rows of `hidden[:, :-1][positions]` (example after example) of the student and the teacher."""
+    s_rank = student_positions.long().cumsum(dim=1) - 1
+    t_rank = teacher_positions.long().cumsum(dim=1) - 1
+    m = torch.minimum(student_positions.sum(dim=1), teacher_positions.sum(dim=1)).unsqueeze(1)
+    return (s_rank < m)[student_positions], (t_rank < m)[teacher_positions]
+
+
+@dataclasses.dataclass
+class PairedCollator:
+    """Cross-tokenizer batches: the student's batch plus the teacher's own tokenisation of the same
+    examples (`teacher_input_ids`, `teacher_attention_mask`, `teacher_labels`)."""
+
+    student: Any
+    teacher: Any
+    teacher_features: dict[int, dict[str, Any]]
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.student.warnings)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.student(features)
+        other = self.teacher([self.teacher_features[int(f["example_id"])] for f in features])
+        batch.update(teacher_input_ids=other["input_ids"], teacher_attention_mask=other["attention_mask"],
+                     teacher_labels=other["labels"])  # fmt: skip
+        return batch
+
+
+def _cross_path(config: RunConfig) -> str:
+    parts = ["each model tokenises the text itself"]
+    if config.loss != "none":
+        rows = "one row per example: the mean over its response tokens" if config.features == "mean" else (
+            "one row per example: the last prompt token")  # fmt: skip
+        parts.append(f"feature rows are examples ({rows})")
+    parts.append("KD by ULD over the first min(n_student, n_teacher) response tokens" if config.alpha < 1.0
+                 else "no token KD (alpha 1)")  # fmt: skip
+    return "; ".join(parts)
+
+
+def _check_cross_tokenizer(config: RunConfig, difference: str) -> None:
+    """Different tokenizers: only example-level rows and ULD (or no KD) are defined."""
+    problems = []
+    if config.loss != "none" and config.features == "tokens":
+        problems.append("token rows need one tokenisation: use --features mean or last (one row per example)")
+    if config.alpha < 1.0 and config.kd != "uld":
+        problems.append(f"--kd {config.kd} compares one vocabulary: use --kd uld or --alpha 1 (no token KD)")
+    if problems:
+        raise GeokdError(f"tokenizer: {difference.removeprefix('tokenizer: ')}; {'; '.join(problems)}")
+
+
 def _base_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], hidden: bool):
     """The transformer below the LM head: last_hidden_state (what the head reads) and, when asked,
     every layer's hidden states."""
@@ -65,6 +118,10 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     if config.mode == "distill" and config.cache:
         from geokd.cache_decoder import DecoderCache
 
+        if config.kd == "uld" and config.alpha < 1.0:
+            raise GeokdError("--kd uld: a decoder cache holds top-k targets, not the teacher's full distributions; "
+                             "distil with a live --teacher for ULD, or use another --kd")  # fmt: skip
+
         cache = DecoderCache(config.cache)
     derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
     if config.mode == "distill" and (cache is None or derived):
@@ -72,12 +129,19 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
             trust_remote_code=config.trust_remote_code,
         )
-        student = models_lib.load_student(
-            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
-        )
+        student = models_lib.load_student(config.student, teacher, trust_remote_code=config.trust_remote_code,
+                                          seed=config.seed, allow_different_tokenizer=cache is None)  # fmt: skip
     else:
         student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
-    vocab = decoder_lib.check_same_tokenizer(teacher, student) if teacher is not None else None
+    vocab, cross = None, None
+    if teacher is not None:
+        try:
+            vocab = decoder_lib.check_same_tokenizer(teacher, student)
+        except GeokdError as difference:
+            cross = str(difference).split("; ")[0]
+    if cross is not None:
+        _check_cross_tokenizer(config, cross)
+        warn(f"{cross}: cross-tokenizer path: {_cross_path(config)}")
     teacher_info = teacher_summary(config.teacher, teacher) if teacher is not None else None
     if cache is not None:
         from geokd.cache import tokenizer_sha256
@@ -125,6 +189,16 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     collate = instruct.make_instruct_collate(tokenizer)
     for message in getattr(collate, "warnings", ()):
         warn(message)
+    if cross is not None:  # the teacher reads the same texts through its own tokenizer
+        assert teacher is not None
+        teacher_features, _ = instruct.tokenize_instruct(train_split, teacher.tokenizer, **tokenize)
+        by_id = {f["example_id"]: f for f in teacher_features}
+        kept = [f for f in train_features if f["example_id"] in by_id]
+        if len(kept) < len(train_features):
+            warn(f"train: {len(train_features) - len(kept)} example(s) dropped: the teacher's tokenisation of their prompt "
+                 f"is over --max-prompt-length {config.max_prompt_length}")  # fmt: skip
+        train_features = kept
+        collate = PairedCollator(collate, instruct.make_instruct_collate(teacher.tokenizer), by_id)
 
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
@@ -168,14 +242,22 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         with runtime.autocast():
             out = _base_forward(student.model, batch, bool(layer_pairs))
         s_hidden = out.last_hidden_state[:, :-1][positions]
-        t_hidden = s_feats = t_feats = None
+        t_hidden = s_feats = t_feats = aligned = None
         if needs_teacher:
+            t_batch, t_labels = batch, batch["labels"]
+            if cross is not None:
+                t_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+                t_labels = batch["teacher_labels"]
+            t_positions, _ = response_positions(t_labels)
             with torch.no_grad(), runtime.autocast():
-                t_out = _base_forward(teacher.model, batch, bool(layer_pairs))  # type: ignore[union-attr]
-            t_hidden = t_out.last_hidden_state[:, :-1][positions]
+                t_out = _base_forward(teacher.model, t_batch, bool(layer_pairs))  # type: ignore[union-attr]
+            t_hidden = t_out.last_hidden_state[:, :-1][t_positions]
             if layer_pairs:
-                t_feats = decoder_lib.decoder_features(t_out.hidden_states, response_mask, teacher_layers,
+                t_feats = decoder_lib.decoder_features(t_out.hidden_states, t_labels != -100, teacher_layers,
                                                        config.features)  # fmt: skip
+            if config.kd == "uld":
+                s_keep, t_keep = aligned_rows(positions, t_positions)
+                aligned = (s_hidden[s_keep], t_hidden[t_keep])
         cached = None
         if reads_cache:
             read = cache.lookup(batch["example_id"].tolist(), teacher_layers)  # type: ignore[union-attr]
@@ -189,7 +271,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             t_feats = [row.to(device) for row in read.rows] if layer_pairs else None
         if layer_pairs:
             s_feats = decoder_lib.decoder_features(out.hidden_states, response_mask, student_layers, config.features)
-        return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats, cached)
+        return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats, cached, aligned)
 
     def response_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())

@@ -189,8 +189,9 @@ def _losses(run: Path) -> list[dict]:
 def test_distill_from_a_full_vocabulary_cache_equals_the_live_teacher(llama_dir, instruct_dir, tmp_path, features):
     """k = V and fp32: top-k + tail KD is the full KD, so every per-step loss term of a cached run
     equals the live run's to 1e-5 (data order, masking, rows, the objective: all the same)."""
-    from geokd.engine import train
     from tinylm import VOCAB
+
+    from geokd.engine import train
 
     build_decoder_cache(_request(llama_dir, instruct_dir, tmp_path / "cache", topk=len(VOCAB), features=features,
                                  batch_size=4))  # fmt: skip

@@ -1,0 +1,87 @@
+"""Distillation between a teacher and a student whose tokenizers differ (issue #12): a word-level
+teacher and a byte-level BPE student (tests/tinylm.py). Example-level feature rows (`mean`, `last`)
+and ULD are the defined paths; token rows and one-vocabulary KD are refused in one line before
+anything runs; the run says which path it took."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tinylm import save_causal_lm, write_instruct_data
+from toyglue import options
+from typer.testing import CliRunner
+
+from geokd.cli import app
+from geokd.workloads.decoder import aligned_rows
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def instruct_dir(tmp_path_factory) -> Path:
+    return write_instruct_data(tmp_path_factory.mktemp("instruct") / "toy")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "teacher": save_causal_lm(root / "teacher", "llama"),
+        "student": save_causal_lm(root / "student", "qwen3", seed=3, tokenizer="bpe", hidden=16, layers=2),
+    }
+
+
+def _distill(models, data, out, **extra):
+    flags = dict(teacher=models["teacher"], student=models["student"], task="instruct", data=data, out=out,
+                 max_steps=4, batch_size=6, lr=3e-3, seed=1, save_minutes=0, max_length=160, max_prompt_length=120)  # fmt: skip
+    flags.update(extra)
+    return runner.invoke(app, ["distill", *options(**flags)])
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+
+@pytest.mark.parametrize("features", ["mean", "last"])
+def test_example_level_geometry_across_tokenizers(models, instruct_dir, tmp_path, features):
+    out = tmp_path / "run"
+    result = _distill(models, instruct_dir, out, loss="procrustes", features=features, alpha=1.0, layers="2:4")
+    assert result.exit_code == 0, result.output
+    assert "cross-tokenizer path" in result.output and "feature rows are examples" in result.output
+    records = _records(out)
+    term = "feature/procrustes/2->4"
+    assert len(records) == 4 and all(math.isfinite(r[term]) and 0 <= r[term] <= 2 for r in records)
+    assert "kd" not in records[0]
+
+
+def test_uld_across_tokenizers(models, instruct_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _distill(models, instruct_dir, out, loss="gram", features="mean", alpha=0.5, kd="uld", layers="2:4")
+    assert result.exit_code == 0, result.output
+    assert "KD by ULD" in result.output
+    records = _records(out)
+    assert all(0 < r["kd"] <= 2 for r in records)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"loss": "procrustes", "features": "tokens", "alpha": 1.0}, "use --features mean or last"),
+    ({"loss": "none", "kd": "forward"}, "use --kd uld or --alpha 1"),
+])  # fmt: skip
+def test_undefined_cross_tokenizer_settings_are_one_line(models, instruct_dir, tmp_path, extra, message):
+    out = tmp_path / "run"
+    result = _distill(models, instruct_dir, out, **extra)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert lines[0].startswith("error: tokenizer:") and not out.exists()
+
+
+def test_uld_alignment_keeps_the_first_min_positions_of_each_example():
+    student = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)  # 3 and 2 response positions
+    teacher = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)  # 2 and 4
+    s_keep, t_keep = aligned_rows(student, teacher)
+    assert s_keep.tolist() == [True, True, False, True, True]  # example 0: first 2 of 3; example 1: both
+    assert t_keep.tolist() == [True, True, True, True, False, False]  # example 0: both; example 1: first 2 of 4
