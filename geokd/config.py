@@ -32,7 +32,7 @@ DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma"
 # Keys that only mean something for --task instruct.
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
-FEATURES = ("cls", "mean", "tokens", "last")
+FEATURES = ("cls", "mean", "tokens", "last", "spans")
 # The token-level KD kinds (geokd.losses.token_kd) and ULD (geokd.losses.uld), which also works
 # between different tokenizers.
 KD_KINDS = ("forward", "reverse", "jsd", "skew-forward", "skew-reverse", "tvd", "uld")
@@ -169,6 +169,8 @@ def validation_problems(config: RunConfig) -> list[str]:
     instruct = config.task == "instruct"
     if instruct and config.features == "cls":
         p.append("features: a decoder has no [CLS] row; use tokens (default), mean or last with --task instruct")
+    if not instruct and config.features == "spans":
+        p.append("features: spans (span-aligned token rows across tokenizers) is for --task instruct; use cls, mean or tokens")
     if not instruct and config.features == "last":
         p.append("features: last (the last prompt token) is for --task instruct; use cls, mean or tokens")
     if config.kd not in KD_KINDS:

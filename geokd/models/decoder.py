@@ -298,8 +298,8 @@ def _first_vocab_difference(teacher: dict[str, int], student: dict[str, int]) ->
         if a == b:
             continue
         if a is not None and b is not None:
-            where = f"id {student[a]}" if a in student else "nowhere"
-            return f"id {i} is {a!r} in the teacher but {b!r} in the student (which has {a!r} at {where})"
+            where = f"has {a!r} at id {student[a]}" if a in student else f"has no {a!r}"
+            return f"id {i} is {a!r} in the teacher but {b!r} in the student (which {where})"
         if a is not None:
             where = f" (the student has it at id {student[a]})" if a in student else ""
             return f"id {i} is {a!r} in the teacher and absent from the student{where}"

@@ -29,6 +29,7 @@ from geokd.config import RunConfig
 from geokd.errors import GeokdError
 from geokd.losses.objective import LossOutput
 from geokd.losses.token_objective import TokenObjective, chunked_cross_entropy
+from geokd.models.spans import span_rows
 from geokd.runtime import Runtime
 from geokd.workloads import Workload, place_models, teacher_summary
 
@@ -67,16 +68,70 @@ class PairedCollator:
         batch = self.student(features)
         other = self.teacher([self.teacher_features[int(f["example_id"])] for f in features])
         batch.update(teacher_input_ids=other["input_ids"], teacher_attention_mask=other["attention_mask"],
-                     teacher_labels=other["labels"])  # fmt: skip
+                     teacher_labels=other["labels"], teacher_prompt_length=other["prompt_length"])  # fmt: skip
         return batch
+
+
+@dataclasses.dataclass
+class SpanCollator:
+    """Adds `student_spans [B, T_s]`, `teacher_spans [B, T_t]` (each position's span, -1 outside
+    every span: prompt, padding, an unclosed tail) and `n_spans [B]` to the batches of `inner`
+    (`--features spans`; `spans[example_id] = (student span ids, teacher span ids, n)` per
+    response token)."""
+
+    inner: Any
+    spans: dict[int, tuple[list[int], list[int], int]]
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.inner.warnings)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner(features)
+        ids = [int(f["example_id"]) for f in features]
+        for side, key, prompt_key in (("student", "input_ids", "prompt_length"),
+                                      ("teacher", "teacher_input_ids", "teacher_prompt_length")):  # fmt: skip
+            width = batch[key if key in batch else "input_ids"].shape[1]
+            prompts = batch[prompt_key if prompt_key in batch else "prompt_length"]
+            table = torch.full((len(ids), width), -1, dtype=torch.long)
+            for row, example in enumerate(ids):
+                values = self.spans[example][0 if side == "student" else 1]
+                start = int(prompts[row])
+                table[row, start : start + len(values)] = torch.as_tensor(values, dtype=torch.long)
+            batch[f"{side}_spans"] = table
+        batch["n_spans"] = torch.tensor([self.spans[e][2] for e in ids], dtype=torch.long)
+        return batch
+
+
+def build_spans(split: Any, student_features: list[dict[str, Any]], student_tokenizer: Any,
+                teacher_features: dict[int, dict[str, Any]] | None, teacher_tokenizer: Any) -> dict[int, tuple]:  # fmt: skip
+    """`SpanCollator.spans` for the kept examples: each side's response tokens (as training cut
+    them) grouped at the character boundaries both tokenisations share (`geokd.models.spans`)."""
+    from geokd.models.spans import common_spans, response_token_ends
+
+    texts = {e.example_id: e.response for e in split.examples}
+    spans: dict[int, tuple[list[int], list[int], int]] = {}
+    for feature in student_features:
+        example = feature["example_id"]
+        text = texts[example]
+        ends = []
+        for tokenizer, f in ((student_tokenizer, feature),
+                             (teacher_tokenizer, teacher_features[example] if teacher_features else feature)):  # fmt: skip
+            full = response_token_ends(text, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+            ends.append(full[: len(f["input_ids"]) - f["prompt_length"]])
+        spans[example] = common_spans(ends[0], ends[1])
+    return spans
 
 
 def _cross_path(config: RunConfig) -> str:
     parts = ["each model tokenises the text itself"]
     if config.loss != "none":
-        rows = "one row per example: the mean over its response tokens" if config.features == "mean" else (
-            "one row per example: the last prompt token")  # fmt: skip
-        parts.append(f"feature rows are examples ({rows})")
+        if config.features == "spans":
+            parts.append("feature rows are spans (the shared token boundaries; each model's mean over its tokens)")
+        else:
+            rows = "one row per example: the mean over its response tokens" if config.features == "mean" else (
+                "one row per example: the last prompt token")  # fmt: skip
+            parts.append(f"feature rows are examples ({rows})")
     parts.append("KD by ULD over the first min(n_student, n_teacher) response tokens" if config.alpha < 1.0
                  else "no token KD (alpha 1)")  # fmt: skip
     return "; ".join(parts)
@@ -86,7 +141,7 @@ def _check_cross_tokenizer(config: RunConfig, difference: str) -> None:
     """Different tokenizers: only example-level rows and ULD (or no KD) are defined."""
     problems = []
     if config.loss != "none" and config.features == "tokens":
-        problems.append("token rows need one tokenisation: use --features mean or last (one row per example)")
+        problems.append("token rows need one tokenisation: use --features spans (span-aligned token rows), mean or last")
     if config.alpha < 1.0 and config.kd != "uld":
         problems.append(f"--kd {config.kd} compares one vocabulary: use --kd uld or --alpha 1 (no token KD)")
     if problems:
@@ -199,6 +254,9 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
                  f"is over --max-prompt-length {config.max_prompt_length}")  # fmt: skip
         train_features = kept
         collate = PairedCollator(collate, instruct.make_instruct_collate(teacher.tokenizer), by_id)
+    if config.features == "spans" and teacher is not None and config.loss != "none":
+        collate = SpanCollator(collate, build_spans(train_split, train_features, tokenizer,
+                                                    by_id if cross is not None else None, teacher.tokenizer))  # fmt: skip
 
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
@@ -252,7 +310,10 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             with torch.no_grad(), runtime.autocast():
                 t_out = _base_forward(teacher.model, t_batch, bool(layer_pairs))  # type: ignore[union-attr]
             t_hidden = t_out.last_hidden_state[:, :-1][t_positions]
-            if layer_pairs:
+            if layer_pairs and config.features == "spans":
+                t_feats = [span_rows(t_out.hidden_states[layer], batch["teacher_spans"], batch["n_spans"])
+                           for layer in teacher_layers]  # fmt: skip
+            elif layer_pairs:
                 t_feats = decoder_lib.decoder_features(t_out.hidden_states, t_labels != -100, teacher_layers,
                                                        config.features)  # fmt: skip
             if config.kd == "uld":
@@ -269,7 +330,10 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             device = s_hidden.device
             cached = (read.ids.to(device), read.log_probs.to(device), read.log_tail.to(device))
             t_feats = [row.to(device) for row in read.rows] if layer_pairs else None
-        if layer_pairs:
+        if layer_pairs and config.features == "spans":
+            s_feats = [span_rows(out.hidden_states[layer], batch["student_spans"], batch["n_spans"])
+                       for layer in student_layers]  # fmt: skip
+        elif layer_pairs:
             s_feats = decoder_lib.decoder_features(out.hidden_states, response_mask, student_layers, config.features)
         return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats, cached, aligned)
 

@@ -68,7 +68,7 @@ def test_uld_across_tokenizers(models, instruct_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ({"loss": "procrustes", "features": "tokens", "alpha": 1.0}, "use --features mean or last"),
+    ({"loss": "procrustes", "features": "tokens", "alpha": 1.0}, "use --features spans (span-aligned token rows), mean or last"),
     ({"loss": "none", "kd": "forward"}, "use --kd uld or --alpha 1"),
 ])  # fmt: skip
 def test_undefined_cross_tokenizer_settings_are_one_line(models, instruct_dir, tmp_path, extra, message):
@@ -85,3 +85,25 @@ def test_uld_alignment_keeps_the_first_min_positions_of_each_example():
     s_keep, t_keep = aligned_rows(student, teacher)
     assert s_keep.tolist() == [True, True, False, True, True]  # example 0: first 2 of 3; example 1: both
     assert t_keep.tolist() == [True, True, True, True, False, False]  # example 0: both; example 1: first 2 of 4
+
+
+def test_span_rows_across_tokenizers(models, instruct_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _distill(models, instruct_dir, out, loss="procrustes", features="spans", alpha=1.0, layers="2:4")
+    assert result.exit_code == 0, result.output
+    assert "feature rows are spans" in result.output
+    assert all(0 <= r["feature/procrustes/2->4"] <= 2 for r in _records(out))
+
+
+def test_spans_with_one_tokenizer_are_the_token_rows(models, instruct_dir, tmp_path):
+    """Same tokenizer: every span is one token, so the span run's feature terms equal the token run's."""
+    runs = {}
+    for features in ("tokens", "spans"):
+        out = tmp_path / features
+        result = _distill(models, instruct_dir, out, student="truncate:2", loss="procrustes", features=features,
+                          alpha=0.5, layers="1:2,2:4")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[features] = _records(out)
+    for a, b in zip(runs["tokens"], runs["spans"], strict=True):
+        for term in ("loss", "feature/procrustes/1->2", "feature/procrustes/2->4"):
+            assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-6), term
