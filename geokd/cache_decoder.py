@@ -376,6 +376,11 @@ class DecoderCache:
             for local, example in enumerate(handle.get_tensor("example_id").tolist()):
                 self._where[int(example)] = (index, local)
 
+    @property
+    def example_ids(self) -> set[int]:
+        """The ids of the examples the cache holds (those the teacher's tokenisation kept)."""
+        return set(self._where)
+
     def _shard(self, index: int) -> Any:
         handle = self._handles.get(index)
         if handle is None:
@@ -465,7 +470,7 @@ def verify_decoder_cache(path: str | Path) -> dict[str, Any]:
 
 def check_decoder_cache_matches(
     manifest: dict[str, Any], *, data_fingerprint: str, template: str, max_prompt_length: int, max_length: int,
-    features: str, teacher_layers: Sequence[int], temperature: float, tokenizer_hash: str,
+    features: str, teacher_layers: Sequence[int], temperature: float, tokenizer_hash: str | None,
     teacher_sha256: str | None = None, teacher_name: str | None = None,
 ) -> None:  # fmt: skip
     """Refuse a decoder cache that disagrees with a run; the message names the field and the fix."""
@@ -490,7 +495,7 @@ def check_decoder_cache_matches(
     if missing:
         raise refuse("layers", manifest["layers"], list(teacher_layers),
                      f"teacher layer {missing[0]} is not cached; cache it or choose --layers within the cache")  # fmt: skip
-    if manifest["tokenizer_sha256"] != tokenizer_hash:
+    if tokenizer_hash is not None and manifest["tokenizer_sha256"] != tokenizer_hash:  # None: cross-tokenizer rows
         raise refuse("tokenizer", manifest["tokenizer_sha256"][:12], tokenizer_hash[:12],
                      "the student must tokenise like the teacher the cache was written with")  # fmt: skip
     check_cached_teacher(manifest, teacher_sha256, teacher_name)

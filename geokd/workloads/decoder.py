@@ -137,9 +137,14 @@ def _cross_path(config: RunConfig) -> str:
     return "; ".join(parts)
 
 
-def _check_cross_tokenizer(config: RunConfig, difference: str) -> None:
-    """Different tokenizers: only example-level rows and ULD (or no KD) are defined."""
+def _check_cross_tokenizer(config: RunConfig, difference: str, cached: bool = False) -> None:
+    """Different tokenizers: only example-level rows and ULD (or no KD) are defined; from a cache,
+    only example-level rows (`mean`, `last`) with `--alpha 1`."""
     problems = []
+    if cached and config.features not in ("mean", "last") and config.loss != "none":
+        problems.append("from a cache, use example-level rows (--features mean or last, cached that way)")
+    if cached and config.alpha < 1.0:
+        problems.append("a cache's top-k targets are in the teacher's vocabulary: pass --alpha 1 (no token KD)")
     if config.loss != "none" and config.features == "tokens":
         problems.append("token rows need one tokenisation: use --features spans (span-aligned token rows), mean or last")
     if config.alpha < 1.0 and config.kd != "uld":
@@ -201,8 +206,14 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     if cache is not None:
         from geokd.cache import tokenizer_sha256
 
-        vocab = int(cache.manifest["vocab"])
-        if decoder_lib.vocab_rows(student.model) < vocab:
+        cache_tokenizer = tokenizer_sha256(student.tokenizer)
+        if cache_tokenizer != cache.manifest["tokenizer_sha256"] and teacher is None:
+            # A pretrained student with another tokenizer: only the cached example-level rows apply.
+            cross = "tokenizer: the student does not tokenise like the cached teacher"
+            _check_cross_tokenizer(config, cross, cached=True)
+            warn(f"{cross}: cross-tokenizer path: {_cross_path(config)}")
+        vocab = int(cache.manifest["vocab"]) if cross is None else None  # None: the student's whole head
+        if vocab is not None and decoder_lib.vocab_rows(student.model) < vocab:
             raise GeokdError(
                 f"--cache: the student's head has {decoder_lib.vocab_rows(student.model)} rows but the cache's vocabulary "
                 f"is {vocab} tokens; the student must tokenise like the cached teacher"
@@ -215,7 +226,6 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             "source": {**cache.manifest["teacher"], "cache": str(cache.path)},
         }
         cache_teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
-        cache_tokenizer = tokenizer_sha256(student.tokenizer)
         teacher = None  # never run: a derived student has its own copy of the weights it needs
     for loaded in (student, teacher):
         cfg = loaded.config if loaded is not None else None
@@ -244,7 +254,13 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     collate = instruct.make_instruct_collate(tokenizer)
     for message in getattr(collate, "warnings", ()):
         warn(message)
-    if cross is not None:  # the teacher reads the same texts through its own tokenizer
+    if cross is not None and cache is not None:  # the cache holds the examples the teacher's tokenisation kept
+        kept = [f for f in train_features if f["example_id"] in cache.example_ids]
+        if len(kept) < len(train_features):
+            warn(f"train: {len(train_features) - len(kept)} example(s) are not in the cache (the teacher's tokenisation "
+                 f"of their prompt is over --max-prompt-length {config.max_prompt_length}); they are left out")  # fmt: skip
+        train_features = kept
+    elif cross is not None:  # the teacher reads the same texts through its own tokenizer
         assert teacher is not None
         teacher_features, _ = instruct.tokenize_instruct(train_split, teacher.tokenizer, **tokenize)
         by_id = {f["example_id"]: f for f in teacher_features}
@@ -270,7 +286,8 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             cache.manifest, data_fingerprint=train_split.fingerprint, template=config.template,
             max_prompt_length=config.max_prompt_length, max_length=config.max_length, features=config.features,
             teacher_layers=sorted({t for _, t in layer_pairs}), temperature=config.temperature,
-            tokenizer_hash=cache_tokenizer, teacher_sha256=cache_teacher_sha, teacher_name=config.teacher,
+            tokenizer_hash=cache_tokenizer if cross is None else None, teacher_sha256=cache_teacher_sha,
+            teacher_name=config.teacher,
         )  # fmt: skip
     objective = TokenObjective(
         config.loss,
@@ -322,7 +339,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         cached = None
         if reads_cache:
             read = cache.lookup(batch["example_id"].tolist(), teacher_layers)  # type: ignore[union-attr]
-            if read.ids.shape[0] != s_hidden.shape[0]:
+            if cross is None and read.ids.shape[0] != s_hidden.shape[0]:
                 raise GeokdError(
                     f"--cache: the cache holds {read.ids.shape[0]} response tokens for this batch, the student's batch has "
                     f"{s_hidden.shape[0]}; the cache was tokenised differently, rebuild it"

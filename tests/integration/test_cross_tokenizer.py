@@ -107,3 +107,20 @@ def test_spans_with_one_tokenizer_are_the_token_rows(models, instruct_dir, tmp_p
     for a, b in zip(runs["tokens"], runs["spans"], strict=True):
         for term in ("loss", "feature/procrustes/1->2", "feature/procrustes/2->4"):
             assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-6), term
+
+
+def test_example_rows_from_a_cache_across_tokenizers(models, instruct_dir, tmp_path):
+    from geokd.cache_decoder import DecoderCacheRequest, build_decoder_cache
+
+    build_decoder_cache(DecoderCacheRequest(teacher=str(models["teacher"]), data=str(instruct_dir), out=str(tmp_path / "cache"),
+                                            layers="4", features="mean", topk=4, max_length=160, max_prompt_length=120))  # fmt: skip
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    common = dict(loss="cka", features="mean", alpha=1.0, layers="2:4")
+    assert _distill(models, instruct_dir, live, **common).exit_code == 0
+    result = _distill(models, instruct_dir, cached, cache=tmp_path / "cache", **common)
+    assert result.exit_code == 0, result.output
+    assert "does not tokenise like the cached teacher: cross-tokenizer path" in result.output
+    for a, b in zip(_records(live), _records(cached), strict=True):  # bf16 rows: close, not equal
+        assert a["feature/cka/2->4"] == pytest.approx(b["feature/cka/2->4"], abs=2e-2)
+    refused = _distill(models, instruct_dir, tmp_path / "kd", cache=tmp_path / "cache", loss="none", alpha=0.5)
+    assert refused.exit_code == 2 and "pass --alpha 1 (no token KD)" in refused.output
