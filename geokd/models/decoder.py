@@ -155,6 +155,25 @@ def load_causal_lm(
                                hash_weights=hash_weights)  # fmt: skip
 
 
+def is_encoder_model(name: str, *, trust_remote_code: bool = False) -> bool:
+    """Whether `name` (alias, folder, Hub id; never a .gguf) names an encoder such as BERT or
+    MiniLM rather than a causal LM: its config's family has a masked-LM head in transformers and
+    its architectures are not causal LMs. Anything unreadable counts as "not an encoder" (the
+    causal-LM loader then reports it in one line)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        target, kind = _locate(name, gguf=True)
+        if kind == "gguf":
+            return False
+        config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure: let the real loader say what is wrong
+        return False
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not causal
+
+
 def _load_causal_lm(
     name: str,
     *,

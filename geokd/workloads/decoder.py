@@ -123,6 +123,50 @@ def build_spans(split: Any, student_features: list[dict[str, Any]], student_toke
     return spans
 
 
+@dataclasses.dataclass
+class SentenceCollator:
+    """Encoder feature teacher: adds `teacher_input_ids` / `teacher_attention_mask`, the teacher's
+    own tokenisation of each example's sentence (`texts[example_id]`), to the batches of `inner`."""
+
+    inner: Any
+    tokenizer: Any
+    texts: dict[int, str]
+    max_length: int
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.inner.warnings)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner(features)
+        encoded = self.tokenizer([self.texts[int(f["example_id"])] for f in features], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")  # fmt: skip
+        batch.update(teacher_input_ids=encoded["input_ids"], teacher_attention_mask=encoded["attention_mask"])
+        return batch
+
+
+def _sentences(split: Any, features: str) -> dict[int, str]:
+    """What an encoder feature teacher embeds: the response (`mean`) or the prompt (`last`):
+    the instruction, then a blank line and the input when there is one."""
+    from geokd.tasks.instruct import prompt_messages
+
+    if features == "mean":
+        return {e.example_id: e.response for e in split.examples}
+    return {e.example_id: "\n\n".join(m["content"] for m in prompt_messages(e)) for e in split.examples}
+
+
+def _check_encoder_teacher(config: RunConfig, derived: bool) -> None:
+    problems = []
+    if derived:
+        problems.append("truncate:/shrink: students are built from a causal-LM teacher: pass a causal-LM --student")
+    if config.loss != "none" and config.features not in ("mean", "last"):
+        problems.append("an encoder embeds whole sentences: use --features mean (the response) or last (the prompt)")
+    if config.alpha < 1.0:
+        problems.append("an encoder has no next-token distribution: pass --alpha 1 (no token KD)")
+    if problems:
+        raise GeokdError(f"teacher: {config.teacher!r} is an encoder (a feature teacher); {'; '.join(problems)}")
+
+
 def _cross_path(config: RunConfig) -> str:
     parts = ["each model tokenises the text itself"]
     if config.loss != "none":
@@ -184,7 +228,13 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
 
         cache = DecoderCache(config.cache)
     derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
-    if config.mode == "distill" and (cache is None or derived):
+    encoder_teacher = bool(config.mode == "distill" and cache is None and config.teacher
+                           and decoder_lib.is_encoder_model(config.teacher, trust_remote_code=config.trust_remote_code))  # fmt: skip
+    if encoder_teacher:
+        _check_encoder_teacher(config, derived)
+        teacher = models_lib.load_model(config.teacher, trust_remote_code=config.trust_remote_code)
+        student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
+    elif config.mode == "distill" and (cache is None or derived):
         teacher = decoder_lib.load_causal_lm(
             config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
             trust_remote_code=config.trust_remote_code,
@@ -194,12 +244,17 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     else:
         student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
     vocab, cross = None, None
-    if teacher is not None:
+    if encoder_teacher:
+        cross = f"teacher: {config.teacher!r} is an encoder ({teacher.config.model_type})"  # type: ignore[union-attr]
+        warn(f"{cross}: feature-teacher path: it embeds each example's "
+             f"{'response' if config.features == 'mean' else 'prompt'} as a sentence with its own tokenizer (the mean "
+             "over its tokens); the student's rows are its own --features rows; no token KD")  # fmt: skip
+    elif teacher is not None:
         try:
             vocab = decoder_lib.check_same_tokenizer(teacher, student)
         except GeokdError as difference:
             cross = str(difference).split("; ")[0]
-    if cross is not None:
+    if cross is not None and not encoder_teacher:
         _check_cross_tokenizer(config, cross)
         warn(f"{cross}: cross-tokenizer path: {_cross_path(config)}")
     teacher_info = teacher_summary(config.teacher, teacher) if teacher is not None else None
@@ -227,7 +282,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         }
         cache_teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
         teacher = None  # never run: a derived student has its own copy of the weights it needs
-    for loaded in (student, teacher):
+    for loaded in (student, None if encoder_teacher else teacher):  # an encoder teacher truncates its sentences
         cfg = loaded.config if loaded is not None else None
         positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if isinstance(positions, int) and config.max_length > positions:
@@ -260,6 +315,11 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             warn(f"train: {len(train_features) - len(kept)} example(s) are not in the cache (the teacher's tokenisation "
                  f"of their prompt is over --max-prompt-length {config.max_prompt_length}); they are left out")  # fmt: skip
         train_features = kept
+    elif encoder_teacher:
+        assert teacher is not None
+        positions = getattr(teacher.config, "max_position_embeddings", None) or 512
+        collate = SentenceCollator(collate, teacher.tokenizer, _sentences(train_split, config.features),
+                                   min(config.max_length, int(positions)))  # fmt: skip
     elif cross is not None:  # the teacher reads the same texts through its own tokenizer
         assert teacher is not None
         teacher_features, _ = instruct.tokenize_instruct(train_split, teacher.tokenizer, **tokenize)
@@ -305,7 +365,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     ).to(runtime.device)
     place_models(student, teacher, runtime.device)
     student_head = decoder_lib.output_head(student.model)
-    teacher_head = decoder_lib.output_head(teacher.model) if teacher is not None else None
+    teacher_head = decoder_lib.output_head(teacher.model) if teacher is not None and not encoder_teacher else None
     student_layers = [s for s, _ in layer_pairs]
     teacher_layers = [t for _, t in layer_pairs]
     needs_teacher = teacher is not None and (config.alpha < 1.0 or bool(layer_pairs))
@@ -318,7 +378,13 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             out = _base_forward(student.model, batch, bool(layer_pairs))
         s_hidden = out.last_hidden_state[:, :-1][positions]
         t_hidden = s_feats = t_feats = aligned = None
-        if needs_teacher:
+        if needs_teacher and encoder_teacher:
+            with torch.no_grad(), runtime.autocast():
+                t_out = teacher.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],  # type: ignore[union-attr]
+                                      output_hidden_states=True)  # fmt: skip
+            t_feats = models_lib.extract_features(t_out.hidden_states, batch["teacher_attention_mask"], teacher_layers,
+                                                  "mean")  # fmt: skip
+        elif needs_teacher:
             t_batch, t_labels = batch, batch["labels"]
             if cross is not None:
                 t_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}

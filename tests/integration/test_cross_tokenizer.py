@@ -124,3 +124,22 @@ def test_example_rows_from_a_cache_across_tokenizers(models, instruct_dir, tmp_p
         assert a["feature/cka/2->4"] == pytest.approx(b["feature/cka/2->4"], abs=2e-2)
     refused = _distill(models, instruct_dir, tmp_path / "kd", cache=tmp_path / "cache", loss="none", alpha=0.5)
     assert refused.exit_code == 2 and "pass --alpha 1 (no token KD)" in refused.output
+
+
+@pytest.mark.parametrize("features", ["mean", "last"])
+def test_an_encoder_as_feature_teacher_for_a_decoder_student(models, base_dir, instruct_dir, tmp_path, features):
+    """A WordPiece BERT (the conftest's tiny encoder) embeds each response (or prompt) as a
+    sentence; a causal-LM student with another tokenizer aligns its example rows to it."""
+    out = tmp_path / "run"
+    result = _distill({"teacher": base_dir, "student": models["student"]}, instruct_dir, out, loss="procrustes",
+                      features=features, alpha=1.0, layers="2:4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "is an encoder (bert): feature-teacher path" in result.output
+    assert all(0 <= r["feature/procrustes/2->4"] <= 2 for r in _records(out))
+    for extra, message in (({"alpha": 0.5}, "pass --alpha 1"), ({"student": "truncate:2"}, "pass a causal-LM --student"),
+                           ({"features": "tokens"}, "use --features mean")):  # fmt: skip
+        flags = {"loss": "procrustes", "features": features, "alpha": 1.0, "layers": "2:4", **extra}
+        refused = _distill({"teacher": base_dir, "student": extra.get("student", models["student"])}, instruct_dir,
+                           tmp_path / "refused", **{k: v for k, v in flags.items() if k != "student"})  # fmt: skip
+        lines = [line for line in refused.output.splitlines() if line.strip()]
+        assert refused.exit_code == 2 and len(lines) == 1 and message in lines[0], refused.output
