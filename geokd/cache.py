@@ -296,27 +296,7 @@ def build_cache(
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, "--out"):  # losing the lock never cleans up: the folder is the winner's
         try:
-            shards: list[dict[str, Any]] = []
-            for pattern in (".shard-*.tmp*", f".{MANIFEST}.*.tmp*"):  # left by a killed run or a full disk
-                for stale in out.glob(pattern) if out.is_dir() else ():
-                    stale.unlink()
-            if (out / MANIFEST).is_file():
-                previous = read_manifest(out)
-                differ = [k for k in _IDENTITY_KEYS if _identity(previous, k) != _identity(header, k)]
-
-                if differ:
-                    raise GeokdError(
-                        f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
-                        "delete that folder"
-                    )
-                for entry in previous.get("shards", []):  # keep the finished shards that are intact
-                    path = out / entry["file"]
-                    if path.is_file() and file_sha256(path) == entry["sha256"]:
-                        shards.append(entry)
-                    else:
-                        break
-            elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
-                raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
+            shards = kept_shards(out, header, _IDENTITY_KEYS, read_manifest)
             n_shards = max(1, -(-len(features) // request.shard_size))
             total = expected_bytes(lengths, len(layers), hidden, request.dtype, request.features,
                                    int(teacher.config.num_labels), request.logits)  # fmt: skip
@@ -401,6 +381,34 @@ def build_cache(
             if created and not any(p.name != LOCK_NAME for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)
             raise
+
+
+def kept_shards(out: Path, header: dict[str, Any], identity_keys: Sequence[str],
+                read: Callable[[Path], dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Prepare `out` for (re)writing a cache described by `header`: remove temporaries left by a
+    killed run or a full disk, and return the finished, intact shards of an earlier run (a prefix,
+    checked against their SHA-256). An earlier cache that differs in any `identity_keys` field, or
+    a non-empty folder holding no cache, is one GeokdError line."""
+    for pattern in (".shard-*.tmp*", f".{MANIFEST}.*.tmp*"):
+        for stale in out.glob(pattern) if out.is_dir() else ():
+            stale.unlink()
+    shards: list[dict[str, Any]] = []
+    if (out / MANIFEST).is_file():
+        previous = read(out)
+        differ = [k for k in identity_keys if _identity(previous, k) != _identity(header, k)]
+        if differ:
+            raise GeokdError(
+                f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
+                "delete that folder"
+            )
+        for entry in previous.get("shards", []):
+            path = out / entry["file"]
+            if not (path.is_file() and file_sha256(path) == entry["sha256"]):
+                break
+            shards.append(entry)
+    elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
+    return shards
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:

@@ -43,10 +43,10 @@ from geokd.artifacts import LOCK_NAME, DirectoryLock, human_bytes
 from geokd.cache import (
     DTYPES,
     MANIFEST,
-    _identity,
     _write_manifest,
     check_cached_teacher,
     file_sha256,
+    kept_shards,
     shard_name,
     tokenizer_sha256,
 )
@@ -223,26 +223,7 @@ def build_decoder_cache(
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, "--out"):
         try:
-            shards: list[dict[str, Any]] = []
-            for pattern in (".shard-*.tmp*", f".{MANIFEST}.*.tmp*"):
-                for stale in out.glob(pattern):
-                    stale.unlink()
-            if (out / MANIFEST).is_file():
-                previous = read_decoder_manifest(out)
-                differ = [k for k in _IDENTITY_KEYS if _identity(previous, k) != _identity(header, k)]
-                if differ:
-                    raise GeokdError(
-                        f"--out: {str(out)!r} holds a cache made with another {', '.join(differ)}; choose a new --out or "
-                        "delete that folder"
-                    )
-                for entry in previous.get("shards", []):
-                    path = out / entry["file"]
-                    if path.is_file() and file_sha256(path) == entry["sha256"]:
-                        shards.append(entry)
-                    else:
-                        break
-            elif any(not p.name.startswith(".") for p in out.iterdir()):
-                raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
+            shards = kept_shards(out, header, _IDENTITY_KEYS, read_decoder_manifest)
             done_bytes = sum((out / e["file"]).stat().st_size for e in shards)
             free = disk_usage(str(out)).free
             plan = {"examples": len(features), "tokens": sum(counts), "expected_bytes": size["expected"],

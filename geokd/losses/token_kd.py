@@ -266,6 +266,31 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.addmm(bias, hidden, weight.T)
 
 
+def _head_grad_buffers(ctx, s_hidden, s_weight, s_bias, dtype):
+    """Zero/empty gradient buffers for the student's hidden states, head weight and bias (None
+    where autograd does not need one), in the compute dtype."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    return (
+        torch.empty(s_hidden.shape, dtype=dtype, device=s_hidden.device) if need_h else None,
+        torch.zeros(s_weight.shape, dtype=dtype, device=s_weight.device) if need_w else None,
+        torch.zeros(s_bias.shape, dtype=dtype, device=s_bias.device) if need_b else None,
+    )
+
+
+def _accumulate_head_grads(g, hs, ws, rows: slice, vocab: int, grad_h, grad_w, grad_b) -> None:
+    """Add one chunk's contribution: `g [c, V]` is ∂loss/∂logits of the chunk's rows `hs [c, d]`."""
+    if grad_h is not None:
+        torch.mm(g, ws, out=grad_h[rows])
+    if grad_w is not None:
+        grad_w[:vocab].addmm_(g.T, hs)
+    if grad_b is not None:
+        grad_b[:vocab] += g.sum(dim=0)
+
+
+def _cast_head_grads(grads, s_hidden, s_weight, s_bias) -> tuple:
+    return tuple(None if g is None else g.to(ref.dtype) for g, ref in zip(grads, (s_hidden, s_weight, s_bias), strict=True))
+
+
 class _ChunkedTokenKD(torch.autograd.Function):
     """Σ over rows of the token divergence of `head_s(h_s)[:, :V]` against `head_t(h_t)[:, :V]`.
 
@@ -310,15 +335,12 @@ class _ChunkedTokenKD(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
         kind, temperature, beta, skew, vocab, chunk = ctx.options
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         nones = (None,) * 9
-        if not (need_h or need_w or need_b):
+        if not any(ctx.needs_input_grad[:3]):
             return (None, None, None, *nones)
         dtype = compute_dtype(s_hidden)
         n = s_hidden.shape[0]
-        grad_h = torch.empty(s_hidden.shape, dtype=dtype, device=s_hidden.device) if need_h else None
-        grad_w = torch.zeros(s_weight.shape, dtype=dtype, device=s_weight.device) if need_w else None
-        grad_b = torch.zeros(s_bias.shape, dtype=dtype, device=s_bias.device) if need_b else None
+        grads = _head_grad_buffers(ctx, s_hidden, s_weight, s_bias, dtype)
         scale = grad_out.to(dtype)
         with torch.no_grad(), torch.autocast(s_hidden.device.type, enabled=False):
             ws, bs = _head_slice(s_weight, s_bias, vocab, dtype)
@@ -331,19 +353,9 @@ class _ChunkedTokenKD(torch.autograd.Function):
                 g = _divergence_grad(zs, zt, kind, temperature, beta, skew)
                 del zs, zt
                 g.mul_(scale)  # [c, V]: ∂(grad_out · loss_sum)/∂z_s
-                if need_h:
-                    torch.mm(g, ws, out=grad_h[start:stop])
-                if need_w:
-                    grad_w[:vocab].addmm_(g.T, hs)
-                if need_b:
-                    grad_b[:vocab] += g.sum(dim=0)
+                _accumulate_head_grads(g, hs, ws, slice(start, stop), vocab, *grads)
                 del g
-        return (
-            None if grad_h is None else grad_h.to(s_hidden.dtype),
-            None if grad_w is None else grad_w.to(s_weight.dtype),
-            None if grad_b is None else grad_b.to(s_bias.dtype),
-            *nones,
-        )
+        return (*_cast_head_grads(grads, s_hidden, s_weight, s_bias), *nones)
 
 
 def chunked_token_kd(

@@ -43,7 +43,16 @@ from torch import nn
 
 from geokd.errors import GeokdError
 from geokd.losses._core import compute_dtype
-from geokd.losses.token_kd import _check_options, _divergence, _divergence_grad, _head_slice, _logits
+from geokd.losses.token_kd import (
+    _accumulate_head_grads,
+    _cast_head_grads,
+    _check_options,
+    _divergence,
+    _divergence_grad,
+    _head_grad_buffers,
+    _head_slice,
+    _logits,
+)
 
 _TAU_SQUARED_KINDS = ("forward", "reverse")
 
@@ -199,14 +208,11 @@ class _ChunkedTopkKD(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         s_hidden, s_weight, s_bias, ids, log_probs, log_tail = ctx.saved_tensors
         kind, temperature, beta, skew, vocab, chunk = ctx.options
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         nones = (None,) * 9
-        if not (need_h or need_w or need_b):
+        if not any(ctx.needs_input_grad[:3]):
             return (None, None, None, *nones)
         dtype = compute_dtype(s_hidden)
-        grad_h = torch.empty(s_hidden.shape, dtype=dtype, device=s_hidden.device) if need_h else None
-        grad_w = torch.zeros(s_weight.shape, dtype=dtype, device=s_weight.device) if need_w else None
-        grad_b = torch.zeros(s_bias.shape, dtype=dtype, device=s_bias.device) if need_b else None
+        grads = _head_grad_buffers(ctx, s_hidden, s_weight, s_bias, dtype)
         scale = grad_out.to(dtype)
         with torch.no_grad(), torch.autocast(s_hidden.device.type, enabled=False):
             ws, bs = _head_slice(s_weight, s_bias, vocab, dtype)
@@ -218,18 +224,8 @@ class _ChunkedTopkKD(torch.autograd.Function):
                 _, g = _topk_loss_and_grad(zs, ids[start:stop], t_coarse, kind, temperature, beta, skew, True)
                 assert g is not None
                 g.mul_(scale)
-                if need_h:
-                    torch.mm(g, ws, out=grad_h[start:stop])
-                if need_w:
-                    grad_w[:vocab].addmm_(g.T, hs)
-                if need_b:
-                    grad_b[:vocab] += g.sum(dim=0)
-        return (
-            None if grad_h is None else grad_h.to(s_hidden.dtype),
-            None if grad_w is None else grad_w.to(s_weight.dtype),
-            None if grad_b is None else grad_b.to(s_bias.dtype),
-            *nones,
-        )
+                _accumulate_head_grads(g, hs, ws, slice(start, stop), vocab, *grads)
+        return (*_cast_head_grads(grads, s_hidden, s_weight, s_bias), *nones)
 
 
 def chunked_topk_kd(

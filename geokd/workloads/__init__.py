@@ -69,6 +69,17 @@ def teacher_summary(name: str | None, teacher: Any) -> dict[str, Any]:
     }
 
 
+def cached_teacher_summary(name: str | None, manifest: dict[str, Any], path: Any) -> dict[str, Any]:
+    """`teacher_summary` of a teacher known only through a cache's manifest (encoder or decoder)."""
+    return {
+        "name": name or manifest["teacher"]["path_or_id"],
+        "parameters": None,
+        "layers": int(manifest["teacher_layers"]),
+        "hidden": int(manifest["hidden_size"]),
+        "source": {**manifest["teacher"], "cache": str(path)},
+    }
+
+
 def place_models(student: Any, teacher: Any | None, device: torch.device) -> None:
     """Student on the device in training mode; teacher (if any) on the device, in eval mode, frozen."""
     student.model.to(device).train()

@@ -31,7 +31,7 @@ from geokd.losses.objective import LossOutput
 from geokd.losses.token_objective import TokenObjective, chunked_cross_entropy
 from geokd.models.spans import span_rows
 from geokd.runtime import Runtime
-from geokd.workloads import Workload, place_models, teacher_summary
+from geokd.workloads import Workload, cached_teacher_summary, place_models, teacher_summary
 
 
 def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,13 +273,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
                 f"--cache: the student's head has {decoder_lib.vocab_rows(student.model)} rows but the cache's vocabulary "
                 f"is {vocab} tokens; the student must tokenise like the cached teacher"
             )
-        teacher_info = {
-            "name": config.teacher or cache.manifest["teacher"]["path_or_id"],
-            "parameters": None,
-            "layers": int(cache.manifest["teacher_layers"]),
-            "hidden": int(cache.manifest["hidden_size"]),
-            "source": {**cache.manifest["teacher"], "cache": str(cache.path)},
-        }
+        teacher_info = cached_teacher_summary(config.teacher, cache.manifest, cache.path)
         cache_teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
         teacher = None  # never run: a derived student has its own copy of the weights it needs
     for loaded in (student, None if encoder_teacher else teacher):  # an encoder teacher truncates its sentences

@@ -20,7 +20,7 @@ from geokd.errors import GeokdError
 from geokd.evaluate import check_max_length
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime
-from geokd.workloads import Workload, place_models, teacher_summary
+from geokd.workloads import Workload, cached_teacher_summary, place_models, teacher_summary
 
 
 def distill_step(
@@ -91,13 +91,7 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             for message in getattr(loaded, "warnings", ()):
                 warn(message)
     if cache is not None:
-        teacher_info = {
-            "name": config.teacher or cache.manifest["teacher"]["path_or_id"],
-            "parameters": None,
-            "layers": int(cache.manifest["teacher_layers"]),
-            "hidden": int(cache.manifest["hidden_size"]),
-            "source": {**cache.manifest["teacher"], "cache": str(cache.path)},
-        }
+        teacher_info = cached_teacher_summary(config.teacher, cache.manifest, cache.path)
         teacher_sha = teacher.source.weights_sha256 if teacher is not None else None
         if teacher_sha is None and config.teacher:
             teacher_sha = models_lib.model_source(config.teacher).weights_sha256
