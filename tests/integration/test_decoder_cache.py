@@ -221,3 +221,37 @@ def test_distill_cache_refusals(llama_dir, instruct_dir, tmp_path):
     with pytest.raises(GeokdError, match="teacher layer 4 is not cached"):
         train(_distill_config(llama_dir, instruct_dir, tmp_path / "b", cache=str(tmp_path / "cache")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cached_top8_kd_equals_live_top8_kd(llama_dir, instruct_dir, tmp_path):
+    """The KD term from an fp32 cache at k = 8 equals top-k KD against targets computed from the
+    live teacher on the same batch, to 1e-5 (value and gradient)."""
+    from geokd.losses.topk_kd import chunked_topk_kd
+
+    request = _request(llama_dir, instruct_dir, tmp_path / "cache", topk=8, layers="")
+    build_decoder_cache(request)
+    cache = DecoderCache(tmp_path / "cache")
+    teacher = decoder_lib.load_causal_lm(str(llama_dir))
+    student = decoder_lib.load_causal_lm(str(llama_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    split = instruct.load_instruct_split(str(instruct_dir), "train")
+    features, _ = instruct.tokenize_instruct(split, teacher.tokenizer, max_prompt_length=48, max_length=64)
+    batch = instruct.make_instruct_collate(teacher.tokenizer)(features[:6])
+    mask, _ = response_positions(batch["labels"])
+    with torch.no_grad():
+        t_hidden = _base_forward(teacher.model, batch, False).last_hidden_state[:, :-1][mask]
+    live = topk_targets(t_hidden @ decoder_lib.output_head(teacher.model).weight.T, 8, temperature=1.5)
+    cached = cache.lookup(batch["example_id"])
+    head = decoder_lib.output_head(student.model)
+    results = []
+    for targets in (live, (cached.ids, cached.log_probs, cached.log_tail)):
+        student.model.zero_grad()
+        s_hidden = _base_forward(student.model, batch, False).last_hidden_state[:, :-1][mask]
+        loss, _ = chunked_topk_kd(s_hidden, head, *targets, "forward", temperature=1.5, chunk_tokens=7)
+        loss.backward()
+        results.append((loss.detach(), head.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
