@@ -107,14 +107,14 @@ class DecoderCacheRequest:
 
 
 def decoder_cache_bytes(tokens: int, examples: int, *, topk: int, vocab: int, dtype: str, layers: int, hidden: int,
-                        features: str, shards: int) -> dict[str, int]:  # fmt: skip
+                        features: str, shards: int, token_ends: bool = False) -> dict[str, int]:  # fmt: skip
     """`{"minimum": ..., "expected": ...}`: the bytes the stored fields need (top-k ids and values
     and the tail per response token, plus the hidden rows), and that plus the bookkeeping (example
     ids, offsets, one safetensors header per shard, an upper bound)."""
     value = DTYPES[dtype].itemsize
     per_token = topk * (id_dtype(vocab).itemsize + value) + value
     rows = tokens if features == "tokens" else examples
-    minimum = tokens * per_token + rows * layers * hidden * value
+    minimum = tokens * per_token + rows * layers * hidden * value + (tokens * 4 if token_ends else 0)
     bookkeeping = examples * 8 + (examples + shards) * 8 + shards * SAFETENSORS_HEADER_SLACK
     return {"minimum": minimum, "expected": minimum + bookkeeping, "per_token_minimum": per_token}
 
@@ -187,10 +187,23 @@ def build_decoder_cache(
     if request.topk > vocab:
         raise GeokdError(f"--topk: {request.topk} exceeds the vocabulary of {vocab} tokens; choose at most {vocab}")
     counts = [sum(1 for label in f["labels"][1:] if label != -100) for f in features]
+    # Token rows of a fast tokenizer also keep each response token's end offset in the response
+    # text, so a student with another tokenizer can pool them into shared spans (--features spans).
+    keep_ends = bool(layers) and request.features == "tokens" and bool(getattr(teacher.tokenizer, "is_fast", False))
+    ends_by_example: dict[int, list[int]] = {}
+    if keep_ends:
+        from geokd.models.spans import response_token_ends
+
+        texts = {e.example_id: e.response for e in split.examples}
+        for f, n in zip(features, counts, strict=True):
+            text = texts[f["example_id"]]
+            ids = teacher.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ends_by_example[f["example_id"]] = response_token_ends(text, teacher.tokenizer, ids)[:n]
     hidden = int(teacher.config.hidden_size)
     n_shards = max(1, -(-len(features) // request.shard_size))
     size = decoder_cache_bytes(sum(counts), len(features), topk=request.topk, vocab=vocab, dtype=request.dtype,
-                               layers=len(layers), hidden=hidden, features=request.features, shards=n_shards)  # fmt: skip
+                               layers=len(layers), hidden=hidden, features=request.features, shards=n_shards,
+                               token_ends=keep_ends)  # fmt: skip
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -216,6 +229,7 @@ def build_decoder_cache(
         "n_examples": len(features),
         "n_tokens": sum(counts),
         "data_stats": stats,
+        "token_ends": keep_ends,
         "bytes_minimum": size["minimum"],
         "bytes_per_token_minimum": size["per_token_minimum"],
     }
@@ -282,6 +296,8 @@ def build_decoder_cache(
                     "example_id": torch.tensor([f["example_id"] for f in local], dtype=torch.long),
                     "offsets": offsets,
                     "topk_ids": top_ids.to(ids_dtype),  # (uint16 has no index_put: filled as int32)
+                    **({"token_ends": torch.tensor([e for f in local for e in ends_by_example[f["example_id"]]],
+                                                   dtype=torch.int32)} if keep_ends else {}),  # fmt: skip
                     "topk_logprobs": top_values,
                     "log_tail": tail,
                     **{f"layer.{layer}": buffers[layer] for layer in layers},
@@ -381,6 +397,18 @@ class DecoderCache:
             self._offsets[index] = handle.get_tensor("offsets")
         return handle
 
+    def token_ends(self, example: int) -> list[int]:
+        """The end offsets (in the response text) of an example's cached response tokens (caches
+        of token rows written with a fast tokenizer; `manifest["token_ends"]`)."""
+        if not self.manifest.get("token_ends"):
+            raise GeokdError(
+                "--cache: this cache has no token offsets (it was written without token rows or with a slow tokenizer); "
+                "rebuild it with --features tokens and --layers for --features spans"
+            )
+        index, local = self._where[example]
+        offsets = self._offsets[index]
+        return self._shard(index).get_slice("token_ends")[int(offsets[local]) : int(offsets[local + 1])].tolist()
+
     def lookup(self, example_ids: torch.Tensor | Sequence[int], layers: Sequence[int] = ()) -> CachedTargets:
         missing = [layer for layer in layers if layer not in self.layers]
         if missing:
@@ -434,6 +462,7 @@ def verify_decoder_cache(path: str | Path) -> dict[str, Any]:
             with safe_open(str(file), framework="pt") as handle:
                 wanted = {"example_id", "offsets", "topk_ids", "topk_logprobs", "log_tail"}
                 wanted |= {f"layer.{layer}" for layer in manifest["layers"]}
+                wanted |= {"token_ends"} if manifest.get("token_ends") else set()
                 names = set(handle.keys())
                 if wanted - names:
                     status = f"lacks {', '.join(sorted(wanted - names))}"
@@ -470,7 +499,11 @@ def check_decoder_cache_matches(
                                ("temperature", temperature, "--temperature")):  # fmt: skip
         if manifest[field] != run:
             raise refuse(field, manifest[field], run, f"pass {option} {manifest[field]}")
-    if teacher_layers and manifest["features"] != features:
+    if teacher_layers and features == "spans":  # spans pool the cached token rows by their offsets
+        if manifest["features"] != "tokens" or not manifest.get("token_ends"):
+            raise refuse("features", manifest["features"], "spans",
+                         "--features spans pools cached token rows: rebuild the cache with --features tokens")  # fmt: skip
+    elif teacher_layers and manifest["features"] != features:
         raise refuse("features", manifest["features"], features, f"pass --features {manifest['features']}")
     missing = [layer for layer in teacher_layers if layer not in manifest["layers"]]
     if missing:

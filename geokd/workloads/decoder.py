@@ -81,6 +81,7 @@ class SpanCollator:
 
     inner: Any
     spans: dict[int, tuple[list[int], list[int], int]]
+    teacher_table: bool = True  # False: the teacher's rows come from a cache, pooled by `cached_span_rows`
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -89,8 +90,8 @@ class SpanCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.inner(features)
         ids = [int(f["example_id"]) for f in features]
-        for side, key, prompt_key in (("student", "input_ids", "prompt_length"),
-                                      ("teacher", "teacher_input_ids", "teacher_prompt_length")):  # fmt: skip
+        sides = (("student", "input_ids", "prompt_length"), ("teacher", "teacher_input_ids", "teacher_prompt_length"))
+        for side, key, prompt_key in sides[: 2 if self.teacher_table else 1]:
             width = batch[key if key in batch else "input_ids"].shape[1]
             prompts = batch[prompt_key if prompt_key in batch else "prompt_length"]
             table = torch.full((len(ids), width), -1, dtype=torch.long)
@@ -103,24 +104,40 @@ class SpanCollator:
         return batch
 
 
+def _token_ends(text: str, tokenizer: Any, feature: dict[str, Any]) -> list[int]:
+    """End offsets of a feature's response tokens (as training cut them) in the response text."""
+    from geokd.models.spans import response_token_ends
+
+    full = response_token_ends(text, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    return full[: len(feature["input_ids"]) - feature["prompt_length"]]
+
+
 def build_spans(split: Any, student_features: list[dict[str, Any]], student_tokenizer: Any,
-                teacher_features: dict[int, dict[str, Any]] | None, teacher_tokenizer: Any) -> dict[int, tuple]:  # fmt: skip
-    """`SpanCollator.spans` for the kept examples: each side's response tokens (as training cut
-    them) grouped at the character boundaries both tokenisations share (`geokd.models.spans`)."""
-    from geokd.models.spans import common_spans, response_token_ends
+                teacher_ends: Callable[[int, str], list[int]]) -> dict[int, tuple]:  # fmt: skip
+    """`SpanCollator.spans` for the kept examples: the student's response tokens and the teacher's
+    (`teacher_ends(example_id, response text)`) grouped at the character boundaries both
+    tokenisations share (`geokd.models.spans`)."""
+    from geokd.models.spans import common_spans
 
     texts = {e.example_id: e.response for e in split.examples}
-    spans: dict[int, tuple[list[int], list[int], int]] = {}
-    for feature in student_features:
-        example = feature["example_id"]
-        text = texts[example]
-        ends = []
-        for tokenizer, f in ((student_tokenizer, feature),
-                             (teacher_tokenizer, teacher_features[example] if teacher_features else feature)):  # fmt: skip
-            full = response_token_ends(text, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
-            ends.append(full[: len(f["input_ids"]) - f["prompt_length"]])
-        spans[example] = common_spans(ends[0], ends[1])
-    return spans
+    return {
+        f["example_id"]: common_spans(_token_ends(texts[f["example_id"]], student_tokenizer, f),
+                                      teacher_ends(f["example_id"], texts[f["example_id"]]))
+        for f in student_features
+    }  # fmt: skip
+
+
+def cached_span_rows(rows: torch.Tensor, spans: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
+    """Pool a cache's token rows (the batch's examples one after another) into the teacher's span
+    rows: `spans` are the batch's `(student ids, teacher ids, n)` in batch order."""
+    index, base = [], 0
+    for _, teacher_ids, n in spans:
+        index += [t + base if t >= 0 else -1 for t in teacher_ids]
+        base += n
+    ids = torch.tensor(index, dtype=torch.long, device=rows.device)
+    if ids.shape[0] != rows.shape[0]:
+        raise GeokdError(f"--cache: {rows.shape[0]} cached token rows for {ids.shape[0]} span entries; rebuild the cache")
+    return span_rows(rows.unsqueeze(0), ids.unsqueeze(0), torch.tensor([base], device=rows.device))
 
 
 @dataclasses.dataclass
@@ -185,8 +202,9 @@ def _check_cross_tokenizer(config: RunConfig, difference: str, cached: bool = Fa
     """Different tokenizers: only example-level rows and ULD (or no KD) are defined; from a cache,
     only example-level rows (`mean`, `last`) with `--alpha 1`."""
     problems = []
-    if cached and config.features not in ("mean", "last") and config.loss != "none":
-        problems.append("from a cache, use example-level rows (--features mean or last, cached that way)")
+    if cached and config.features not in ("mean", "last", "spans") and config.loss != "none":
+        problems.append("from a cache, use example-level rows (--features mean or last) or --features spans (from "
+                        "cached token rows)")
     if cached and config.alpha < 1.0:
         problems.append("a cache's top-k targets are in the teacher's vocabulary: pass --alpha 1 (no token KD)")
     if config.loss != "none" and config.features == "tokens":
@@ -324,9 +342,18 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
                  f"is over --max-prompt-length {config.max_prompt_length}")  # fmt: skip
         train_features = kept
         collate = PairedCollator(collate, instruct.make_instruct_collate(teacher.tokenizer), by_id)
-    if config.features == "spans" and teacher is not None and config.loss != "none":
-        collate = SpanCollator(collate, build_spans(train_split, train_features, tokenizer,
-                                                    by_id if cross is not None else None, teacher.tokenizer))  # fmt: skip
+    spans: dict[int, tuple] = {}
+    if config.features == "spans" and config.loss != "none" and teacher is not None:
+        if cross is not None:
+            ends = lambda example, text: _token_ends(text, teacher.tokenizer, by_id[example])  # noqa: E731
+        else:
+            by_example = {f["example_id"]: f for f in train_features}
+            ends = lambda example, text: _token_ends(text, tokenizer, by_example[example])  # noqa: E731
+        spans = build_spans(train_split, train_features, tokenizer, ends)
+        collate = SpanCollator(collate, spans)
+    elif config.features == "spans" and config.loss != "none" and cache is not None:
+        spans = build_spans(train_split, train_features, tokenizer, lambda example, _: cache.token_ends(example))
+        collate = SpanCollator(collate, spans, teacher_table=False)
 
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":
@@ -407,6 +434,9 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             device = s_hidden.device
             cached = (read.ids.to(device), read.log_probs.to(device), read.log_tail.to(device))
             t_feats = [row.to(device) for row in read.rows] if layer_pairs else None
+            if t_feats and config.features == "spans":
+                batch_spans = [spans[int(e)] for e in batch["example_id"].tolist()]
+                t_feats = [cached_span_rows(row, batch_spans) for row in t_feats]
         if layer_pairs and config.features == "spans":
             s_feats = [span_rows(out.hidden_states[layer], batch["student_spans"], batch["n_spans"])
                        for layer in student_layers]  # fmt: skip

@@ -143,3 +143,19 @@ def test_an_encoder_as_feature_teacher_for_a_decoder_student(models, base_dir, i
                            tmp_path / "refused", **{k: v for k, v in flags.items() if k != "student"})  # fmt: skip
         lines = [line for line in refused.output.splitlines() if line.strip()]
         assert refused.exit_code == 2 and len(lines) == 1 and message in lines[0], refused.output
+
+
+def test_span_rows_from_a_cache_across_tokenizers_equal_the_live_ones(models, instruct_dir, tmp_path):
+    from geokd.cache_decoder import DecoderCacheRequest, build_decoder_cache
+
+    manifest = build_decoder_cache(DecoderCacheRequest(
+        teacher=str(models["teacher"]), data=str(instruct_dir), out=str(tmp_path / "cache"), layers="4",
+        features="tokens", dtype="fp32", topk=4, max_length=160, max_prompt_length=120))  # fmt: skip
+    assert manifest["token_ends"]
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    common = dict(loss="procrustes", features="spans", alpha=1.0, layers="2:4")
+    assert _distill(models, instruct_dir, live, **common).exit_code == 0
+    result = _distill(models, instruct_dir, cached, cache=tmp_path / "cache", **common)
+    assert result.exit_code == 0, result.output
+    for a, b in zip(_records(live), _records(cached), strict=True):
+        assert a["feature/procrustes/2->4"] == pytest.approx(b["feature/procrustes/2->4"], rel=1e-5, abs=1e-6)
