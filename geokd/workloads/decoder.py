@@ -199,8 +199,8 @@ def _cross_path(config: RunConfig) -> str:
 
 
 def _check_cross_tokenizer(config: RunConfig, difference: str, cached: bool = False) -> None:
-    """Different tokenizers: only example-level rows and ULD (or no KD) are defined; from a cache,
-    only example-level rows (`mean`, `last`) with `--alpha 1`."""
+    """Different tokenizers: example-level rows (`mean`, `last`), span rows (`spans`) and ULD (or
+    no KD) are defined; from a cache, example-level or span rows with `--alpha 1`."""
     problems = []
     if cached and config.features not in ("mean", "last", "spans") and config.loss != "none":
         problems.append("from a cache, use example-level rows (--features mean or last) or --features spans (from "
@@ -243,7 +243,6 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         if config.kd == "uld" and config.alpha < 1.0:
             raise GeokdError("--kd uld: a decoder cache holds top-k targets, not the teacher's full distributions; "
                              "distil with a live --teacher for ULD, or use another --kd")  # fmt: skip
-
         cache = DecoderCache(config.cache)
     derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
     encoder_teacher = bool(config.mode == "distill" and cache is None and config.teacher
@@ -281,7 +280,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
 
         cache_tokenizer = tokenizer_sha256(student.tokenizer)
         if cache_tokenizer != cache.manifest["tokenizer_sha256"] and teacher is None:
-            # A pretrained student with another tokenizer: only the cached example-level rows apply.
+            # A pretrained student with another tokenizer: only cached example or span rows apply.
             cross = "tokenizer: the student does not tokenise like the cached teacher"
             _check_cross_tokenizer(config, cross, cached=True)
             warn(f"{cross}: cross-tokenizer path: {_cross_path(config)}")
