@@ -73,7 +73,7 @@ def test_validation_reports_every_problem_at_once():
         "alpha: the feature weight must be in [0, 1], got 1.5",
         "temperature: must be > 0, got 0.0",
         "layers: expected 'uniform', 'last', 'copied' (a truncate: student's source blocks) or student:teacher pairs such as '2:4,4:8', got '2-4'",
-        "features: must be one of cls, mean, tokens, last, got 'pooled'",
+        "features: must be one of cls, mean, tokens, last, spans, got 'pooled'",
         "batch_size: must be at least 1, got 0",
         "device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'",
         "resume: checkpoint '/no/such/ckpt' does not exist",
