@@ -15,3 +15,17 @@ def git_commit(root: Path) -> str | None:
     except OSError:
         return None
     return result.stdout.strip() or None
+
+
+def write_result(out: str | Path, result: dict, root: Path) -> None:
+    """Write a benchmark's JSON with where it ran (threads, machine, torch, commit) and say so."""
+    import json
+    import platform
+
+    import torch
+
+    result = {**result, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "commit": git_commit(root)}  # fmt: skip
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import git_commit  # noqa: E402  (bench/ is on sys.path when a script runs)
+from _meta import write_result  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 STUDENT = "truncate:1-7,23-30"
 
@@ -129,16 +128,10 @@ def main() -> int:
         "epoch_s": epochs,
         "epoch_ratio_cache_to_floor": epochs["distill --cache"] / floor,
         "epoch_ratio_live_to_floor": epochs["distill, live teacher"] / floor,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "commit": git_commit(ROOT),
     }
     print(json.dumps({k: result[k] for k in ("size", "build", "epoch_ratio_cache_to_floor", "epoch_ratio_live_to_floor")},
                      indent=2))  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, ROOT)
     return 0
 
 

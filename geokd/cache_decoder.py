@@ -47,6 +47,8 @@ from geokd.cache import (
     check_cached_teacher,
     file_sha256,
     kept_shards,
+    load_manifest_json,
+    open_shard,
     shard_name,
     tokenizer_sha256,
 )
@@ -120,14 +122,7 @@ def decoder_cache_bytes(tokens: int, examples: int, *, topk: int, vocab: int, dt
 
 
 def read_decoder_manifest(path: str | Path) -> dict[str, Any]:
-    folder = Path(path)
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise GeokdError(f"--cache: {str(folder)!r} has no {MANIFEST}; pass the folder geokd cache wrote")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GeokdError(f"--cache: {str(file)!r} is unreadable ({exc}); rebuild the cache") from None
+    file, manifest = load_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise GeokdError(
             f"--cache: {str(file)!r} is not a decoder cache (format {manifest.get('format') if isinstance(manifest, dict) else None!r}); "
@@ -381,18 +376,7 @@ class DecoderCache:
     def _shard(self, index: int) -> Any:
         handle = self._handles.get(index)
         if handle is None:
-            from safetensors import safe_open
-
-            entry = self.manifest["shards"][index]
-            path = self.path / entry["file"]
-            if not path.is_file():
-                raise GeokdError(f"--cache: shard {entry['file']} is missing from {str(self.path)!r}; rebuild the cache")
-            if file_sha256(path) != entry["sha256"]:
-                raise GeokdError(
-                    f"--cache: shard {entry['file']} fails its SHA-256 check (the file changed or is corrupt); rebuild the "
-                    "cache (or run geokd cache --verify to list every bad shard)"
-                )
-            handle = safe_open(str(path), framework="pt")
+            handle = open_shard(self.path, self.manifest["shards"][index])
             self._handles[index] = handle
             self._offsets[index] = handle.get_tensor("offsets")
         return handle
