@@ -344,6 +344,7 @@ class CachedTargets:
     log_probs: torch.Tensor  # [N, k] float32
     log_tail: torch.Tensor  # [N] float32
     rows: list[torch.Tensor]
+    counts: list[int]  # response tokens per example, in batch order (they sum to N)
 
 
 class DecoderCache:
@@ -401,6 +402,7 @@ class DecoderCache:
                 "--layers covering the teacher layers of the layer map"
             )
         ids = [int(i) for i in (example_ids.tolist() if isinstance(example_ids, torch.Tensor) else example_ids)]
+        counts: list[int] = []
         parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logprobs": [], "log_tail": []}
         rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in dict.fromkeys(layers)}
         for example in ids:
@@ -411,6 +413,7 @@ class DecoderCache:
             index, local = self._where[example]
             handle, offsets = self._shard(index), self._offsets[index]
             start, stop = int(offsets[local]), int(offsets[local + 1])
+            counts.append(stop - start)
             for name in parts:
                 parts[name].append(handle.get_slice(name)[start:stop])
             for layer in rows:
@@ -422,6 +425,7 @@ class DecoderCache:
             log_probs=torch.cat(parts["topk_logprobs"]).float(),
             log_tail=torch.cat(parts["log_tail"]).float(),
             rows=[joined[layer] for layer in layers],
+            counts=counts,
         )
 
 

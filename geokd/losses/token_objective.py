@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from geokd.losses.objective import LossOutput, Objective
 from geokd.losses.token_kd import chunked_token_kd
 from geokd.losses.topk_kd import chunked_topk_kd
-from geokd.losses.uld import chunked_uld
+from geokd.losses.uld import chunked_topk_uld, chunked_uld
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -102,14 +102,22 @@ class TokenObjective(Objective):
         replaces the live teacher in the KD term: top-k + tail KD (`geokd.losses.topk_kd`).
         With `kd="uld"`, `aligned` holds the student's and the teacher's final hidden states at the
         aligned response positions (`geokd.losses.uld.uld_positions`; the tokenizers may differ) and
-        the KD term is their mean ULD."""
+        the KD term is their mean ULD. Both together (`kd="uld"` from a cache): `aligned[0]` holds
+        the student's aligned rows, `cached_targets` the cache's at the same positions, and the KD
+        term is the mean top-k ULD (`geokd.losses.uld.topk_uld_distance`)."""
         n = max(1, int(targets.shape[0]))
         terms: dict[str, torch.Tensor] = {}
         sft = chunked_cross_entropy(student_hidden, student_head, targets, self.vocab, self.chunk_tokens) / n
         terms["sft"] = sft
         total = self.gamma * sft
         if self.mode == "distill":
-            if cached_targets is not None and self.alpha < 1.0:
+            if cached_targets is not None and self.alpha < 1.0 and self.kd == "uld":
+                rows = aligned[0] if aligned is not None else student_hidden
+                uld_sum, m = chunked_topk_uld(rows, student_head, cached_targets[1], cached_targets[2],
+                                              temperature=self.temperature, chunk_tokens=self.chunk_tokens)  # fmt: skip
+                terms["kd"] = uld_sum / max(1, m)
+                total = total + (1.0 - self.alpha) * terms["kd"]
+            elif cached_targets is not None and self.alpha < 1.0:
                 kd_sum, _ = chunked_topk_kd(
                     student_hidden, student_head, *cached_targets, self.kd, temperature=self.temperature,
                     beta=self.kd_beta, skew=self.kd_skew, vocab=self.vocab, chunk_tokens=self.chunk_tokens,

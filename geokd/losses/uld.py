@@ -19,6 +19,17 @@ the student's and truncates both to the shorter response (`uld_positions`). The 
 adds the student's own cross-entropy: `γ·L_SFT + λ·mean ULD` (geokd: `(1 − α)` is λ).
 
 The gradient flows through the sort (a permutation) to the student's logits only.
+
+From a decoder cache (`topk_uld_distance`): the cache holds only the teacher's k largest
+probabilities `p_(1..k)` (sorted) and its tail mass `P = Σ_{i>k} p_(i)`. geokd then computes
+
+    ULD_k(p, q) = Σ_{i=1..k} | p_(i) − q_(i) | + | P − Q |,   Q = Σ_{i>k} q_(i)
+
+(q padded with zeros to k entries when the student's vocabulary is smaller). The first k ranks are
+exact; the tail is compared by its mass only. By the triangle inequality
+`Σ_{i>k} |p_(i) − q_(i)| ≥ |P − Q|`, so ULD_k is a lower bound of ULD, equal to it when k covers
+the teacher's vocabulary (then P = 0 and the rest of q is compared with zeros) and whenever q's
+tail ranks all lie on one side of p's. Its gradient is exact for the first k ranks.
 """
 
 from __future__ import annotations
@@ -52,6 +63,32 @@ def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     return (q - p).abs().sum(dim=-1)
 
 
+def topk_uld_distance(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, teacher_log_tail: torch.Tensor, *,
+    temperature: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """Per-position ULD_k `[N]` (module docstring) between `student_logits [N, V_s]` and a cached
+    teacher: its k largest log-probabilities `[N, k]` in decreasing order (already at
+    `temperature`, as the cache stores them) and the log of its remaining mass `[N]`."""
+    if not temperature > 0:
+        raise GeokdError(f"ULD: temperature must be > 0, got {temperature}")
+    n = student_logits.shape[0] if student_logits.dim() == 2 else -1
+    if teacher_log_probs.dim() != 2 or teacher_log_probs.shape[0] != n or tuple(teacher_log_tail.shape) != (n,):
+        raise GeokdError(
+            f"ULD: expected student logits [N, V_s], cached log-probabilities [N, k] and log tail [N] at the same N "
+            f"aligned positions, got {tuple(student_logits.shape)}, {tuple(teacher_log_probs.shape)} and "
+            f"{tuple(teacher_log_tail.shape)}"
+        )
+    dtype = compute_dtype(student_logits)
+    k = teacher_log_probs.shape[1]
+    q = F.softmax(student_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
+    q_top, q_tail = F.pad(q[:, :k], (0, max(0, k - q.shape[1]))), q[:, k:].sum(dim=-1)
+    with torch.no_grad():
+        p_top = teacher_log_probs.detach().to(dtype).exp()
+        p_tail = teacher_log_tail.detach().to(dtype).exp()
+    return (q_top - p_top).abs().sum(dim=-1) + (q_tail - p_tail).abs()
+
+
 def uld_positions(student_count: int, teacher_count: int) -> int:
     """How many response positions ULD compares when the student's tokenisation of a response has
     `student_count` tokens and the teacher's `teacher_count`: the first min(·, ·) of each, in
@@ -63,6 +100,38 @@ def uld_positions(student_count: int, teacher_count: int) -> int:
 
 def _chunk_uld(s_hidden, weight, bias, t_logits, temperature: float) -> torch.Tensor:
     return uld_distance(F.linear(s_hidden, weight, bias), t_logits, temperature=temperature).sum()
+
+
+def _chunk_topk_uld(s_hidden, weight, bias, log_probs, log_tail, temperature: float) -> torch.Tensor:
+    return topk_uld_distance(F.linear(s_hidden, weight, bias), log_probs, log_tail, temperature=temperature).sum()
+
+
+def chunked_topk_uld(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear,
+    teacher_log_probs: torch.Tensor,
+    teacher_log_tail: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 256,
+) -> tuple[torch.Tensor, int]:
+    """`(Σ ULD_k, N)` over N aligned positions: the student's final hidden states `[N, d_s]`
+    against a cache's top-k targets at the same positions, the head applied `chunk_tokens` rows at
+    a time with each chunk's logits recomputed in backward."""
+    if student_hidden.shape[0] != teacher_log_probs.shape[0]:
+        raise GeokdError(
+            f"ULD: {student_hidden.shape[0]} student positions and {teacher_log_probs.shape[0]} cached ones; align them first"
+        )
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        args = (student_hidden[rows], student_head.weight, student_head.bias, teacher_log_probs[rows],
+                teacher_log_tail[rows], float(temperature))  # fmt: skip
+        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.weight.requires_grad):
+            total = total + checkpoint(_chunk_topk_uld, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_topk_uld(*args)
+    return total, int(student_hidden.shape[0])
 
 
 def chunked_uld(

@@ -184,7 +184,7 @@ def _check_encoder_teacher(config: RunConfig, derived: bool) -> None:
         raise GeokdError(f"teacher: {config.teacher!r} is an encoder (a feature teacher); {'; '.join(problems)}")
 
 
-def _cross_path(config: RunConfig) -> str:
+def _cross_path(config: RunConfig, cached: bool = False) -> str:
     parts = ["each model tokenises the text itself"]
     if config.loss != "none":
         if config.features == "spans":
@@ -193,8 +193,10 @@ def _cross_path(config: RunConfig) -> str:
             rows = "one row per example: the mean over its response tokens" if config.features == "mean" else (
                 "one row per example: the last prompt token")  # fmt: skip
             parts.append(f"feature rows are examples ({rows})")
-    parts.append("KD by ULD over the first min(n_student, n_teacher) response tokens" if config.alpha < 1.0
-                 else "no token KD (alpha 1)")  # fmt: skip
+    uld = "KD by ULD over the first min(n_student, n_teacher) response tokens"
+    if cached:
+        uld += " (top-k ranks + tail mass from the cache: a lower bound of ULD)"
+    parts.append(uld if config.alpha < 1.0 else "no token KD (alpha 1)")
     return "; ".join(parts)
 
 
@@ -205,11 +207,12 @@ def _check_cross_tokenizer(config: RunConfig, difference: str, cached: bool = Fa
     if cached and config.features not in ("mean", "last", "spans") and config.loss != "none":
         problems.append("from a cache, use example-level rows (--features mean or last) or --features spans (from "
                         "cached token rows)")
-    if cached and config.alpha < 1.0:
-        problems.append("a cache's top-k targets are in the teacher's vocabulary: pass --alpha 1 (no token KD)")
+    if cached and config.alpha < 1.0 and config.kd != "uld":
+        problems.append("a cache's top-k ids are the teacher's vocabulary: use --kd uld (it compares sorted "
+                        "probabilities) or pass --alpha 1 (no token KD)")  # fmt: skip
     if config.loss != "none" and config.features == "tokens":
         problems.append("token rows need one tokenisation: use --features spans (span-aligned token rows), mean or last")
-    if config.alpha < 1.0 and config.kd != "uld":
+    if config.alpha < 1.0 and config.kd != "uld" and not cached:
         problems.append(f"--kd {config.kd} compares one vocabulary: use --kd uld or --alpha 1 (no token KD)")
     if problems:
         raise GeokdError(f"tokenizer: {difference.removeprefix('tokenizer: ')}; {'; '.join(problems)}")
@@ -240,9 +243,6 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     if config.mode == "distill" and config.cache:
         from geokd.cache_decoder import DecoderCache
 
-        if config.kd == "uld" and config.alpha < 1.0:
-            raise GeokdError("--kd uld: a decoder cache holds top-k targets, not the teacher's full distributions; "
-                             "distil with a live --teacher for ULD, or use another --kd")  # fmt: skip
         cache = DecoderCache(config.cache)
     derived = models_lib.parse_student_spec(config.student).kind != "pretrained"
     encoder_teacher = bool(config.mode == "distill" and cache is None and config.teacher
@@ -283,7 +283,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             # A pretrained student with another tokenizer: only cached example or span rows apply.
             cross = "tokenizer: the student does not tokenise like the cached teacher"
             _check_cross_tokenizer(config, cross, cached=True)
-            warn(f"{cross}: cross-tokenizer path: {_cross_path(config)}")
+            warn(f"{cross}: cross-tokenizer path: {_cross_path(config, cached=True)}")
         vocab = int(cache.manifest["vocab"]) if cross is None else None  # None: the student's whole head
         if vocab is not None and decoder_lib.vocab_rows(student.model) < vocab:
             raise GeokdError(
@@ -432,6 +432,12 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
                 )
             device = s_hidden.device
             cached = (read.ids.to(device), read.log_probs.to(device), read.log_tail.to(device))
+            if config.kd == "uld" and config.alpha < 1.0:  # the first min(n_s, n_t) of each example
+                counts = torch.tensor(read.counts, dtype=torch.long, device=device)
+                cached_positions = torch.arange(int(counts.max()), device=device) < counts.unsqueeze(1)
+                s_keep, t_keep = aligned_rows(positions, cached_positions)
+                aligned = (s_hidden[s_keep], None)
+                cached = tuple(part[t_keep] for part in cached)
             t_feats = [row.to(device) for row in read.rows] if layer_pairs else None
             if t_feats and config.features == "spans":
                 batch_spans = [spans[int(e)] for e in batch["example_id"].tolist()]

@@ -123,7 +123,35 @@ def test_example_rows_from_a_cache_across_tokenizers(models, instruct_dir, tmp_p
     for a, b in zip(_records(live), _records(cached), strict=True):  # bf16 rows: close, not equal
         assert a["feature/cka/2->4"] == pytest.approx(b["feature/cka/2->4"], abs=2e-2)
     refused = _distill(models, instruct_dir, tmp_path / "kd", cache=tmp_path / "cache", loss="none", alpha=0.5)
-    assert refused.exit_code == 2 and "pass --alpha 1 (no token KD)" in refused.output
+    assert refused.exit_code == 2 and "use --kd uld (it compares sorted probabilities) or pass --alpha 1" in refused.output
+
+
+def test_uld_from_a_cache_across_tokenizers(models, instruct_dir, tmp_path):
+    """With k covering the teacher's vocabulary and fp32 values, ULD from the cache is ULD: every
+    per-step term equals the live run's (alignment, masking and the loss all agree). With k = 4
+    it is the top-k lower bound: at the first step (same weights) at most the live value."""
+    from tinylm import VOCAB
+
+    from geokd.cache_decoder import DecoderCacheRequest, build_decoder_cache
+
+    common = dict(loss="none", alpha=0.5, kd="uld")
+    live = tmp_path / "live"
+    assert _distill(models, instruct_dir, live, **common).exit_code == 0
+    for k in (len(VOCAB), 4):
+        build_decoder_cache(DecoderCacheRequest(teacher=str(models["teacher"]), data=str(instruct_dir),
+                                                out=str(tmp_path / f"cache{k}"), layers="", topk=k, dtype="fp32",
+                                                max_length=160, max_prompt_length=120))  # fmt: skip
+        out = tmp_path / f"cached{k}"
+        result = _distill(models, instruct_dir, out, cache=tmp_path / f"cache{k}", **common)
+        assert result.exit_code == 0, result.output
+        assert "top-k ranks + tail mass from the cache" in result.output
+        if k == len(VOCAB):
+            for a, b in zip(_records(live), _records(out), strict=True):
+                for term in ("loss", "sft", "kd"):
+                    assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-6), (a["step"], term)
+        else:
+            first_live, first = _records(live)[0], _records(out)[0]
+            assert 0 < first["kd"] <= first_live["kd"] + 1e-6 and first["sft"] == pytest.approx(first_live["sft"], rel=1e-5)
 
 
 @pytest.mark.parametrize("features", ["mean", "last"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from geokd import GeokdError
-from geokd.losses.uld import uld_distance, uld_positions
+from geokd.losses.topk_kd import topk_targets
+from geokd.losses.uld import chunked_topk_uld, topk_uld_distance, uld_distance, uld_positions
 
 
 def reference(zs: torch.Tensor, zt: torch.Tensor, temperature: float = 1.0) -> list[float]:
@@ -81,3 +82,55 @@ def test_uld_positions_and_bad_shapes():
         uld_distance(torch.zeros(3, 5), torch.zeros(4, 5))
     with pytest.raises(GeokdError, match="temperature must be > 0"):
         uld_distance(torch.zeros(3, 5), torch.zeros(3, 5), temperature=0)
+
+
+def topk_reference(zs: torch.Tensor, zt: torch.Tensor, k: int, temperature: float = 1.0) -> list[float]:
+    """ULD_k from its definition: the first k sorted ranks exactly, then |P - Q| of the tail masses."""
+    out = []
+    for s_row, t_row in zip(zs.double().tolist(), zt.double().tolist(), strict=True):
+        def probs(row):
+            exps = [math.exp(x / temperature - max(row) / temperature) for x in row]
+            return sorted((e / sum(exps) for e in exps), reverse=True)
+
+        q, p = probs(s_row), probs(t_row)
+        q = q + [0.0] * max(0, k - len(q))
+        head = sum(abs(a - b) for a, b in zip(q[:k], p[:k], strict=True))
+        out.append(head + abs(sum(q[k:]) - sum(p[k:])))
+    return out
+
+
+@pytest.mark.parametrize(("sizes", "k"), [((30, 30), 5), ((20, 45), 12), ((45, 20), 3), ((8, 20), 12), ((30, 30), 30)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_uld_matches_the_definition_and_bounds_uld(sizes, k, temperature):
+    zs, zt = _logits(6, sizes[0], 5), _logits(6, sizes[1], 6)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        _, log_probs, log_tail = topk_targets(zt.to(dtype), k, temperature=temperature)
+        got = topk_uld_distance(zs.to(dtype), log_probs, log_tail, temperature=temperature)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), torch.tensor(topk_reference(zs, zt, k, temperature), dtype=torch.float64),
+                                   rtol=tol, atol=tol)  # fmt: skip
+    full = uld_distance(zs.double(), zt.double(), temperature=temperature)
+    assert (got <= full + 1e-12).all()  # a lower bound of ULD
+    if k == sizes[1]:  # k covers the teacher's vocabulary: ULD itself
+        torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_topk_uld_value_and_gradient_match_the_unchunked_loss():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30, bias=True)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    _, log_probs, log_tail = topk_targets(_logits(11, 40, 7), 6, temperature=1.5)
+    total, n = chunked_topk_uld(hidden, head, log_probs, log_tail, temperature=1.5, chunk_tokens=4)
+    total.backward()
+    grads = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+    direct = topk_uld_distance(head(hidden), log_probs, log_tail, temperature=1.5).sum()
+    direct.backward()
+    assert n == 11
+    torch.testing.assert_close(total, direct)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], head.weight.grad)
+    with pytest.raises(GeokdError, match="align them first"):
+        chunked_topk_uld(hidden[:3], head, log_probs, log_tail)
+    with pytest.raises(GeokdError, match=r"log tail \[N\]"):
+        topk_uld_distance(head(hidden), log_probs, log_tail[:3])
