@@ -10,6 +10,14 @@ Stages (`--stages`, comma-separated):
   sft             the student trained on the responses only (SFT: `--alpha 1 --loss none`, no KD)
   kd              the student distilled with forward KL only (`--loss none`)
   kd-procrustes   forward KL + Procrustes on response-token rows
+  kd-cache        the kd stage from an offline decoder cache (`geokd cache --task instruct`, top-64
+                  log-probabilities + tail in bf16; issue #12): the teacher never runs in training.
+                  The section also reports its per-step agreement with the live kd run
+  minilm-procrustes
+                  all-MiniLM-L6-v2 (a WordPiece encoder) as a feature teacher of the same student
+                  (a BPE decoder; issue #12's cross-tokenizer proof): SFT + Procrustes between the
+                  student's mean response-token row and MiniLM's mean-pooled sentence embedding
+                  of the response (`--features mean --alpha 1`, `--minilm-layers`), against sft
 
 Why `truncate:1-7,23-30` by default (15 of SmolLM2's 30 blocks: the first seven and the last
 eight, 81M of the teacher's 135M parameters, tied 28M embeddings included): the untrained student's
@@ -39,7 +47,7 @@ from pathlib import Path
 from geokd.artifacts import update_markdown_section
 from geokd.paths import require_shared_data
 
-STAGES = ("teacher", "sft", "kd", "kd-procrustes")
+STAGES = ("teacher", "sft", "kd", "kd-procrustes", "kd-cache", "minilm-procrustes")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-limit", type=int, default=None, help="score the first N eval examples")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=64, help="k of the kd-cache stage's cache")
+    parser.add_argument("--minilm-layers", default="12:6", help="layer map of the minilm-procrustes stage: the "
+                        "student's block 12 of 15 against MiniLM's last layer (its sentence embedding)")  # fmt: skip
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -95,10 +106,20 @@ def main(argv: list[str] | None = None) -> None:
             # Every student is the same truncate:N of the teacher. SFT only is alpha = 1 with no
             # feature loss: the KD weight 1 - alpha is 0 and the teacher never runs.
             loss = ["--loss", "procrustes", "--layers", args.layers] if stage == "kd-procrustes" else ["--loss", "none"]
-            alpha = "1.0" if stage == "sft" else "0.5"
-            seconds = _geokd("distill", "--teacher", "smollm2", "--student", args.student, *loss,
-                             "--alpha", alpha, "--kd", "forward", "--out", str(run), *common, *resume)  # fmt: skip
-            (run / "wall_seconds.json").write_text(json.dumps({"seconds": seconds, "resumed": bool(resume)}))
+            alpha = "1.0" if stage in ("sft", "minilm-procrustes") else "0.5"
+            teacher, student, extra, record = "smollm2", args.student, [], {}
+            if stage == "kd-cache":
+                record["cache_seconds"] = _cache(out / "cache", subset, args)
+                extra = ["--cache", str(out / "cache")]
+            elif stage == "minilm-procrustes":
+                # An encoder teacher cannot derive the student: save the same untrained truncation
+                # the other stages start from, and pass it as a pretrained student.
+                teacher, student = "minilm", str(_student_folder(out / "student-init", args.student))
+                loss = ["--loss", "procrustes", "--features", "mean", "--layers", args.minilm_layers]
+            seconds = _geokd("distill", "--teacher", teacher, "--student", student, *loss, "--alpha", alpha,
+                             "--kd", "forward", "--out", str(run), *common, *extra, *resume)  # fmt: skip
+            record.update(seconds=seconds, resumed=bool(resume))
+            (run / "wall_seconds.json").write_text(json.dumps(record))
             model = str(run)
         else:
             model = str(run)
@@ -117,6 +138,45 @@ def main(argv: list[str] | None = None) -> None:
             scores[name] = json.loads(target.read_text())
         rows.append((stage, training, scores))
         _write_table(args, rows)  # after every stage: a long run reports what it has
+
+
+def _cache(cache: Path, subset: Path, args: argparse.Namespace) -> float:
+    """Build (or finish) the teacher's top-k cache of the training subset; its wall seconds."""
+    manifest = cache / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+        return float(json.loads(manifest.read_text()).get("seconds", float("nan")))
+    seconds = _geokd("cache", "--teacher", "smollm2", "--task", "instruct", "--data", str(subset), "--out", str(cache),
+                     "--topk", str(args.topk))  # fmt: skip
+    return seconds
+
+
+def _student_folder(folder: Path, spec: str) -> Path:
+    """The untrained `spec` student of SmolLM2, saved as a model folder (once)."""
+    if not (folder / "config.json").is_file():
+        from geokd.models import load_student
+        from geokd.models.decoder import load_causal_lm
+
+        student = load_student(spec, load_causal_lm("smollm2"))
+        student.model.save_pretrained(folder, safe_serialization=True)
+        student.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _agreement(live: Path, cached: Path) -> str:
+    """Per-step agreement of a cached KD run with the live one: the relative differences of the
+    total loss and of the KD term (same data order and start; they drift apart as the weights do)."""
+    def steps(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+    pairs = list(zip(steps(live), steps(cached), strict=False))
+    lines = []
+    for term in ("loss", "kd", "sft"):
+        rel = [(b[term] - a[term]) / abs(a[term]) for a, b in pairs if a.get(term) and term in b]
+        if rel:
+            ordered = sorted(rel)
+            lines.append(f"{term} {rel[0]:+.2%} at step 1, median {ordered[len(ordered) // 2]:+.2%}, "
+                         f"range [{ordered[0]:+.2%}, {ordered[-1]:+.2%}]")  # fmt: skip
+    return f"kd-cache against kd over {len(pairs)} steps, (cached − live) / live: " + "; ".join(lines) + "."
 
 
 def _training(run: Path) -> dict[str, float]:
@@ -157,6 +217,12 @@ def _write_table(args: argparse.Namespace, rows: list) -> None:
             f"{dolly['metrics'].get('tokens_per_s', 0):.1f} | "
             f"{contamination['count']} of {contamination['total']} |"
         )
+    done = {stage for stage, _, _ in rows}
+    out = Path(args.out)
+    if {"kd", "kd-cache"} <= done:
+        wall = json.loads((out / "kd-cache" / "wall_seconds.json").read_text())
+        lines += ["", _agreement(out / "kd", out / "kd-cache"),
+                  f"Cache build (top-{args.topk}, bf16): {wall.get('cache_seconds', float('nan')):.0f} s."]  # fmt: skip
     update_markdown_section(ROOT / "docs" / "results.md", "instruct-smollm2", "\n".join(lines))
     print("\n".join(lines))
 

@@ -10,7 +10,7 @@ plus `kl(student_logits, teacher_logits, temperature)` and `task_loss(logits, la
 decoders the token-level KD divergences (`KD_KINDS`, `token_divergence`, and `chunked_token_kd`,
 which starts from the final hidden states and never holds full `[N, V]` logits), their top-k +
 tail form for cached teachers (`topk_targets`, `topk_token_divergence`, `chunked_topk_kd`) and the
-cross-tokenizer ULD distance (`uld_distance`). The
+cross-tokenizer ULD distance (`uld_distance`; `topk_uld_distance` from a cache). The
 registry (`build_feature_loss`, `FEATURE_LOSSES`) maps names to modules.
 """
 
@@ -26,7 +26,7 @@ from geokd.losses.registry import (
 )
 from geokd.losses.token_kd import KD_KINDS, chunked_token_kd, token_divergence
 from geokd.losses.topk_kd import chunked_topk_kd, topk_targets, topk_token_divergence
-from geokd.losses.uld import uld_distance, uld_positions
+from geokd.losses.uld import topk_uld_distance, uld_distance, uld_positions
 
 __all__ = [
     "FEATURE_LOSSES",
@@ -48,6 +48,7 @@ __all__ = [
     "token_divergence",
     "topk_targets",
     "topk_token_divergence",
+    "topk_uld_distance",
     "uld_distance",
     "uld_positions",
 ]
