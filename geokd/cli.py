@@ -253,6 +253,15 @@ def _render_run_summary(summary: dict) -> None:
         for s_layer, t_layer in summary["layer_pairs"]:
             pairs.add_row(str(s_layer), str(t_layer))
         console.print(pairs)
+    flexkd = summary.get("flexkd")
+    if flexkd and flexkd.get("pairs"):
+        how = "read back from flexkd.safetensors" if flexkd["reused"] else f"scored on {flexkd['rows']} teacher rows"
+        kept = "; ".join(f"{pair}: {p['width']} of {p['of']} dims, {p['score_kept']:.0%} of the gradient score"
+                         for pair, p in flexkd["pairs"].items())  # fmt: skip
+        console.print(f"flexkd ({cfg['flexkd_basis']}, {cfg['flexkd_output']}): {how} in {flexkd['seconds']:.1f} s; {kept}",
+                      highlight=False)  # fmt: skip
+    elif flexkd:
+        console.print("flexkd: the selection is the checkpoint's", highlight=False)
     resumed = f", resuming from {summary['resumed_from']}" if summary["resumed_from"] else ""
     console.print(
         f"device {summary['device']} ({summary['precision']}); {summary['train_examples']} train / "
@@ -555,7 +564,7 @@ def distill(
     data: str = _DATA,
     text_fields: str = _TEXT_FIELDS,
     label_field: str = _LABEL_FIELD,
-    loss: str = _O(None, help="Feature loss: procrustes (default), gram, cka, proj, mse, cosine, or none."),
+    loss: str = _O(None, help="Feature loss: procrustes (default), gram, cka, proj, mse, cosine, flexkd, or none."),
     alpha: float = _O(None, help="Feature weight α in [0, 1] (default 0.5); KL gets 1 − α."),
     gamma: float = _O(None, help="Task-loss weight γ (default 1.0)."),
     temperature: float = _O(None, help="KD temperature τ (default 2.0)."),
@@ -566,6 +575,9 @@ def distill(
     kd: str = _O(None, "--kd", help="--task instruct: forward (default), reverse, jsd, skew-forward, skew-reverse, tvd, or uld (any two tokenizers)."),
     kd_beta: float = _O(None, "--kd-beta", help="--kd jsd: the teacher's weight in the mixture (default 0.5)."),
     kd_skew: float = _O(None, "--kd-skew", help="--kd skew-*: the skew alpha (default 0.1)."),
+    flexkd_basis: str = _O(None, "--flexkd-basis", help="--loss flexkd: dims (teacher coordinates, default) or tangent (principal gradient directions)."),
+    flexkd_samples: int = _O(None, "--flexkd-samples", help="--loss flexkd: training examples that score the teacher's dimensions (default 1024; 0: all)."),
+    flexkd_output: str = _O(None, "--flexkd-output", help="--loss flexkd: whose output's gradient scores: prediction (the teacher's own, default) or label."),
     finetune_teacher: bool = _O(
         None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."
     ),

@@ -28,7 +28,7 @@ MODES = ("finetune", "distill")
 FLAG_ONLY = ("trust_remote_code",)
 # Keys that only mean something to distill (not printed for finetune).
 DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features",
-                "kd", "kd_beta", "kd_skew")
+                "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output")
 # Keys that only mean something for --task instruct.
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
@@ -75,6 +75,11 @@ class RunConfig:
     kd: str = "forward"
     kd_beta: float = 0.5  # jsd: the teacher's weight in the mixture
     kd_skew: float = 0.1  # skew-forward / skew-reverse: the skew α
+    # --loss flexkd (issue #13, geokd.flexkd): the teacher subspace, how many training examples
+    # score it (0: all) and which task output's gradient scores it
+    flexkd_basis: str = "dims"
+    flexkd_samples: int = 1024
+    flexkd_output: str = "prediction"
     format: str = "auto"
     template: str = "alpaca"
     max_prompt_length: int = 256
@@ -179,6 +184,14 @@ def validation_problems(config: RunConfig) -> list[str]:
         p.append(f"kd_beta: the JSD mixture weight must be in (0, 1), got {config.kd_beta}")
     if not 0.0 <= config.kd_skew < 1.0:
         p.append(f"kd_skew: the skew must be in [0, 1), got {config.kd_skew}")
+    if config.flexkd_basis not in ("dims", "tangent"):
+        p.append(f"flexkd_basis: must be dims (teacher coordinates) or tangent (principal gradient directions), "
+                 f"got {config.flexkd_basis!r}")  # fmt: skip
+    if config.flexkd_samples < 0:
+        p.append(f"flexkd_samples: must be >= 0 (0: every training example), got {config.flexkd_samples}")
+    if config.flexkd_output not in ("prediction", "label"):
+        p.append(f"flexkd_output: must be prediction (the teacher's own) or label (the gold one), got "
+                 f"{config.flexkd_output!r}")  # fmt: skip
     if config.template not in TEMPLATES:
         p.append(f"template: must be one of {', '.join(TEMPLATES)}, got {config.template!r}")
     if config.format not in INSTRUCT_FORMATS:

@@ -567,6 +567,26 @@ def train(
         raise
 
 
+def _prepare_flexkd(config: RunConfig, work: Any, run_dir: Path, resumed: bool,
+                    warn: Callable[[str], None]) -> dict[str, Any] | None:  # fmt: skip
+    """`--loss flexkd`: fill the objective's teacher selections before the first step (a resumed
+    run has them from its checkpoint); the summary the run prints and env.json records."""
+    from geokd import flexkd as flexkd_lib
+
+    if not flexkd_lib.selections(work.objective):
+        return None
+    if resumed:
+        return {"reused": True, "from": "checkpoint"}
+    if work.score_flexkd is None:  # the workloads refuse these settings first; a guard
+        raise GeokdError("--loss flexkd: the scoring pass needs a live teacher; pass --teacher (not --cache)")
+    indices = flexkd_lib.sample_indices(len(work.train_features), config.flexkd_samples, config.seed)
+    meta = {"basis": config.flexkd_basis, "output": config.flexkd_output, "samples": config.flexkd_samples,
+            "examples": len(indices), "seed": config.seed, "teacher_sha256": work.teacher_sha256,
+            "data_fingerprint": work.data_fingerprint, "features": config.features, "max_length": config.max_length,
+            "teacher_layers": sorted({t for _, t in work.layer_pairs})}  # fmt: skip
+    return flexkd_lib.prepare(work.objective, run_dir, meta, lambda: work.score_flexkd(indices), warn)
+
+
 def _train(
     config: RunConfig,
     runtime: Runtime,
@@ -634,6 +654,7 @@ def _train(
         if checkpoint.parent == run_dir / "checkpoints":
             for moved in ckpt.quarantine_newer(run_dir, checkpoint):
                 warn(f"moved {moved.name.removeprefix('skipped-')} (newer than the checkpoint resumed from) to {moved}")
+    flexkd_summary = _prepare_flexkd(config, work, run_dir, checkpoint is not None, warn)
     save_config(requested, run_dir / "config.yaml")
     if on_start is not None:
         on_start(
@@ -655,6 +676,7 @@ def _train(
                 "dev_examples": work.dev_examples,
                 "total_steps": total_steps,
                 "resumed_from": str(checkpoint) if checkpoint is not None else None,
+                "flexkd": flexkd_summary,
             }
         )
     write_json(
@@ -672,6 +694,7 @@ def _train(
                 "train_examples": len(train_features),
                 "dev_examples": work.dev_examples,
                 "total_steps": total_steps,
+                "flexkd": flexkd_summary,
             },
         ),
     )

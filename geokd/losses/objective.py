@@ -44,13 +44,15 @@ class Objective(nn.Module):
         gamma: float = 1.0,
         temperature: float = 2.0,
         mode: str = "distill",
+        flexkd_basis: str = "dims",
     ):
         super().__init__()
         self.loss_name = loss
         self.layer_pairs = list(layer_pairs) if mode == "distill" and loss != "none" else []
         self.alpha, self.gamma, self.temperature, self.mode = alpha, gamma, temperature, mode
+        options = {"basis": flexkd_basis} if loss == "flexkd" else {}
         self.feature_losses = nn.ModuleList(
-            build_feature_loss(loss, student_dim, teacher_dim) for _ in self.layer_pairs
+            build_feature_loss(loss, student_dim, teacher_dim, **options) for _ in self.layer_pairs
         )
 
     def term_names(self) -> list[str]:

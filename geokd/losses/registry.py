@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from geokd.errors import GeokdError
+from geokd.losses.flexkd import FlexKDLoss
 from geokd.losses.geometry import cka, gram, procrustes
 from geokd.losses.pointwise import _require_equal_widths, cosine, mse, proj
 
@@ -65,6 +66,7 @@ FEATURE_LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
     "proj": ProjectionLoss,
     "mse": _equal_width("mse", mse),
     "cosine": _equal_width("cosine", cosine),
+    "flexkd": FlexKDLoss,  # its selection is filled by the scoring pass (geokd.flexkd)
 }
 
 
@@ -72,9 +74,9 @@ def feature_loss_names() -> list[str]:
     return list(FEATURE_LOSSES)
 
 
-def build_feature_loss(name: str, student_dim: int, teacher_dim: int) -> nn.Module:
-    """Build the feature loss `name` for the given widths; unknown names and width mismatches raise
-    `GeokdError` with the accepted choices."""
+def build_feature_loss(name: str, student_dim: int, teacher_dim: int, **options) -> nn.Module:
+    """Build the feature loss `name` for the given widths (`options`: flexkd's `basis`); unknown
+    names and width mismatches raise `GeokdError` with the accepted choices."""
     if name not in FEATURE_LOSSES:
         raise GeokdError(f"unknown loss {name!r}; choose one of: {', '.join(FEATURE_LOSSES)}")
-    return FEATURE_LOSSES[name](student_dim, teacher_dim)
+    return FEATURE_LOSSES[name](student_dim, teacher_dim, **options)

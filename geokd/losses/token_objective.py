@@ -73,9 +73,10 @@ class TokenObjective(Objective):
         mode: str = "distill",
         vocab: int | None = None,
         chunk_tokens: int = 256,
+        flexkd_basis: str = "dims",
     ):
         super().__init__(loss, layer_pairs, student_dim, teacher_dim, alpha=alpha, gamma=gamma,
-                         temperature=temperature, mode=mode)  # fmt: skip
+                         temperature=temperature, mode=mode, flexkd_basis=flexkd_basis)  # fmt: skip
         self.kd, self.kd_beta, self.kd_skew = kd, kd_beta, kd_skew
         self.vocab, self.chunk_tokens = vocab, chunk_tokens
 

@@ -48,6 +48,9 @@ class Workload:
     size: Callable[[dict[str, torch.Tensor]], int]  # a micro-batch's weight: examples or tokens
     evaluate: Callable[[], dict[str, float]]  # dev metrics during training
     final_evaluate: Callable[[], tuple[dict[str, float], dict[str, dict[str, float]]]]  # + other splits
+    # --loss flexkd: run the teacher over the given training examples and return each mapped
+    # teacher layer's gradient statistics (geokd.flexkd); None where no live teacher can be scored
+    score_flexkd: Callable[[list[int]], dict[int, Any]] | None = None
     warnings: list[str] = field(default_factory=list)
     extra_results: dict[str, Any] = field(default_factory=dict)  # e.g. generations written
 

@@ -123,6 +123,9 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             teacher_sha256=teacher_sha,
             teacher_name=config.teacher,
         )
+    if config.loss == "flexkd" and cache is not None and layer_pairs:
+        raise GeokdError("--loss flexkd: its scoring pass runs the teacher forward and backward, which a cache cannot; "
+                         "distil with --teacher (without --cache)")  # fmt: skip
     objective = Objective(
         config.loss,
         layer_pairs,
@@ -132,6 +135,7 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         gamma=config.gamma,
         temperature=config.temperature,
         mode=config.mode,
+        flexkd_basis=config.flexkd_basis,
     ).to(runtime.device)
     place_models(student, teacher, runtime.device)
 
@@ -175,6 +179,25 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     def dev_metrics() -> dict[str, float]:
         return evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
 
+    def score_flexkd(indices: list[int]) -> dict:
+        """Flex-KD's scoring pass (geokd.flexkd): the teacher's classifier output on `indices`."""
+        from geokd.flexkd import classifier_output, score_teacher
+
+        assert teacher is not None
+
+        def forward(batch):
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
+            with runtime.autocast():
+                out = teacher.model(**inputs, output_hidden_states=True)
+            return out.hidden_states, classifier_output(out.logits, batch["labels"], config.flexkd_output), (
+                batch["attention_mask"].bool())  # fmt: skip
+
+        batches = (
+            {k: v.to(runtime.device) for k, v in collate([train_features[i] for i in indices[first : first + config.batch_size]]).items()}
+            for first in range(0, len(indices), config.batch_size)
+        )  # fmt: skip
+        return score_teacher(teacher.model, batches, teacher_layers, forward, tangent=config.flexkd_basis == "tangent")
+
     def final_evaluate() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         metrics = dev_metrics()
         other_splits = {}  # MNLI: dev_mismatched next to dev_matched
@@ -203,4 +226,5 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         size=lambda batch: int(batch["example_id"].shape[0]),
         evaluate=dev_metrics,
         final_evaluate=final_evaluate,
+        score_flexkd=score_flexkd if teacher is not None else None,
     )

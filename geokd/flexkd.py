@@ -1,0 +1,189 @@
+"""The Flex-KD scoring pass and its record in the run directory (issue #13; the loss and the
+selection math are `geokd.losses.flexkd`).
+
+Before the first step of a `--loss flexkd` run, the teacher runs forward and backward over
+`--flexkd-samples` training examples (a seeded subset; 0: all). For every mapped teacher layer the
+gradient of the teacher's task output with respect to that layer's hidden state is accumulated
+over the scored rows (`DimensionScores`):
+
+* task output `--flexkd-output prediction` (default): for a classifier, the cross-entropy of the
+  teacher's own predicted class (for a regression head: the predicted value itself, whose loss
+  against itself would be 0); for a causal LM, the log-probability of its own greedy next token,
+  summed over the response positions. `label`: the same against the gold label or next token.
+* rows: an encoder's non-padding tokens; a decoder's response tokens (the rows its features use).
+
+The scores and each pair's selection are written to `RUN/flexkd.safetensors` (metadata: basis,
+output, samples, the teacher's weights hash, the data fingerprint). A run that is resumed from a
+checkpoint restores the selection with the objective's buffers; a run restarted before its first
+checkpoint reads the file back (when its metadata matches) instead of scoring again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geokd.errors import GeokdError
+from geokd.losses.flexkd import DimensionScores, FlexKDLoss
+
+FLEXKD_OUTPUTS = ("prediction", "label")
+RECORD = "flexkd.safetensors"
+
+
+def classifier_output(logits: torch.Tensor, labels: torch.Tensor, output: str) -> torch.Tensor:
+    """The scalar whose gradient scores an encoder classifier's dimensions (module docstring)."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:  # regression
+        value = logits.squeeze(-1)
+        return value.sum() if output == "prediction" else 0.5 * (value - labels.float()).square().sum()
+    target = logits.argmax(dim=-1) if output == "prediction" else labels
+    return torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+
+
+def next_token_output(logits: torch.Tensor, targets: torch.Tensor, output: str) -> torch.Tensor:
+    """The scalar of a causal LM at its response positions: `logits [N, V]`, gold next tokens `[N]`."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    chosen = log_p.argmax(dim=-1) if output == "prediction" else targets
+    return log_p.gather(-1, chosen.unsqueeze(-1)).sum()
+
+
+def score_teacher(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    layers: Sequence[int],
+    forward: Callable[[dict[str, torch.Tensor]], tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]],
+    *,
+    tangent: bool,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[int, DimensionScores]:
+    """Accumulate `DimensionScores` for each of `layers` (indices into the hidden-state tuple).
+    `forward(batch)` runs the model and returns `(hidden_states, task output scalar, rows mask
+    [B, T])`. The model's input embeddings are made to require grad for the pass (a frozen model
+    has no graph otherwise); no parameter gradient is computed or kept."""
+    layers = sorted(set(layers))
+    embeddings = model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    scores: dict[int, DimensionScores] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                hidden_states, output, rows = forward(batch)
+                wanted = [hidden_states[layer] for layer in layers]
+                grads = torch.autograd.grad(output, wanted, allow_unused=True)
+                for layer, grad, state in zip(layers, grads, wanted, strict=True):
+                    if grad is None:
+                        grad = torch.zeros_like(state)  # the output does not read this layer
+                    if layer not in scores:
+                        scores[layer] = DimensionScores(grad.shape[-1], tangent=tangent)
+                    scores[layer].update(grad[rows])
+                if on_batch is not None:
+                    on_batch(int(rows.shape[0]))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return scores
+
+
+def sample_indices(n_examples: int, samples: int, seed: int) -> list[int]:
+    """The scored examples: a seeded random subset of `samples` (all when 0 or more than there are),
+    in ascending order."""
+    if samples <= 0 or samples >= n_examples:
+        return list(range(n_examples))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_examples, generator=g)[:samples].tolist())
+
+
+def selections(objective: torch.nn.Module) -> list[tuple[tuple[int, int], FlexKDLoss]]:
+    """The objective's `(student layer, teacher layer)` pairs with their FlexKDLoss modules."""
+    losses = getattr(objective, "feature_losses", [])
+    return [(pair, loss) for pair, loss in zip(objective.layer_pairs, losses, strict=True) if isinstance(loss, FlexKDLoss)]
+
+
+def install(objective: torch.nn.Module, scores: dict[int, DimensionScores]) -> dict[str, Any]:
+    """Set each FlexKDLoss's selection from the scores of its teacher layer; a summary for logs."""
+    summary = {}
+    for (s_layer, t_layer), loss in selections(objective):
+        state = scores[t_layer]
+        if loss.basis_kind == "dims":
+            chosen = state.select(loss.width)
+            loss.set_selection(chosen)
+            kept = state.abs_sum[chosen].sum() / state.abs_sum.sum().clamp_min(1e-300)
+        else:
+            basis = state.basis(loss.width)
+            loss.set_selection(basis)
+            mean = state.sum / state.rows  # type: ignore[operator]
+            cov = state.outer / state.rows - torch.outer(mean, mean)  # type: ignore[operator]
+            kept = torch.trace(basis.T @ cov @ basis) / torch.trace(cov).clamp_min(1e-300)
+        summary[f"{s_layer}->{t_layer}"] = {"width": loss.width, "of": state.dim, "score_kept": float(kept)}
+    return summary
+
+
+def write_record(path: Path, scores: dict[int, DimensionScores], objective: torch.nn.Module,
+                 meta: dict[str, Any]) -> None:  # fmt: skip
+    """`RUN/flexkd.safetensors`: every layer's accumulators and every pair's selection, atomically."""
+    from safetensors.torch import save_file
+
+    from geokd.artifacts import atomic_path
+
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, state in scores.items():
+        for name, value in state.state().items():
+            tensors[f"layer.{layer}.{name}"] = value.contiguous()
+    for (s_layer, t_layer), loss in selections(objective):
+        tensors[f"pair.{s_layer}.{t_layer}"] = (loss.index if loss.basis_kind == "dims" else loss.basis).cpu().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"geokd": json.dumps(meta, sort_keys=True)})
+
+
+def read_record(path: Path, meta: dict[str, Any]) -> dict[int, DimensionScores] | None:
+    """The scores stored at `path` when its metadata equals `meta` (same teacher, data, layers,
+    basis, output, samples), else None (the caller scores again and overwrites it). A damaged file
+    is an error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = json.loads((handle.metadata() or {}).get("geokd", "{}"))
+            if stored != json.loads(json.dumps(meta, sort_keys=True)):
+                return None
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GeokdError(f"{str(path)!r} is damaged ({exc}); delete it and run again to score the teacher afresh") from None
+    scores: dict[int, DimensionScores] = {}
+    for layer in meta["teacher_layers"]:
+        abs_sum = tensors[f"layer.{layer}.abs_sum"]
+        state = DimensionScores(abs_sum.shape[0], tangent=meta["basis"] == "tangent")
+        state.abs_sum = abs_sum.double()
+        state.rows = int(tensors[f"layer.{layer}.rows"][0])
+        if state.tangent:
+            state.sum, state.outer = tensors[f"layer.{layer}.sum"].double(), tensors[f"layer.{layer}.outer"].double()
+        scores[layer] = state
+    return scores
+
+
+def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
+            score: Callable[[], dict[int, DimensionScores]], warn: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Fill the objective's Flex-KD selections before the first step: from `RUN/flexkd.safetensors`
+    when it matches `meta`, else by running `score()` and writing the record. Returns a summary."""
+    path = run_dir / RECORD
+    started = time.perf_counter()
+    scores = read_record(path, meta)
+    reused = scores is not None
+    if scores is None:
+        if path.is_file():
+            warn(f"{path} was scored for another teacher, data or setting; scoring again")
+        scores = score()
+    summary = install(objective, scores)
+    if not reused:
+        write_record(path, scores, objective, meta)
+    return {"reused": reused, "seconds": time.perf_counter() - started, "rows": max(s.rows for s in scores.values()),
+            "pairs": summary}  # fmt: skip
