@@ -1198,6 +1198,9 @@ def _render_geometry(report: dict | None) -> None:
         "%",
     ):
         geo.add_column(column, justify="right")
+    flexkd = any("flexkd_correlation" in entry for entry in report["layer_pairs"])
+    if flexkd:
+        geo.add_column("flexkd corr", justify="right")
     notes = []
     for entry in report["layer_pairs"]:
         geo.add_row(
@@ -1211,6 +1214,7 @@ def _render_geometry(report: dict | None) -> None:
             f"{entry['teacher_pairs']:,}",
             f"{entry['preserved_pairs']:,}",
             _fmt(100.0 * entry["preserved_fraction"] if entry["teacher_pairs"] else None, ".1f"),
+            *([_fmt(entry.get("flexkd_correlation"), ".4f")] if flexkd else []),
         )
         if entry.get("undefined"):
             notes.append(f"n/a at {entry['student_layer']}:{entry['teacher_layer']}: {entry['undefined']}")
@@ -1218,6 +1222,8 @@ def _render_geometry(report: dict | None) -> None:
         [
             "procrustes: squared, normalised (0..2); gram: normalised; cka_distance = 1 - linear CKA; "
             "0 = same geometry; layer 0 = embeddings",
+            *(["flexkd corr: mean Pearson correlation of the student's dimensions with the teacher subspace the run "
+               "selected (1 = aligned)"] if flexkd else []),
             *notes,
         ]
     )

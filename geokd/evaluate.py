@@ -506,6 +506,8 @@ def evaluate_model(
     if len(splits) > 1:
         result["other_splits"] = {name: per_split[name] for name in splits[1:]}
     if geometry:
+        from geokd.flexkd import read_selections
+
         assert teacher is not None and geometry_features is not None
         result["geometry"] = geometry_report(
             loaded,
@@ -521,6 +523,7 @@ def evaluate_model(
             trust_remote_code=trust_remote_code,
             student_rows=student_rows,
             grid=geometry_grid,
+            flexkd_selections=read_selections(location.run_dir),
         )
     result["elapsed_s"] = time.perf_counter() - started
     return result
@@ -636,6 +639,16 @@ def geometry_distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str
     }
 
 
+def flexkd_entry(selections: dict[tuple[int, int], torch.Tensor] | None, s_layer: int, t_layer: int,
+                 student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float | None]:  # fmt: skip
+    """`{"flexkd_correlation": ...}` for a pair a flexkd run selected a subspace for, else `{}`."""
+    from geokd.flexkd import selected_correlation
+
+    if not selections or (s_layer, t_layer) not in selections:
+        return {}
+    return {"flexkd_correlation": selected_correlation(student, teacher, selections[(s_layer, t_layer)])}
+
+
 def geometry_report(
     student: LoadedModel,
     teacher: str,
@@ -651,13 +664,17 @@ def geometry_report(
     student_rows: list[torch.Tensor] | None = None,
     grid: bool = False,
     student_spec: str | None = None,
+    flexkd_selections: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The geometry of `student` against `teacher` on `data_split` (rows = examples, pooled by
     `features`). Each model reads the texts through its own tokenizer, so any two models compare.
     `student_rows` (every hidden state pooled by `features`, from `predict`) saves a second student
     forward pass. `grid=True` also computes the three distances for every student × teacher layer
     combination (what `plot_geometry` draws; (L_s+1)·(L_t+1) float64 evaluations). `student_spec`
-    (the run's `--student`) lets `layers="copied"` find a truncate: student's source blocks."""
+    (the run's `--student`) lets `layers="copied"` find a truncate: student's source blocks.
+    `flexkd_selections` (a flexkd run's, `geokd.flexkd.read_selections`) adds each selected pair's
+    `flexkd_correlation`: the mean Pearson correlation of the student's dimensions with the
+    teacher's selected subspace on these rows."""
     from geokd.data import make_collate_fn, tokenize_examples
     from geokd.models import load_model, parse_layer_map
     from geokd.models.students import copied_blocks
@@ -697,6 +714,7 @@ def geometry_report(
                 "preserved_fraction": counts["preserved_pairs"] / counts["teacher_pairs"]
                 if counts["teacher_pairs"]
                 else None,
+                **flexkd_entry(flexkd_selections, s_layer, t_layer, s_rows[s_layer], t_rows[t_layer]),
             }
         )
     table: dict[str, list[list[float | None]]] | None = None

@@ -187,3 +187,31 @@ def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
         write_record(path, scores, objective, meta)
     return {"reused": reused, "seconds": time.perf_counter() - started, "rows": max(s.rows for s in scores.values()),
             "pairs": summary}  # fmt: skip
+
+
+def read_selections(run_dir: str | Path | None) -> dict[tuple[int, int], torch.Tensor]:
+    """The `(student layer, teacher layer) -> selection` of a finished flexkd run (index vector or
+    basis), empty when the run did not use flexkd; a damaged record is an error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / RECORD if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {(int(name.split(".")[1]), int(name.split(".")[2])): handle.get_tensor(name)
+                    for name in handle.keys() if name.startswith("pair.")}  # noqa: SIM118  # fmt: skip
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GeokdError(f"{str(path)!r} is damaged ({exc}); the run's Flex-KD selection cannot be read") from None
+
+
+def selected_correlation(student: torch.Tensor, teacher: torch.Tensor, selection: torch.Tensor) -> float | None:
+    """The mean per-dimension Pearson correlation (1 − the flexkd loss) between the student's rows
+    and the teacher's selected subspace; None when the student has fewer columns than selected."""
+    from geokd.losses.flexkd import pearson_alignment
+
+    width = selection.shape[0] if selection.dim() == 1 else selection.shape[1]
+    if student.shape[1] < width:
+        return None
+    picked = teacher.index_select(1, selection.long()) if selection.dim() == 1 else teacher.double() @ selection.double()
+    return 1.0 - float(pearson_alignment(student[:, :width].double(), picked.double()))

@@ -126,6 +126,8 @@ def evaluate_instruct_model(
     metrics = {name: result["metrics"][name]["mean"] for name in METRIC_ORDER if name in result["metrics"]}
     geometry = None
     if teacher is not None:
+        from geokd.flexkd import read_selections
+
         geometry = decoder_geometry_report(
             loaded, teacher, eval_split,
             layers=layers or (run_config.layers if run_config is not None else "uniform"),
@@ -134,6 +136,7 @@ def evaluate_instruct_model(
             max_length=max_length or (run_config.max_length if run_config is not None else 512),
             batch_size=batch_size, runtime=runtime, trust_remote_code=trust_remote_code,
             student_spec=run_config.student if run_config is not None else None,
+            flexkd_selections=read_selections(located.run_dir),
         )  # fmt: skip
     folder = Path(located.load)
     return {
@@ -203,7 +206,7 @@ def _decoder_rows(
 def decoder_geometry_report(
     student: Any, teacher_name: str, split: Any, *, layers: str, features: str, epsilon: float,
     template: str, max_prompt_length: int, max_length: int, batch_size: int, runtime: Any,
-    trust_remote_code: bool = False, student_spec: str | None = None,
+    trust_remote_code: bool = False, student_spec: str | None = None, flexkd_selections: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The geometry of a causal-LM student against a causal-LM teacher on instruction data, per
     mapped layer pair, in the same form as the encoder report (`geokd.evaluate.geometry_report`):
@@ -212,7 +215,13 @@ def decoder_geometry_report(
     both models keep (prompt within `max_prompt_length` in each tokenizer) are compared."""
     import torch
 
-    from geokd.evaluate import constant_rows, geometry_distances, preserved_pairs, undefined_note
+    from geokd.evaluate import (
+        constant_rows,
+        flexkd_entry,
+        geometry_distances,
+        preserved_pairs,
+        undefined_note,
+    )
     from geokd.models import parse_layer_map
     from geokd.models.decoder import check_same_tokenizer, load_causal_lm
 
@@ -246,6 +255,7 @@ def decoder_geometry_report(
             "student_layer": s_layer, "teacher_layer": t_layer, **geometry_distances(s, t),
             "undefined": undefined_note(constant_rows(s), constant_rows(t)), **counts,
             "preserved_fraction": counts["preserved_pairs"] / counts["teacher_pairs"] if counts["teacher_pairs"] else None,
+            **flexkd_entry(flexkd_selections, s_layer, t_layer, s, t),
         })  # fmt: skip
     return {
         "teacher": teacher.source.to_dict(),

@@ -124,3 +124,15 @@ def test_flexkd_loss_zero_for_the_selected_teacher_subspace_and_resume_keeps_the
             FlexKDLoss(4, 10).set_selection(bad)
     with pytest.raises(GeokdError, match="columns"):
         pearson_alignment(_rows(5, 3, 1), _rows(5, 4, 2))
+
+
+def test_selected_correlation_is_the_mean_pearson_correlation_with_the_selected_subspace():
+    from geokd.flexkd import selected_correlation
+
+    s, t = _rows(25, 3, 11), _rows(25, 8, 12)
+    s = s + t[:, [0, 4, 6]]
+    expected = sum(stats.pearsonr(s[:, i].numpy(), t[:, j].numpy()).statistic for i, j in enumerate([0, 4, 6])) / 3
+    assert selected_correlation(s, t, torch.tensor([0, 4, 6])) == pytest.approx(expected, abs=1e-12)
+    basis = torch.eye(8, dtype=torch.float64)[:, [0, 4, 6]]  # the coordinate basis: the same numbers
+    assert selected_correlation(s, t, basis) == pytest.approx(expected, abs=1e-12)
+    assert selected_correlation(s[:, :2], t, torch.tensor([0, 4, 6])) is None  # narrower than the selection

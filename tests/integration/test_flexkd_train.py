@@ -92,6 +92,13 @@ def test_encoder_flexkd_run_records_its_selection_and_resume_reuses_it(teacher_d
         return sum(r["feature/flexkd/1->2"] + r["feature/flexkd/2->4"] for r in rows) / len(rows)
 
     assert total(records[-3:]) < total(records[:3]) - 0.03  # flexkd alone (alpha 1, gamma 0): it learns
+    report = tmp_path / "geometry.json"
+    result = runner.invoke(app, ["eval", str(tmp_path / "a"), "--task", "sst2", "--data", str(glue_dir), "--geometry",
+                                 "--teacher", str(teacher_dir / "final"), "--features", "mean", "--json", str(report)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "flexkd corr" in result.output
+    entries = {(e["student_layer"], e["teacher_layer"]): e for e in json.loads(report.read_text())["geometry"]["layer_pairs"]}
+    assert set(entries) == {(1, 2), (2, 4)} and all(-1 <= e["flexkd_correlation"] <= 1 for e in entries.values())
 
     class Interrupted(Exception):
         pass
