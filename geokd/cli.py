@@ -558,7 +558,7 @@ def finetune(
 def distill(
     teacher: str = _O(None, help="Fine-tuned teacher: local directory, Hugging Face id or alias."),
     student: str = _O(
-        None, help="Student: directory/id/alias/.gguf, truncate:N or shrink:layers=4,hidden=256,heads=4[,kv_heads=2]."
+        None, help="Student: directory/id/alias/.gguf, truncate:N, shrink:layers=4,hidden=256,heads=4[,kv_heads=2] or prune:hidden=H,heads=A,intermediate=F,layers=L."
     ),
     task: str = _TASK,
     data: str = _DATA,
@@ -577,6 +577,7 @@ def distill(
     kd_skew: float = _O(None, "--kd-skew", help="--kd skew-*: the skew alpha (default 0.1)."),
     flexkd_basis: str = _O(None, "--flexkd-basis", help="--loss flexkd: dims (teacher coordinates, default) or tangent (principal gradient directions)."),
     flexkd_samples: int = _O(None, "--flexkd-samples", help="--loss flexkd: training examples that score the teacher's dimensions (default 1024; 0: all)."),
+    prune_samples: int = _O(None, "--prune-samples", help="--student prune:...: training examples of the calibration pass (default 256)."),
     flexkd_output: str = _O(None, "--flexkd-output", help="--loss flexkd: whose output's gradient scores: prediction (the teacher's own, default) or label."),
     finetune_teacher: bool = _O(
         None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."

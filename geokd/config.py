@@ -28,7 +28,7 @@ MODES = ("finetune", "distill")
 FLAG_ONLY = ("trust_remote_code",)
 # Keys that only mean something to distill (not printed for finetune).
 DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features",
-                "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output")
+                "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output", "prune_samples")
 # Keys that only mean something for --task instruct.
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
@@ -80,6 +80,8 @@ class RunConfig:
     flexkd_basis: str = "dims"
     flexkd_samples: int = 1024
     flexkd_output: str = "prediction"
+    # --student prune:... (geokd.models.prune): training examples of the calibration pass
+    prune_samples: int = 256
     format: str = "auto"
     template: str = "alpaca"
     max_prompt_length: int = 256
@@ -189,6 +191,8 @@ def validation_problems(config: RunConfig) -> list[str]:
                  f"got {config.flexkd_basis!r}")  # fmt: skip
     if config.flexkd_samples < 0:
         p.append(f"flexkd_samples: must be >= 0 (0: every training example), got {config.flexkd_samples}")
+    if config.prune_samples < 1:
+        p.append(f"prune_samples: the calibration pass needs at least 1 example, got {config.prune_samples}")
     if config.flexkd_output not in ("prediction", "label"):
         p.append(f"flexkd_output: must be prediction (the teacher's own) or label (the gold one), got "
                  f"{config.flexkd_output!r}")  # fmt: skip

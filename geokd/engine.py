@@ -712,6 +712,11 @@ def _train(
         ckpt.prune(run_dir, config.keep_checkpoints, newest=path)  # only now that it is complete
         return path
 
+    # A pruned student is a model before any training: its dev metrics are part of the result
+    # (Minitron reports them), kept in init_eval.json so a resumed run still has them.
+    init_path = run_dir / "init_eval.json"
+    if getattr(student, "init", None) == "prune" and step == 0 and runtime.is_main:
+        write_json(init_path, {"step": 0, "split": work.dev_split, "metrics": work.evaluate()})
     order = epoch_order(len(train_features), config.seed, epoch)
     stream = batches(order, cursor, config.batch_size, train_features, work.collate)
     stop = claim.enter_context(_StopSignals())
@@ -809,6 +814,8 @@ def _train(
             },
         )
         extra_results = {"steps": step, "geokd_version": geokd.__version__, **work.extra_results}
+        if init_path.is_file():
+            extra_results["init_metrics"] = json.loads(init_path.read_text(encoding="utf-8"))["metrics"]
         if other_splits:
             extra_results["other_splits"] = other_splits
         write_results(run_dir, work.task, work.dev_split, metrics, extra_results)

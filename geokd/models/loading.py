@@ -165,7 +165,7 @@ class LoadedStudent(LoadedModel):
     block i (truncate only; in hidden_states indexing student layer i + 1 holds teacher layer
     `teacher_blocks[i] + 1`)."""
 
-    init: Literal["pretrained", "truncate", "shrink"] = "pretrained"
+    init: Literal["pretrained", "truncate", "shrink", "prune"] = "pretrained"
     spec: str = ""
     teacher_blocks: tuple[int, ...] | None = None
 

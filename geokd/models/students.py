@@ -47,14 +47,16 @@ PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 
 _SHRINK_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 _SHRINK_REQUIRED = ("layers", "hidden", "heads")
-_SPEC_HELP = "use truncate:N, truncate:BLOCKS (e.g. truncate:1-4,9-12), shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I] or a model name"
+_PRUNE_KEYS = ("hidden", "heads", "kv_heads", "intermediate", "layers", "depth")
+_SPEC_HELP = ("use truncate:N, truncate:BLOCKS (e.g. truncate:1-4,9-12), shrink:layers=L,hidden=H,heads=A[,kv_heads=K]"
+              "[,intermediate=I], prune:hidden=H,heads=A,intermediate=F,layers=L (any subset) or a model name")
 
 
 @dataclass(frozen=True)
 class StudentSpec:
     """A parsed `--student` value: `truncate:N`, `shrink:...` or a model name (alias, directory, id)."""
 
-    kind: Literal["pretrained", "truncate", "shrink"]
+    kind: Literal["pretrained", "truncate", "shrink", "prune"]
     text: str
     name: str | None = None  # pretrained
     layers: int | None = None  # truncate (N) and shrink
@@ -63,6 +65,7 @@ class StudentSpec:
     heads: int | None = None  # shrink
     intermediate: int | None = None  # shrink (None: the family's default, see the builders)
     kv_heads: int | None = None  # shrink, grouped-query causal LMs (None: keep the teacher's ratio)
+    depth: str | None = None  # prune: how blocks are chosen, skip (default) or uniform
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +264,45 @@ def parse_student_spec(spec: str) -> StudentSpec:
             intermediate=values.get("intermediate"),
             kv_heads=kv_heads,
         )
+    if kind == "prune":
+        return _parse_prune(spec, text, rest)
     if re.fullmatch(r"[A-Za-z_-]+", kind):
         raise GeokdError(f"student: unknown initialisation {kind!r} in {spec!r}; {_SPEC_HELP}")
     return StudentSpec(kind="pretrained", text=text, name=text)
+
+
+def _parse_prune(spec: str, text: str, rest: str) -> StudentSpec:
+    """`prune:hidden=H,heads=A,kv_heads=K,intermediate=F,layers=L,depth=skip|uniform`, any subset
+    (at least one); what fits the teacher is checked by `geokd.models.prune.check_prune_spec`."""
+    problems: list[str] = []
+    values: dict[str, int] = {}
+    depth = None
+    given: set[str] = set()
+    for item in rest.split(",") if rest.strip() else []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append(f"{item.strip()!r} is not key=value")
+        elif key not in _PRUNE_KEYS:
+            problems.append(f"unknown key {key!r} (keys: {', '.join(_PRUNE_KEYS)})")
+        elif key in given:
+            problems.append(f"{key} is given twice")
+        else:
+            given.add(key)
+            if key == "depth":
+                depth = value.strip()
+                if depth not in ("skip", "uniform"):
+                    problems.append(f"depth must be skip or uniform, got {depth!r}")
+            elif (number := _int_value(key, value, problems)) is not None:
+                values[key] = number
+    if not given - {"depth"}:
+        problems.append("nothing to prune (give at least one of hidden, heads, kv_heads, intermediate, layers)")
+    if problems:
+        raise GeokdError(f"student: {spec!r}: {'; '.join(problems)}; use prune:hidden=H,heads=A,intermediate=F,layers=L "
+                         "(any subset), e.g. prune:hidden=192,heads=6,intermediate=768")  # fmt: skip
+    return StudentSpec(kind="prune", text=text, layers=values.get("layers"), hidden=values.get("hidden"),
+                       heads=values.get("heads"), intermediate=values.get("intermediate"),
+                       kv_heads=values.get("kv_heads"), depth=depth)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +447,7 @@ def load_student(
     seed: int | None = None,
     allow_different_tokenizer: bool = False,
     hash_weights: bool = True,
+    calibration: Any = None,
 ) -> LoadedStudent:
     """Build or load the student for `teacher` (an encoder or a causal LM) from `--student`:
 
@@ -415,6 +455,8 @@ def load_student(
     * `truncate:BLOCKS`: the same with the listed 1-based teacher blocks, e.g. `truncate:1-7,23-30`;
     * `shrink:layers=L,hidden=H,heads=A[,kv_heads=K][,intermediate=I]`: a random model of the
       teacher's family (initialised from `seed` when given, without touching the global RNG);
+    * `prune:hidden=H,heads=A,intermediate=F,layers=L,...`: the teacher's most important channels,
+      heads, neurons and blocks on the batches `calibration()` yields (`geokd.models.prune`);
     * anything else: a pretrained model (alias, directory, id; for causal LMs also a .gguf file).
       An encoder student gets a head of the teacher's labels; a causal-LM student is loaded with
       `load_causal_lm`. Its tokenizer must be the teacher's (one tokenised batch feeds both models)
@@ -429,6 +471,10 @@ def load_student(
         student = builder.truncate(parsed, teacher)
     elif parsed.kind == "shrink":
         student = builder.shrink(parsed, teacher, seed)
+    elif parsed.kind == "prune":
+        from geokd.models.prune import prune_student
+
+        student = prune_student(parsed, teacher, calibration)
     else:
         return builder.pretrained(
             parsed,

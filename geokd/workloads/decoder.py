@@ -256,8 +256,19 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             config.teacher or cache.manifest["teacher"]["path_or_id"],  # type: ignore[union-attr]
             trust_remote_code=config.trust_remote_code,
         )
+        def calibration() -> list[dict[str, torch.Tensor]]:  # prune: seeded training examples
+            from geokd.flexkd import sample_indices
+
+            features, _ = instruct.tokenize_instruct(train_split, teacher.tokenizer, template=config.template,
+                                                     max_prompt_length=config.max_prompt_length,
+                                                     max_length=config.max_length)  # fmt: skip
+            picked = [features[i] for i in sample_indices(len(features), config.prune_samples, config.seed)]
+            collate = instruct.make_instruct_collate(teacher.tokenizer)
+            return [collate(picked[k : k + config.batch_size]) for k in range(0, len(picked), config.batch_size)]
+
         student = models_lib.load_student(config.student, teacher, trust_remote_code=config.trust_remote_code,
-                                          seed=config.seed, allow_different_tokenizer=cache is None)  # fmt: skip
+                                          seed=config.seed, allow_different_tokenizer=cache is None,
+                                          calibration=calibration)  # fmt: skip
     else:
         student = decoder_lib.load_causal_lm(config.student, trust_remote_code=config.trust_remote_code)
     vocab, cross = None, None

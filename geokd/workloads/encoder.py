@@ -74,9 +74,18 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             id2label=id2label,
             trust_remote_code=config.trust_remote_code,
         )
+        def calibration() -> list[dict[str, torch.Tensor]]:  # prune: seeded training examples
+            from geokd.flexkd import sample_indices
+
+            features = data_lib.tokenize_examples(train_split, teacher.tokenizer, config.max_length)
+            picked = [features[i] for i in sample_indices(len(features), config.prune_samples, config.seed)]
+            collate = data_lib.make_collate_fn(teacher.tokenizer, task)
+            return [collate(picked[k : k + config.batch_size]) for k in range(0, len(picked), config.batch_size)]
+
         student = models_lib.load_student(
-            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed
-        )
+            config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed,
+            calibration=calibration,
+        )  # fmt: skip
     else:  # finetune, or distill of a pretrained student from --cache: no teacher at all
         student = models_lib.load_model(
             config.student,
