@@ -396,7 +396,7 @@ def test_task_loss_classification_and_regression():
 
 
 def test_registry_names_and_modules():
-    assert feature_loss_names() == ["procrustes", "gram", "cka", "proj", "mse", "cosine"]
+    assert feature_loss_names() == ["procrustes", "gram", "cka", "proj", "mse", "cosine", "flexkd"]
     s, t = _pair(12, 8, 16, seed=19)
     for name in ("procrustes", "gram", "cka"):
         assert build_feature_loss(name, 8, 16)(s, t).item() == pytest.approx(GEOMETRY[name](s, t).item())
@@ -404,6 +404,8 @@ def test_registry_names_and_modules():
     assert [p.shape for p in projection.parameters()] == [torch.Size([8, 16])]
     assert projection(s, t).item() == pytest.approx(proj(s, t, projection.weight).item())
     assert set(FEATURE_LOSSES) == set(feature_loss_names())
+    tangent = build_feature_loss("flexkd", 8, 16, basis="tangent")  # its selection is a buffer, not a parameter
+    assert list(tangent.parameters()) == [] and tangent.basis.shape == (16, 8)
 
 
 @pytest.mark.parametrize("name", ["mse", "cosine"])
