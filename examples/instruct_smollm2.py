@@ -179,6 +179,37 @@ def _agreement(live: Path, cached: Path) -> str:
     return f"kd-cache against kd over {len(pairs)} steps, (cached − live) / live: " + "; ".join(lines) + "."
 
 
+# Paired comparisons the section reports (model, baseline), when both stages have run.
+PAIRS = (("kd", "sft"), ("kd-procrustes", "kd"), ("kd-procrustes", "sft"), ("kd-cache", "kd"),
+         ("minilm-procrustes", "sft"))  # fmt: skip
+
+
+def _paired(out: Path, model: str, baseline: str, dataset: str) -> str | None:
+    """One table row: the per-prompt ROUGE-L difference `model − baseline` on `dataset`, with a
+    paired percentile-bootstrap 95% CI, the paired t-test and the Wilcoxon signed-rank test."""
+    import numpy as np
+    from scipy import stats
+
+    from geokd.compare import bootstrap_ci, paired_test
+
+    scores = {}
+    for stage in (model, baseline):
+        path = out / "eval" / f"{stage}-{dataset}.generations.jsonl"
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        scores[stage] = {r["example_id"]: r["rouge_l"] for r in rows}
+    shared = sorted(set(scores[model]) & set(scores[baseline]))
+    a = np.array([scores[model][i] for i in shared])
+    b = np.array([scores[baseline][i] for i in shared])
+    ci = bootstrap_ci(a, b, paired=True)
+    t = paired_test(a, b)["p"]
+    w = stats.wilcoxon(a, b).pvalue if np.any(a != b) else float("nan")
+    ci_text = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–"
+    return (f"| {model} − {baseline} | {dataset} | {len(shared)} | {float(np.mean(a - b)):+.2f} | {ci_text} | "
+            f"{t if t is not None else float('nan'):.3f} | {w:.3f} |")  # fmt: skip
+
+
 def _training(run: Path) -> dict[str, float]:
     """Wall seconds of the distill command, the median training throughput (tokens read per
     second, prompt and response) and the final dev loss of a finished run."""
@@ -219,6 +250,13 @@ def _write_table(args: argparse.Namespace, rows: list) -> None:
         )
     done = {stage for stage, _, _ in rows}
     out = Path(args.out)
+    paired = [row for model, base in PAIRS if {model, base} <= done for dataset in ("dolly", "self-inst")
+              if (row := _paired(out, model, base, dataset)) is not None]  # fmt: skip
+    if paired:
+        lines += ["", "Paired over prompts (ROUGE-L × 100; percentile bootstrap 95% CI of the mean difference, "
+                  "10,000 resamples; paired t-test; Wilcoxon signed-rank):", "",
+                  "| comparison | eval set | prompts | mean difference | 95% CI | paired t p | Wilcoxon p |",
+                  "|---|---|---|---|---|---|---|", *paired]  # fmt: skip
     if {"kd", "kd-cache"} <= done:
         wall = json.loads((out / "kd-cache" / "wall_seconds.json").read_text())
         lines += ["", _agreement(out / "kd", out / "kd-cache"),
