@@ -25,8 +25,8 @@ with plain transformers. Pruning channels changes what LayerNorm/RMSNorm average
 Minitron, geokd does not rescale, and distillation recovers it. At full size every selection is
 the identity and the student is the teacher.
 
-Supported: BERT, RoBERTa (encoders); Llama, Qwen2, Qwen3, Mistral (causal LMs). GPT-2 (fused
-Conv1D attention) and OPT are refused in one line.
+Supported: BERT, RoBERTa (encoders); Llama, Qwen2, Qwen3, Mistral, GPT-2 (its fused Conv1D q/k/v
+projection sliced per third) and OPT (causal LMs). Any other family is refused in one line.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,32 +81,83 @@ _DECODER_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"down_proj\.weight$", ("hidden", "ffn")),
     (r"down_proj\.bias$", ("hidden",)),
 ]
-FAMILIES = {"bert": "encoder", "roberta": "encoder", "llama": "decoder", "qwen2": "decoder", "qwen3": "decoder",
-            "mistral": "decoder"}  # fmt: skip
-# Per block: the module whose input is the attention heads' concatenated output, and the one whose
-# input is the MLP neurons' activation.
-_HEAD_OUT = {"encoder": "attention.output.dense", "decoder": "self_attn.o_proj"}
-_FFN_OUT = {"encoder": "output.dense", "decoder": "mlp.down_proj"}
+# Conv1D weights are [in, out]: the roles are those of nn.Linear transposed. c_attn holds q, k and v
+# side by side ("qkv": the kept heads in each third).
+_GPT2_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"(wte|wpe)\.weight$", (None, "hidden")),
+    (r"lm_head\.weight$", (None, "hidden")),
+    (r"ln_(1|2|f)\.(weight|bias)$", ("hidden",)),
+    (r"c_attn\.weight$", ("hidden", "qkv")),
+    (r"c_attn\.bias$", ("qkv",)),
+    (r"attn\.c_proj\.weight$", ("q", "hidden")),
+    (r"attn\.c_proj\.bias$", ("hidden",)),
+    (r"c_fc\.weight$", ("hidden", "ffn")),
+    (r"c_fc\.bias$", ("ffn",)),
+    (r"mlp\.c_proj\.weight$", ("ffn", "hidden")),
+    (r"mlp\.c_proj\.bias$", ("hidden",)),
+]
+_OPT_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"(embed_tokens|embed_positions)\.weight$", (None, "hidden")),
+    (r"lm_head\.weight$", (None, "hidden")),
+    (r"project_in\.weight$", ("hidden", None)),
+    (r"project_out\.weight$", (None, "hidden")),
+    (r"layer_norm\.(weight|bias)$", ("hidden",)),
+    (r"(q_proj|k_proj|v_proj)\.weight$", ("q", "hidden")),
+    (r"(q_proj|k_proj|v_proj)\.bias$", ("q",)),
+    (r"out_proj\.weight$", ("hidden", "q")),
+    (r"out_proj\.bias$", ("hidden",)),
+    (r"fc1\.weight$", ("ffn", "hidden")),
+    (r"fc1\.bias$", ("ffn",)),
+    (r"fc2\.weight$", ("hidden", "ffn")),
+    (r"fc2\.bias$", ("hidden",)),
+]
 
 
-def _family(config: Any) -> str:
+@dataclass(frozen=True)
+class Family:
+    """How one architecture is pruned: its slicing rules, the modules (inside a block) whose input
+    is the heads' concatenated output and the MLP activation, whether its width is tied to heads x
+    head width, whether it has key/value groups, and its config's feed-forward width name."""
+
+    kind: str
+    rules: list[tuple[str, tuple[str | None, ...]]]
+    head_out: str
+    ffn_out: str
+    tied_width: bool
+    grouped: bool
+    intermediate: str = "intermediate_size"
+
+
+_LLAMA = Family("decoder", _DECODER_RULES, "self_attn.o_proj", "mlp.down_proj", tied_width=False, grouped=True)
+_BERT = Family("encoder", _ENCODER_RULES, "attention.output.dense", "output.dense", tied_width=True, grouped=False)
+FAMILIES: dict[str, Family] = {
+    "bert": _BERT, "roberta": _BERT, "llama": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "mistral": _LLAMA,
+    "gpt2": Family("decoder", _GPT2_RULES, "attn.c_proj", "mlp.c_proj", tied_width=True, grouped=False,
+                   intermediate="n_inner"),
+    "opt": Family("decoder", _OPT_RULES, "self_attn.out_proj", "fc2", tied_width=True, grouped=False,
+                  intermediate="ffn_dim"),
+}  # fmt: skip
+
+
+def _family(config: Any) -> Family:
     model_type = getattr(config, "model_type", "?")
     if model_type not in FAMILIES:
         raise GeokdError(
-            f"student: prune supports {', '.join(FAMILIES)}; the teacher is model_type {model_type!r} (GPT-2's fused "
-            "attention and OPT are not supported yet); use truncate:, shrink: or a pretrained student"
+            f"student: prune supports {', '.join(FAMILIES)}; the teacher is model_type {model_type!r}; use "
+            "truncate:, shrink: or a pretrained student"
         )
     if getattr(config, "is_heterogeneous", False):
         raise GeokdError("student: prune does not re-index per-layer configs (per_layer_config); use a pretrained student")
     return FAMILIES[model_type]
 
 
+def _ffn_width(config: Any, family: Family) -> int:
+    value = getattr(config, family.intermediate, None)
+    return int(value) if value else 4 * int(config.hidden_size)  # GPT-2: n_inner None means 4 x n_embd
+
+
 def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-
-
-def _intermediate_name(config: Any) -> str:
-    return "intermediate_size"
 
 
 class Importance:
@@ -122,12 +174,12 @@ def _add(store: list, index: int, value: torch.Tensor) -> None:
     store[index] = value if store[index] is None else store[index] + value
 
 
-def calibrate(model: nn.Module, kind: str, batches: Iterable[dict[str, torch.Tensor]], *, head_dim: int,
+def calibrate(model: nn.Module, family: Family, batches: Iterable[dict[str, torch.Tensor]], *, head_dim: int,
               forward: Callable[[dict[str, torch.Tensor]], Any]) -> Importance:  # fmt: skip
     """Run `forward(batch)` on every batch with hooks that accumulate `Importance`."""
     from geokd.models.students import block_list
 
-    _, blocks = block_list(model, kind)
+    _, blocks = block_list(model, family.kind)
     hidden = int(model.config.hidden_size)
     stats = Importance(hidden, len(blocks))
     mask: dict[str, torch.Tensor] = {}
@@ -160,8 +212,8 @@ def calibrate(model: nn.Module, kind: str, batches: Iterable[dict[str, torch.Ten
         if "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.shape == (hidden,):
             handles.append(module.register_forward_hook(on_norm))
     for index, block in enumerate(blocks):
-        handles.append(block.get_submodule(_HEAD_OUT[kind]).register_forward_pre_hook(on_heads(index)))
-        handles.append(block.get_submodule(_FFN_OUT[kind]).register_forward_pre_hook(on_neurons(index)))
+        handles.append(block.get_submodule(family.head_out).register_forward_pre_hook(on_heads(index)))
+        handles.append(block.get_submodule(family.ffn_out).register_forward_pre_hook(on_neurons(index)))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -211,13 +263,13 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _heads_per_block(spec: Any, config: Any, kind: str, stats: Importance, block: int) -> tuple[list[int], list[int]]:
+def _heads_per_block(spec: Any, config: Any, family: Family, stats: Importance, block: int) -> tuple[list[int], list[int]]:
     """(kept query heads in the teacher's order, kept key/value groups) of one teacher block."""
     heads_t = int(config.num_attention_heads)
     scores = stats.heads[block]
     assert scores is not None
     heads_s = spec.heads or heads_t
-    if kind == "encoder":
+    if not family.grouped:
         kept = _top(scores, heads_s)
         return kept, kept
     kv_t = int(getattr(config, "num_key_value_heads", None) or heads_t)
@@ -233,36 +285,39 @@ def _heads_per_block(spec: Any, config: Any, kind: str, stats: Importance, block
     return kept, groups
 
 
-def _indices(role: str, block: int | None, channels: list[int], head_sel: dict, neuron_sel: dict, d: int) -> list[int]:
-    """The teacher indices one axis of role `role` keeps (in block `block` for per-block roles)."""
+def _indices(role: str, block: int | None, channels: list[int], head_sel: dict, neuron_sel: dict, d: int,
+             q_width: int) -> list[int]:  # fmt: skip
+    """The teacher indices one axis of role `role` keeps (in block `block` for per-block roles);
+    `q_width` is the teacher's heads x head width (the offset of k and v in a fused qkv axis)."""
     if role == "hidden":
         return channels
     assert block is not None, role
     if role == "ffn":
         return neuron_sel[block]
-    units = head_sel[block][0 if role == "q" else 1]
-    return [u * d + r for u in units for r in range(d)]
+    units = head_sel[block][1 if role == "kv" else 0]
+    rows = [u * d + r for u in units for r in range(d)]
+    return [part * q_width + i for part in range(3) for i in rows] if role == "qkv" else rows
 
 
 def check_prune_spec(spec: Any, config: Any) -> None:
     """Every problem of `spec` against the teacher's config, in one GeokdError line."""
-    kind = _family(config)
+    family = _family(config)
     hidden_t, heads_t = int(config.hidden_size), int(config.num_attention_heads)
     d = _head_dim(config)
     problems = []
     for key, value, limit in (("hidden", spec.hidden, hidden_t), ("heads", spec.heads, heads_t),
-                              ("intermediate", spec.intermediate, int(config.intermediate_size)),
+                              ("intermediate", spec.intermediate, _ffn_width(config, family)),
                               ("layers", spec.layers, int(config.num_hidden_layers))):  # fmt: skip
         if value is not None and value > limit:
             problems.append(f"{key}={value} exceeds the teacher's {limit}")
-    if kind == "encoder":
-        if spec.kv_heads is not None:
-            problems.append(f"kv_heads applies to grouped-query causal LMs, not to {config.model_type}")
+    if not family.grouped and spec.kv_heads is not None:
+        problems.append(f"kv_heads applies to grouped-query models, not to {config.model_type}")
+    if family.tied_width:
         hidden_s, heads_s = spec.hidden or hidden_t, spec.heads or heads_t
         if hidden_s != heads_s * d:
             problems.append(f"{config.model_type} ties the width to heads x head width ({d}): hidden={hidden_s} needs "
                             f"heads={hidden_s / d:g}, heads={heads_s} needs hidden={heads_s * d}")  # fmt: skip
-    else:
+    if family.grouped:
         kv_t = int(getattr(config, "num_key_value_heads", None) or heads_t)
         ratio = heads_t // kv_t
         heads_s = spec.heads or heads_t
@@ -287,7 +342,8 @@ def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[di
 
     config_t = teacher.config
     check_prune_spec(spec, config_t)
-    kind = _family(config_t)
+    family = _family(config_t)
+    kind = family.kind
     if calibration is None:
         raise GeokdError(f"student: {spec.text!r} needs calibration data; prune is built by distill, which has it")
     model = teacher.model
@@ -302,7 +358,7 @@ def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[di
     was_training = model.training
     model.eval()
     try:
-        stats = calibrate(model, kind, batches, head_dim=d, forward=run)
+        stats = calibrate(model, family, batches, head_dim=d, forward=run)
         layers_t = int(config_t.num_hidden_layers)
         layers_s = spec.layers or layers_t
         if layers_s == layers_t:
@@ -320,26 +376,27 @@ def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[di
     finally:
         model.train(was_training)
 
-    hidden_t = int(config_t.hidden_size)
+    hidden_t, heads_t = int(config_t.hidden_size), int(config_t.num_attention_heads)
     channels = _top(stats.channels, spec.hidden or hidden_t)
-    head_sel = {j: _heads_per_block(spec, config_t, kind, stats, j) for j in kept_blocks}
-    ffn_t = int(config_t.intermediate_size)
+    head_sel = {j: _heads_per_block(spec, config_t, family, stats, j) for j in kept_blocks}
+    ffn_t = _ffn_width(config_t, family)
     neuron_sel = {j: _top(stats.neurons[j], spec.intermediate or ffn_t) for j in kept_blocks}  # type: ignore[arg-type]
 
     config = copy.deepcopy(config_t)
     config.hidden_size = len(channels)
     config.num_attention_heads = len(head_sel[kept_blocks[0]][0])
-    config.intermediate_size = len(neuron_sel[kept_blocks[0]])
+    setattr(config, family.intermediate, len(neuron_sel[kept_blocks[0]]))
     config.num_hidden_layers = len(kept_blocks)
-    if kind == "decoder":
+    if family.grouped:
         config.head_dim = d
-        if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = len(head_sel[kept_blocks[0]][1])
+        config.num_key_value_heads = len(head_sel[kept_blocks[0]][1])
+    if getattr(config, "word_embed_proj_dim", None) == hidden_t:  # OPT without project_in/out
+        config.word_embed_proj_dim = len(channels)
     map_layer_config(config, kept_blocks, layers_t)
     with torch.random.fork_rng(devices=[]):
         student = type(model)(config)
     prefix, _ = block_list(model, kind)
-    rules = _ENCODER_RULES if kind == "encoder" else _DECODER_RULES
+    rules = family.rules
     teacher_state = model.state_dict()
 
     state = {}
@@ -357,7 +414,7 @@ def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[di
             for axis, role in enumerate(roles):
                 if role is None:
                     continue
-                index_list = _indices(role, block, channels, head_sel, neuron_sel, d)
+                index_list = _indices(role, block, channels, head_sel, neuron_sel, d, heads_t * d)
                 value = value.index_select(axis, torch.tensor(index_list, dtype=torch.long, device=value.device))
         if value.shape != target.shape:
             raise RuntimeError(f"prune: {key} sliced to {tuple(value.shape)}, the student needs {tuple(target.shape)}")

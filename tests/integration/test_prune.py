@@ -46,11 +46,14 @@ def _close(a, b, atol=1e-5):
         torch.testing.assert_close(x, y, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
-def test_full_size_prune_is_the_teacher_for_causal_lms(family, tmp_path):
+@pytest.mark.parametrize(("family", "spec"), [
+    *[(f, "prune:hidden=32,heads=4,kv_heads=2,intermediate=64,layers=4") for f in ("llama", "qwen2", "qwen3", "mistral")],
+    ("gpt2", "prune:hidden=32,heads=4,intermediate=128,layers=4"),  # n_inner None: 4 x n_embd
+    ("opt", "prune:hidden=32,heads=4,intermediate=64,layers=4"),
+])  # fmt: skip
+def test_full_size_prune_is_the_teacher_for_causal_lms(family, spec, tmp_path):
     teacher = load_causal_lm(str(save_causal_lm(tmp_path / family, family)))
     batches = _batches(teacher.config.vocab_size)
-    spec = "prune:hidden=32,heads=4,kv_heads=2,intermediate=64,layers=4"
     student = load_student(spec, teacher, calibration=lambda: batches)
     assert student.init == "prune" and student.teacher_blocks == (0, 1, 2, 3)
     _close(_logits(student.model, batches), _logits(teacher.model, batches))
@@ -86,6 +89,58 @@ def test_pruning_a_constructed_llama_to_what_it_uses_keeps_its_output(tmp_path):
     torch.testing.assert_close(kept.mlp.up_proj.weight, teacher.model.model.layers[0].mlp.up_proj.weight[used])
     torch.testing.assert_close(kept.self_attn.k_proj.weight, teacher.model.model.layers[0].self_attn.k_proj.weight[8:])
     _close(_logits(student.model, batches), _logits(teacher.model, batches))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_gpt2_and_opt_neurons_and_heads(family, tmp_path):
+    """Only neurons S are ever non-zero: pruned to S the logits do not change. Then heads 0 and 2
+    write zero values and channels 0..15 carry the activation: a prune to hidden=16, heads=2 keeps
+    heads 1 and 3 in each of q, k and v (GPT-2's fused projection: one slice per third)."""
+    teacher = load_causal_lm(str(save_causal_lm(tmp_path / family, family)))
+    gpt2 = family == "gpt2"
+    blocks = teacher.model.transformer.h if gpt2 else teacher.model.model.decoder.layers
+    width = 128 if gpt2 else 64
+    used = [2, 5, 7, 11, 30, 33, 50, 60]
+    unused = [i for i in range(width) if i not in used]
+    with torch.no_grad():
+        for block in blocks:
+            if gpt2:  # Conv1D weights are [in, out]
+                block.mlp.c_fc.weight[:, unused] = 0.0
+                block.mlp.c_fc.bias[unused] = -30.0  # GELU(-30) is 0 in float32
+            else:
+                block.fc1.weight[unused] = 0.0
+                block.fc1.bias[unused] = -1.0  # ReLU
+    batches = _batches(teacher.config.vocab_size)
+    student = load_student("prune:intermediate=8", teacher, calibration=lambda: batches)
+    _close(_logits(student.model, batches), _logits(teacher.model, batches))
+
+    heads = [1, 3]
+    rows = [h * 8 + r for h in heads for r in range(8)]
+    with torch.no_grad():
+        embeddings = teacher.model.get_input_embeddings().weight
+        embeddings[:, :16] *= 50.0
+        for block in blocks:
+            for h in (0, 2):
+                if gpt2:
+                    block.attn.c_attn.weight[:, 64 + h * 8 : 64 + (h + 1) * 8] = 0.0
+                    block.attn.c_attn.bias[64 + h * 8 : 64 + (h + 1) * 8] = 0.0
+                else:
+                    block.self_attn.v_proj.weight[h * 8 : (h + 1) * 8] = 0.0
+                    block.self_attn.v_proj.bias[h * 8 : (h + 1) * 8] = 0.0
+    student = load_student("prune:hidden=16,heads=2", teacher, calibration=lambda: batches)
+    assert (student.model.config.hidden_size, student.model.config.num_attention_heads) == (16, 2)
+    first_t = blocks[0]
+    first_s = student.model.transformer.h[0] if gpt2 else student.model.model.decoder.layers[0]
+    if gpt2:
+        columns = [third * 32 + r for third in range(3) for r in rows]
+        torch.testing.assert_close(first_s.attn.c_attn.weight, first_t.attn.c_attn.weight[:16][:, columns])
+        torch.testing.assert_close(first_s.attn.c_proj.weight, first_t.attn.c_proj.weight[rows][:, :16])
+    else:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(first_s.self_attn, name).weight,
+                                       getattr(first_t.self_attn, name).weight[rows][:, :16])  # fmt: skip
+        torch.testing.assert_close(first_s.self_attn.out_proj.weight, first_t.self_attn.out_proj.weight[:16][:, rows])
+    assert torch.isfinite(_logits(student.model, batches)[0]).all()
 
 
 def test_channels_are_ranked_by_activation_and_shapes_stay_valid(tmp_path):
