@@ -100,6 +100,11 @@ class CacheRequest:
     label_field: str | None = None
     device: str = "auto"
     trust_remote_code: bool = False
+    # Flex-KD scores of the cached layers (geokd.flexkd.score_into_cache): None = none; N examples
+    # (0 = all), the task output whose gradient scores, the seed of the subset
+    flexkd_samples: int | None = None
+    flexkd_output: str = "prediction"
+    flexkd_seed: int = 42
 
     def validate(self) -> None:
         problems = []
@@ -110,6 +115,9 @@ class CacheRequest:
         for name in ("max_length", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        problems += flexkd_problems(self.flexkd_samples, self.flexkd_output, self.layers.strip() not in ("", "none"))
+        if self.flexkd_samples is not None and not self.logits:
+            problems.append("--flexkd-samples scores the teacher's classifier output: drop --no-logits")
         if problems:
             raise GeokdError("; ".join(problems))
 
@@ -117,6 +125,29 @@ class CacheRequest:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def flexkd_problems(samples: int | None, output: str, has_layers: bool) -> list[str]:
+    """What is wrong with a cache request's Flex-KD options (both cache kinds)."""
+    problems = []
+    if samples is not None and samples < 0:
+        problems.append(f"--flexkd-samples must be >= 0 (0: every example), got {samples}")
+    if output not in ("prediction", "label"):
+        problems.append(f"--flexkd-output must be prediction or label, got {output!r}")
+    if samples is not None and not has_layers:
+        problems.append("--flexkd-samples scores the cached hidden states: pass --layers")
+    return problems
+
+
+def verify_flexkd(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """A cache's Flex-KD scores against its manifest (file present, SHA-256)."""
+    entry = manifest.get("flexkd")
+    if not entry:
+        return []
+    path = folder / entry["file"]
+    if not path.is_file():
+        return [f"{entry['file']}: missing"]
+    return [] if file_sha256(path) == entry["sha256"] else [f"{entry['file']}: SHA-256 mismatch"]
 
 
 def parse_cache_layers(text: str, num_layers: int) -> tuple[int, ...]:
@@ -397,6 +428,15 @@ def build_cache(
                 shards.append(_write_shard(out, index, tensors, first, last))
                 _write_manifest(out, {**header, "complete": False, "shards": shards})
             manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
+            if request.flexkd_samples is not None:
+                from geokd import flexkd as flexkd_lib
+
+                forward = flexkd_lib.encoder_forward(model, request.flexkd_output, runtime.autocast)
+                manifest["flexkd"] = flexkd_lib.score_into_cache(
+                    out, model, forward, features, collate, layers, samples=request.flexkd_samples,
+                    output=request.flexkd_output, seed=request.flexkd_seed, batch_size=request.batch_size,
+                    device=runtime.device,
+                )  # fmt: skip
             _write_manifest(out, manifest)
             return manifest
         except BaseException:
@@ -578,6 +618,7 @@ def verify_cache(path: str | Path) -> dict[str, Any]:
         if status != "ok":
             problems.append(f"{entry['file']}: {status}")
         report.append({**entry, "status": status})
+    problems += verify_flexkd(folder, manifest)
     return {"ok": not problems, "path": str(folder), "shards": report, "problems": problems}
 
 

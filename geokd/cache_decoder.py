@@ -90,6 +90,11 @@ class DecoderCacheRequest:
     shard_size: int = 4096
     device: str = "auto"
     trust_remote_code: bool = False
+    # Flex-KD scores of the cached layers (geokd.flexkd.score_into_cache): None = none; N examples
+    # (0 = all), the task output whose gradient scores, the seed of the subset
+    flexkd_samples: int | None = None
+    flexkd_output: str = "prediction"
+    flexkd_seed: int = 42
 
     def validate(self) -> None:
         from geokd.models.decoder import DECODER_FEATURES
@@ -104,6 +109,9 @@ class DecoderCacheRequest:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.temperature > 0:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
+        from geokd.cache import flexkd_problems
+
+        problems += flexkd_problems(self.flexkd_samples, self.flexkd_output, bool(self.layers.strip()))
         if problems:
             raise GeokdError("; ".join(problems))
 
@@ -301,6 +309,15 @@ def build_decoder_cache(
                 _write_manifest(out, {**header, "complete": False, "shards": shards})
             manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started,
                         "bytes": sum(e["bytes"] for e in shards)}  # fmt: skip
+            if request.flexkd_samples is not None:
+                from geokd import flexkd as flexkd_lib
+
+                forward = flexkd_lib.decoder_forward(model, head, vocab, request.flexkd_output, runtime.autocast)
+                manifest["flexkd"] = flexkd_lib.score_into_cache(
+                    out, model, forward, features, collate, layers, samples=request.flexkd_samples,
+                    output=request.flexkd_output, seed=request.flexkd_seed, batch_size=request.batch_size,
+                    device=runtime.device,
+                )  # fmt: skip
             _write_manifest(out, manifest)
             return manifest
         except BaseException:
@@ -463,6 +480,9 @@ def verify_decoder_cache(path: str | Path) -> dict[str, Any]:
         if status != "ok":
             problems.append(f"{entry['file']}: {status}")
         report.append({**entry, "status": status})
+    from geokd.cache import verify_flexkd
+
+    problems += verify_flexkd(folder, manifest)
     return {"ok": not problems, "path": str(folder), "shards": report, "problems": problems}
 
 

@@ -636,6 +636,8 @@ def cache(
                          "instruct 512)."),
     batch_size: int = _O(None, "--batch-size", help="Examples per teacher batch (64; instruct 8)."),
     topk: int = _O(64, "--topk", help="instruct: the teacher's top-k next-token log-probabilities stored per response token."),
+    flexkd_samples: int = _O(None, "--flexkd-samples", help="Also store Flex-KD scores of the cached layers from N examples (0: all), for distill --loss flexkd --cache."),
+    flexkd_output: str = _O("prediction", "--flexkd-output", help="With --flexkd-samples: prediction (the teacher's own, default) or label."),
     temperature: float = _O(1.0, "--temperature", help="instruct: τ of the stored distribution (distill uses the same)."),
     template: str = _O("alpaca", "--template", help="instruct: alpaca (MiniLLM prompt) or chat."),
     max_prompt_length: int = _O(256, "--max-prompt-length", help="instruct: longer prompts are dropped and counted."),
@@ -685,13 +687,14 @@ def cache(
                             dtype=dtype, topk=topk, temperature=temperature, template=template,
                             max_prompt_length=max_prompt_length, max_length=max_length or 512,
                             batch_size=batch_size or 8, shard_size=shard_size, data_format=data_format,
-                            device=device or "auto", trust_remote_code=trust_remote_code, quiet=quiet)  # fmt: skip
+                            device=device or "auto", trust_remote_code=trust_remote_code, quiet=quiet,
+                            flexkd_samples=flexkd_samples, flexkd_output=flexkd_output)  # fmt: skip
             return
         request = CacheRequest(
             teacher=teacher, task=task, data=data, split=split, layers=layers or "all", features=features or "cls",
             dtype=dtype, logits=logits, max_length=max_length or 128, batch_size=batch_size or 64,
             shard_size=shard_size, text_fields=text_fields, label_field=label_field, out=out, device=device or "auto",
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, flexkd_samples=flexkd_samples, flexkd_output=flexkd_output,
         )  # fmt: skip
         columns = (TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err_console, disable=quiet or not err_console.is_terminal) as bar:

@@ -32,7 +32,8 @@ from geokd.errors import GeokdError
 from geokd.losses.flexkd import DimensionScores, FlexKDLoss
 
 FLEXKD_OUTPUTS = ("prediction", "label")
-RECORD = "flexkd.safetensors"
+RECORD = "flexkd.safetensors"  # in a run directory
+CACHE_RECORD = "flexkd.safetensors"  # in a cache folder
 
 
 def classifier_output(logits: torch.Tensor, labels: torch.Tensor, output: str) -> torch.Tensor:
@@ -125,9 +126,9 @@ def install(objective: torch.nn.Module, scores: dict[int, DimensionScores]) -> d
     return summary
 
 
-def write_record(path: Path, scores: dict[int, DimensionScores], objective: torch.nn.Module,
-                 meta: dict[str, Any]) -> None:  # fmt: skip
-    """`RUN/flexkd.safetensors`: every layer's accumulators and every pair's selection, atomically."""
+def write_scores(path: Path, scores: dict[int, DimensionScores], meta: dict[str, Any],
+                 pairs: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Every layer's accumulators (and `pairs`: named selections) with `meta`, atomically."""
     from safetensors.torch import save_file
 
     from geokd.artifacts import atomic_path
@@ -136,38 +137,141 @@ def write_record(path: Path, scores: dict[int, DimensionScores], objective: torc
     for layer, state in scores.items():
         for name, value in state.state().items():
             tensors[f"layer.{layer}.{name}"] = value.contiguous()
-    for (s_layer, t_layer), loss in selections(objective):
-        tensors[f"pair.{s_layer}.{t_layer}"] = (loss.index if loss.basis_kind == "dims" else loss.basis).cpu().contiguous()
+    tensors.update(pairs or {})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"geokd": json.dumps(meta, sort_keys=True)})
 
 
-def read_record(path: Path, meta: dict[str, Any]) -> dict[int, DimensionScores] | None:
-    """The scores stored at `path` when its metadata equals `meta` (same teacher, data, layers,
-    basis, output, samples), else None (the caller scores again and overwrites it). A damaged file
-    is an error naming it."""
+def read_scores(path: Path, layers: Sequence[int], tangent: bool) -> tuple[dict[str, Any], dict[int, DimensionScores]]:
+    """`(meta, scores of layers)` stored at `path`; a damaged or incomplete file is an error naming it."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stored = json.loads((handle.metadata() or {}).get("geokd", "{}"))
-            if stored != json.loads(json.dumps(meta, sort_keys=True)):
-                return None
+            meta = json.loads((handle.metadata() or {}).get("geokd", "{}"))
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
-        raise GeokdError(f"{str(path)!r} is damaged ({exc}); delete it and run again to score the teacher afresh") from None
+        raise GeokdError(f"{str(path)!r} is damaged ({exc}); delete it and score the teacher again") from None
     scores: dict[int, DimensionScores] = {}
-    for layer in meta["teacher_layers"]:
+    for layer in layers:
+        if f"layer.{layer}.abs_sum" not in tensors or (tangent and f"layer.{layer}.outer" not in tensors):
+            raise GeokdError(f"{str(path)!r} holds no Flex-KD scores of teacher layer {layer}; score it again with that layer")
         abs_sum = tensors[f"layer.{layer}.abs_sum"]
-        state = DimensionScores(abs_sum.shape[0], tangent=meta["basis"] == "tangent")
+        state = DimensionScores(abs_sum.shape[0], tangent=tangent)
         state.abs_sum = abs_sum.double()
         state.rows = int(tensors[f"layer.{layer}.rows"][0])
-        if state.tangent:
+        if tangent:
             state.sum, state.outer = tensors[f"layer.{layer}.sum"].double(), tensors[f"layer.{layer}.outer"].double()
         scores[layer] = state
-    return scores
+    return meta, scores
+
+
+def write_record(path: Path, scores: dict[int, DimensionScores], objective: torch.nn.Module,
+                 meta: dict[str, Any]) -> None:  # fmt: skip
+    """`RUN/flexkd.safetensors`: every layer's accumulators and every pair's selection."""
+    pairs = {f"pair.{s}.{t}": (loss.index if loss.basis_kind == "dims" else loss.basis).cpu().contiguous()
+             for (s, t), loss in selections(objective)}  # fmt: skip
+    write_scores(path, scores, meta, pairs)
+
+
+def read_record(path: Path, meta: dict[str, Any]) -> dict[int, DimensionScores] | None:
+    """The scores stored at `path` when its metadata equals `meta` (same teacher, data, layers,
+    basis, output, samples), else None (the caller scores again and overwrites it)."""
+    if not path.is_file():
+        return None
+    stored, _ = read_scores(path, [], tangent=False)
+    if stored != json.loads(json.dumps(meta, sort_keys=True)):
+        return None
+    return read_scores(path, meta["teacher_layers"], tangent=meta["basis"] == "tangent")[1]
+
+
+# The scalar each kind of teacher is scored by, as a `score_teacher` forward.
+
+
+def encoder_forward(model: torch.nn.Module, output: str, autocast: Callable[[], Any]) -> Callable:
+    """`batch -> (hidden_states, classifier_output, non-padding mask)` of a classifier teacher."""
+
+    def forward(batch: dict[str, torch.Tensor]):
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
+        with autocast():
+            out = model(**inputs, output_hidden_states=True)
+        return out.hidden_states, classifier_output(out.logits, batch["labels"], output), batch["attention_mask"].bool()
+
+    return forward
+
+
+def decoder_forward(model: torch.nn.Module, head: torch.nn.Module, vocab: int | None, output: str,
+                    autocast: Callable[[], Any], teacher_keys: bool = False) -> Callable:  # fmt: skip
+    """`batch -> (hidden_states, next_token_output, response-token mask)` of a causal-LM teacher
+    (`teacher_keys`: read the teacher's own tokenisation, `teacher_input_ids` etc., of a paired
+    cross-tokenizer batch)."""
+    from geokd.workloads.decoder import _base_forward, response_positions
+
+    def forward(batch: dict[str, torch.Tensor]):
+        t_batch, labels = batch, batch["labels"]
+        if teacher_keys:
+            t_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+            labels = batch["teacher_labels"]
+        positions, targets = response_positions(labels)
+        with autocast():
+            out = _base_forward(model, t_batch, True)
+            logits = head(out.last_hidden_state[:, :-1][positions])
+        if vocab is not None:
+            logits = logits[:, :vocab]
+        return out.hidden_states, next_token_output(logits, targets, output), labels != -100
+
+    return forward
+
+
+def batches_of(features: Sequence[dict[str, Any]], indices: Sequence[int], collate: Callable, batch_size: int,
+               device: Any) -> Iterable[dict[str, torch.Tensor]]:  # fmt: skip
+    """The examples `indices` of `features`, collated `batch_size` at a time, on `device`."""
+    for first in range(0, len(indices), batch_size):
+        batch = collate([features[i] for i in indices[first : first + batch_size]])
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def score_into_cache(out: Path, model: torch.nn.Module, forward: Callable, features: Sequence[dict[str, Any]],
+                     collate: Callable, layers: Sequence[int], *, samples: int, output: str, seed: int,
+                     batch_size: int, device: Any) -> dict[str, Any]:  # fmt: skip
+    """`geokd cache --flexkd-samples N`: score the teacher's cached layers (with the tangent
+    statistics, so either basis can be chosen at distill time) into `CACHE/flexkd.safetensors`;
+    returns the manifest entry (file, SHA-256, samples, output, seed, scored examples)."""
+    from geokd.cache import file_sha256
+
+    indices = sample_indices(len(features), samples, seed)
+    scores = score_teacher(model, batches_of(features, indices, collate, batch_size, device), layers, forward,
+                           tangent=True)  # fmt: skip
+    meta = {"samples": samples, "output": output, "seed": seed, "examples": len(indices), "layers": sorted(scores)}
+    path = out / CACHE_RECORD
+    write_scores(path, scores, meta)
+    return {**meta, "file": CACHE_RECORD, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def cached_scores(cache_path: Path, entry: dict[str, Any], layers: Sequence[int], tangent: bool) -> dict[int, DimensionScores]:
+    """The Flex-KD scores a cache holds (`score_into_cache`), checked against its manifest's SHA-256."""
+    from geokd.cache import file_sha256
+
+    path = Path(cache_path) / entry["file"]
+    if not path.is_file() or file_sha256(path) != entry["sha256"]:
+        raise GeokdError(f"--cache: {str(path)!r} is missing or does not match the manifest's SHA-256; rebuild the "
+                         "cache's Flex-KD scores (geokd cache ... --flexkd-samples N)")  # fmt: skip
+    missing = [layer for layer in layers if layer not in entry["layers"]]
+    if missing:
+        raise GeokdError(f"--cache: the cache's Flex-KD scores cover teacher layers {entry['layers']}, not {missing}; "
+                         "use those layers or rebuild the cache with them")  # fmt: skip
+    return read_scores(path, layers, tangent)[1]
+
+
+def check_cache_entry(entry: dict[str, Any] | None, samples: int, output: str) -> None:
+    """`--loss flexkd --cache`: the cache must hold scores made the way the run asks for them."""
+    if not entry:
+        raise GeokdError("--loss flexkd: the cache holds no Flex-KD scores; rebuild it with geokd cache ... "
+                         "--flexkd-samples N (or distil from the live --teacher)")  # fmt: skip
+    if entry["output"] != output or entry["samples"] != samples:
+        raise GeokdError(f"--loss flexkd: the cache was scored with --flexkd-output {entry['output']} and "
+                         f"--flexkd-samples {entry['samples']}, the run asks for {output} and {samples}; pass "
+                         f"--flexkd-output {entry['output']} --flexkd-samples {entry['samples']}")  # fmt: skip
 
 
 def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],

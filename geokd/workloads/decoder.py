@@ -380,9 +380,13 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             tokenizer_hash=cache_tokenizer if cross is None else None, teacher_sha256=cache_teacher_sha,
             teacher_name=config.teacher,
         )  # fmt: skip
-    if config.loss == "flexkd" and layer_pairs and (cache is not None or encoder_teacher):
-        raise GeokdError("--loss flexkd: its scoring pass needs a live causal-LM teacher (forward and backward through "
-                         "its next-token output); distil with --teacher, without --cache, from a causal LM")  # fmt: skip
+    if config.loss == "flexkd" and layer_pairs and encoder_teacher:
+        raise GeokdError("--loss flexkd: its scoring pass needs a causal-LM teacher (the gradient of its next-token "
+                         "output); an encoder feature teacher has none; use another --loss")  # fmt: skip
+    if config.loss == "flexkd" and layer_pairs and cache is not None:
+        from geokd.flexkd import check_cache_entry
+
+        check_cache_entry(cache.manifest.get("flexkd"), config.flexkd_samples, config.flexkd_output)
     objective = TokenObjective(
         config.loss,
         layer_pairs,
@@ -466,29 +470,18 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
 
     def score_flexkd(indices: list[int]) -> dict:
         """Flex-KD's scoring pass (geokd.flexkd): the log-probability of the teacher's next token
-        (its own greedy one, or the gold one) at the response positions, on its tokenisation."""
-        from geokd.flexkd import next_token_output, score_teacher
+        (its own greedy one, or the gold one) at the response positions, on its tokenisation; or
+        the scores the cache holds."""
+        from geokd import flexkd as flexkd_lib
 
+        tangent = config.flexkd_basis == "tangent"
+        if cache is not None:
+            return flexkd_lib.cached_scores(cache.path, cache.manifest["flexkd"], teacher_layers, tangent)
         assert teacher is not None and teacher_head is not None
-
-        def forward(batch):
-            t_batch, t_labels = batch, batch["labels"]
-            if cross is not None:
-                t_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-                t_labels = batch["teacher_labels"]
-            t_positions, t_targets = response_positions(t_labels)
-            with runtime.autocast():
-                t_out = _base_forward(teacher.model, t_batch, True)
-                logits = teacher_head(t_out.last_hidden_state[:, :-1][t_positions])
-            if vocab is not None:
-                logits = logits[:, :vocab]
-            return t_out.hidden_states, next_token_output(logits, t_targets, config.flexkd_output), t_labels != -100
-
-        batches = (
-            {k: v.to(runtime.device) for k, v in collate([train_features[i] for i in indices[first : first + config.batch_size]]).items()}
-            for first in range(0, len(indices), config.batch_size)
-        )  # fmt: skip
-        return score_teacher(teacher.model, batches, teacher_layers, forward, tangent=config.flexkd_basis == "tangent")
+        forward = flexkd_lib.decoder_forward(teacher.model, teacher_head, vocab, config.flexkd_output, runtime.autocast,
+                                             teacher_keys=cross is not None)  # fmt: skip
+        batches = flexkd_lib.batches_of(train_features, indices, collate, config.batch_size, runtime.device)
+        return flexkd_lib.score_teacher(teacher.model, batches, teacher_layers, forward, tangent=tangent)
 
     def response_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
@@ -562,5 +555,5 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         evaluate=dev_loss,
         final_evaluate=final_evaluate,
         extra_results=extra_results,
-        score_flexkd=score_flexkd if teacher is not None and teacher_head is not None else None,
+        score_flexkd=score_flexkd if (teacher is not None and teacher_head is not None) or cache is not None else None,
     )

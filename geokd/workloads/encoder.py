@@ -133,8 +133,9 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             teacher_name=config.teacher,
         )
     if config.loss == "flexkd" and cache is not None and layer_pairs:
-        raise GeokdError("--loss flexkd: its scoring pass runs the teacher forward and backward, which a cache cannot; "
-                         "distil with --teacher (without --cache)")  # fmt: skip
+        from geokd.flexkd import check_cache_entry
+
+        check_cache_entry(cache.manifest.get("flexkd"), config.flexkd_samples, config.flexkd_output)
     objective = Objective(
         config.loss,
         layer_pairs,
@@ -189,23 +190,17 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         return evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
 
     def score_flexkd(indices: list[int]) -> dict:
-        """Flex-KD's scoring pass (geokd.flexkd): the teacher's classifier output on `indices`."""
-        from geokd.flexkd import classifier_output, score_teacher
+        """Flex-KD's scoring pass (geokd.flexkd): the teacher's classifier output on `indices`, or
+        the scores the cache holds."""
+        from geokd import flexkd as flexkd_lib
 
+        tangent = config.flexkd_basis == "tangent"
+        if cache is not None:
+            return flexkd_lib.cached_scores(cache.path, cache.manifest["flexkd"], teacher_layers, tangent)
         assert teacher is not None
-
-        def forward(batch):
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
-            with runtime.autocast():
-                out = teacher.model(**inputs, output_hidden_states=True)
-            return out.hidden_states, classifier_output(out.logits, batch["labels"], config.flexkd_output), (
-                batch["attention_mask"].bool())  # fmt: skip
-
-        batches = (
-            {k: v.to(runtime.device) for k, v in collate([train_features[i] for i in indices[first : first + config.batch_size]]).items()}
-            for first in range(0, len(indices), config.batch_size)
-        )  # fmt: skip
-        return score_teacher(teacher.model, batches, teacher_layers, forward, tangent=config.flexkd_basis == "tangent")
+        forward = flexkd_lib.encoder_forward(teacher.model, config.flexkd_output, runtime.autocast)
+        batches = flexkd_lib.batches_of(train_features, indices, collate, config.batch_size, runtime.device)
+        return flexkd_lib.score_teacher(teacher.model, batches, teacher_layers, forward, tangent=tangent)
 
     def final_evaluate() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         metrics = dev_metrics()
@@ -235,5 +230,5 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         size=lambda batch: int(batch["example_id"].shape[0]),
         evaluate=dev_metrics,
         final_evaluate=final_evaluate,
-        score_flexkd=score_flexkd if teacher is not None else None,
+        score_flexkd=score_flexkd if teacher is not None or cache is not None else None,
     )

@@ -176,3 +176,52 @@ def test_bad_flexkd_options_are_one_line(teacher_dir, glue_dir, tmp_path, extra,
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "r").exists()
+
+
+def _selection(run: Path, pair: str = "pair.2.4") -> list[int]:
+    with safe_open(str(run / flexkd_lib.RECORD), framework="pt") as handle:
+        return handle.get_tensor(pair).tolist()
+
+
+def test_flexkd_scores_from_an_encoder_cache_give_the_live_selection(teacher_dir, glue_dir, tmp_path):
+    from geokd.cache import CacheRequest, build_cache, verify_cache
+
+    manifest = build_cache(CacheRequest(teacher=str(teacher_dir / "final"), task="sst2", data=str(glue_dir),
+                                        out=str(tmp_path / "cache"), layers="2,4", features="tokens", batch_size=32,
+                                        flexkd_samples=64))  # fmt: skip
+    assert manifest["flexkd"]["examples"] == 64 and manifest["flexkd"]["layers"] == [2, 4]
+    train(_distill(teacher_dir, glue_dir, tmp_path / "live", seed=42, max_steps=2))
+    train(_distill(teacher_dir, glue_dir, tmp_path / "cached", seed=42, max_steps=2, cache=str(tmp_path / "cache")))
+    assert _selection(tmp_path / "cached") == _selection(tmp_path / "live")
+    assert _selection(tmp_path / "cached", "pair.1.2") == _selection(tmp_path / "live", "pair.1.2")
+    with pytest.raises(GeokdError, match="pass --flexkd-output prediction --flexkd-samples 64"):
+        train(_distill(teacher_dir, glue_dir, tmp_path / "other", cache=str(tmp_path / "cache"), flexkd_samples=32))
+    (tmp_path / "cache" / "flexkd.safetensors").write_bytes(b"tampered")
+    assert "flexkd.safetensors: SHA-256 mismatch" in verify_cache(tmp_path / "cache")["problems"]
+    with pytest.raises(GeokdError, match="does not match the manifest's SHA-256"):
+        train(_distill(teacher_dir, glue_dir, tmp_path / "broken", cache=str(tmp_path / "cache"), flexkd_samples=64))
+    build_cache(CacheRequest(teacher=str(teacher_dir / "final"), task="sst2", data=str(glue_dir),
+                             out=str(tmp_path / "plain"), layers="2,4", features="tokens"))  # fmt: skip
+    with pytest.raises(GeokdError, match="the cache holds no Flex-KD scores"):
+        train(_distill(teacher_dir, glue_dir, tmp_path / "none", cache=str(tmp_path / "plain")))
+    assert not any((tmp_path / name).exists() for name in ("other", "broken", "none"))
+
+
+def test_flexkd_scores_from_a_decoder_cache_give_the_live_selection(llama, tmp_path):
+    from geokd.cache_decoder import DecoderCacheRequest, build_decoder_cache
+
+    data = write_instruct_data(tmp_path / "data")
+    common = dict(max_length=96, max_prompt_length=64)
+    build_decoder_cache(DecoderCacheRequest(teacher=str(llama), data=str(data), out=str(tmp_path / "cache"), layers="2,4",
+                                            dtype="fp32", flexkd_samples=0, batch_size=5, **common))  # fmt: skip
+    runs = {}
+    for name, extra in (("live", {}), ("cached", {"cache": str(tmp_path / "cache")})):
+        flags = dict(teacher=str(llama), student="truncate:2", task="instruct", data=str(data), out=str(tmp_path / name),
+                     loss="flexkd", layers="1:2,2:4", flexkd_samples=0, flexkd_basis="tangent", max_steps=2,
+                     batch_size=6, lr=3e-3, seed=1, save_minutes=0, **common, **extra)  # fmt: skip
+        train(resolve_config("distill", flags=flags))
+        runs[name] = torch.tensor(_selection(tmp_path / name))
+    torch.testing.assert_close(runs["cached"], runs["live"], rtol=0, atol=1e-5)  # the same tangent basis
+    with pytest.raises(GeokdError, match="--flexkd-samples scores the cached hidden states: pass --layers"):
+        build_decoder_cache(DecoderCacheRequest(teacher=str(llama), data=str(data), out=str(tmp_path / "c2"),
+                                                flexkd_samples=8, **common))  # fmt: skip
