@@ -102,6 +102,17 @@ def _chunk_uld(s_hidden, weight, bias, t_logits, temperature: float) -> torch.Te
     return uld_distance(F.linear(s_hidden, weight, bias), t_logits, temperature=temperature).sum()
 
 
+def _sum_chunks(fn, chunk, student_hidden: torch.Tensor, student_head: nn.Linear, chunk_tokens: int) -> torch.Tensor:
+    """`Σ fn(*chunk(rows))` over row chunks of `chunk_tokens`, each recomputed in backward
+    (activation checkpointing) when a gradient is needed."""
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.weight.requires_grad)
+    for start in range(0, student_hidden.shape[0], chunk_tokens):
+        args = chunk(slice(start, start + chunk_tokens))
+        total = total + (checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return total
+
+
 def _chunk_topk_uld(s_hidden, weight, bias, log_probs, log_tail, temperature: float) -> torch.Tensor:
     return topk_uld_distance(F.linear(s_hidden, weight, bias), log_probs, log_tail, temperature=temperature).sum()
 
@@ -122,15 +133,12 @@ def chunked_topk_uld(
         raise GeokdError(
             f"ULD: {student_hidden.shape[0]} student positions and {teacher_log_probs.shape[0]} cached ones; align them first"
         )
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_hidden.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        args = (student_hidden[rows], student_head.weight, student_head.bias, teacher_log_probs[rows],
+
+    def chunk(rows: slice) -> tuple:
+        return (student_hidden[rows], student_head.weight, student_head.bias, teacher_log_probs[rows],
                 teacher_log_tail[rows], float(temperature))  # fmt: skip
-        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.weight.requires_grad):
-            total = total + checkpoint(_chunk_topk_uld, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_topk_uld(*args)
+
+    total = _sum_chunks(_chunk_topk_uld, chunk, student_hidden, student_head, chunk_tokens)
     return total, int(student_hidden.shape[0])
 
 
@@ -151,14 +159,11 @@ def chunked_uld(
         raise GeokdError(
             f"ULD: {student_hidden.shape[0]} student and {teacher_hidden.shape[0]} teacher positions; align them first"
         )
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_hidden.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
+
+    def chunk(rows: slice) -> tuple:
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[rows].to(teacher_head.weight.dtype)).float()
-        args = (student_hidden[rows], student_head.weight, student_head.bias, t_logits, float(temperature))
-        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.weight.requires_grad):
-            total = total + checkpoint(_chunk_uld, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_uld(*args)
+        return student_hidden[rows], student_head.weight, student_head.bias, t_logits, float(temperature)
+
+    total = _sum_chunks(_chunk_uld, chunk, student_hidden, student_head, chunk_tokens)
     return total, int(student_hidden.shape[0])

@@ -224,21 +224,7 @@ def parse_student_spec(spec: str) -> StudentSpec:
         return StudentSpec(kind="truncate", text=text, layers=n)
     if kind == "shrink":
         problems = []
-        values: dict[str, int] = {}
-        given: set[str] = set()
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or not key:
-                problems.append(f"{item.strip()!r} is not key=value")
-            elif key not in _SHRINK_KEYS:
-                problems.append(f"unknown key {key!r} (keys: {', '.join(_SHRINK_KEYS)})")
-            elif key in given:
-                problems.append(f"{key} is given twice")
-            else:
-                given.add(key)
-                if (number := _int_value(key, value, problems)) is not None:
-                    values[key] = number
+        values, given = _key_values(rest, _SHRINK_KEYS, problems)
         problems += [f"{key} is missing" for key in _SHRINK_REQUIRED if key not in given]
         hidden, heads, kv_heads = values.get("hidden"), values.get("heads"), values.get("kv_heads")
         if hidden is not None and heads is not None and hidden % heads:
@@ -271,30 +257,38 @@ def parse_student_spec(spec: str) -> StudentSpec:
     return StudentSpec(kind="pretrained", text=text, name=text)
 
 
-def _parse_prune(spec: str, text: str, rest: str) -> StudentSpec:
-    """`prune:hidden=H,heads=A,kv_heads=K,intermediate=F,layers=L,depth=skip|uniform`, any subset
-    (at least one); what fits the teacher is checked by `geokd.models.prune.check_prune_spec`."""
-    problems: list[str] = []
-    values: dict[str, int] = {}
-    depth = None
+def _key_values(rest: str, keys: Sequence[str], problems: list[str],
+                text_keys: Sequence[str] = ()) -> tuple[dict[str, Any], set[str]]:  # fmt: skip
+    """`k=v,k=v` of a `shrink:`/`prune:` spec: (values, keys given); integers except `text_keys`;
+    every problem (not key=value, unknown or repeated key, bad integer) appended to `problems`."""
+    values: dict[str, Any] = {}
     given: set[str] = set()
     for item in rest.split(",") if rest.strip() else []:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key:
             problems.append(f"{item.strip()!r} is not key=value")
-        elif key not in _PRUNE_KEYS:
-            problems.append(f"unknown key {key!r} (keys: {', '.join(_PRUNE_KEYS)})")
+        elif key not in keys:
+            problems.append(f"unknown key {key!r} (keys: {', '.join(keys)})")
         elif key in given:
             problems.append(f"{key} is given twice")
         else:
             given.add(key)
-            if key == "depth":
-                depth = value.strip()
-                if depth not in ("skip", "uniform"):
-                    problems.append(f"depth must be skip or uniform, got {depth!r}")
+            if key in text_keys:
+                values[key] = value.strip()
             elif (number := _int_value(key, value, problems)) is not None:
                 values[key] = number
+    return values, given
+
+
+def _parse_prune(spec: str, text: str, rest: str) -> StudentSpec:
+    """`prune:hidden=H,heads=A,kv_heads=K,intermediate=F,layers=L,depth=skip|uniform`, any subset
+    (at least one); what fits the teacher is checked by `geokd.models.prune.check_prune_spec`."""
+    problems: list[str] = []
+    values, given = _key_values(rest, _PRUNE_KEYS, problems, text_keys=("depth",))
+    depth = values.get("depth")
+    if depth is not None and depth not in ("skip", "uniform"):
+        problems.append(f"depth must be skip or uniform, got {depth!r}")
     if not given - {"depth"}:
         problems.append("nothing to prune (give at least one of hidden, heads, kv_heads, intermediate, layers)")
     if problems:

