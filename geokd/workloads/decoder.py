@@ -266,6 +266,8 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             collate = instruct.make_instruct_collate(teacher.tokenizer)
             return [collate(picked[k : k + config.batch_size]) for k in range(0, len(picked), config.batch_size)]
 
+        if models_lib.parse_student_spec(config.student).kind == "prune":
+            teacher.model.to(runtime.device)  # the calibration pass runs where training will
         student = models_lib.load_student(config.student, teacher, trust_remote_code=config.trust_remote_code,
                                           seed=config.seed, allow_different_tokenizer=cache is None,
                                           calibration=calibration)  # fmt: skip

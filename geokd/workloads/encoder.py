@@ -82,6 +82,8 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             collate = data_lib.make_collate_fn(teacher.tokenizer, task)
             return [collate(picked[k : k + config.batch_size]) for k in range(0, len(picked), config.batch_size)]
 
+        if models_lib.parse_student_spec(config.student).kind == "prune":
+            teacher.model.to(runtime.device)  # the calibration pass runs where training will
         student = models_lib.load_student(
             config.student, teacher, trust_remote_code=config.trust_remote_code, seed=config.seed,
             calibration=calibration,
