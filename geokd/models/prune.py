@@ -231,30 +231,29 @@ def calibrate(model: nn.Module, family: Family, batches: Iterable[dict[str, torc
 def skip_importance(model: nn.Module, kind: str, batches: list[dict[str, torch.Tensor]],
                     logits: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> list[float]:  # fmt: skip
     """Per block: the mean KL(teacher output ‖ output with the block skipped), over the rows that
-    `logits(batch)` returns ([n, C], already restricted to valid positions)."""
+    `logits(batch)` returns ([n, C], already restricted to valid positions). Batch by batch, so
+    only one batch's reference distribution is held (a decoder's is [n, V])."""
     from geokd.models.students import block_list
 
     _, blocks = block_list(model, kind)
-    with torch.no_grad():
-        reference = [torch.log_softmax(logits(batch).double(), dim=-1) for batch in batches]
-    scores = []
-    for block in blocks:
-        def identity(module, args, kwargs, out):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
-        handle = block.register_forward_hook(identity, with_kwargs=True)
-        try:
-            total, rows = 0.0, 0
-            with torch.no_grad():
-                for batch, ref in zip(batches, reference, strict=True):
-                    skipped = torch.log_softmax(logits(batch).double(), dim=-1)
-                    total += float((ref.exp() * (ref - skipped)).sum())
-                    rows += ref.shape[0]
-        finally:
-            handle.remove()
-        scores.append(total / max(1, rows))
-    return scores
+    def identity(module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    totals, rows = [0.0] * len(blocks), 0
+    with torch.no_grad():
+        for batch in batches:
+            reference = torch.log_softmax(logits(batch).float(), dim=-1)
+            for index, block in enumerate(blocks):
+                handle = block.register_forward_hook(identity, with_kwargs=True)
+                try:
+                    skipped = torch.log_softmax(logits(batch).float(), dim=-1)
+                finally:
+                    handle.remove()
+                totals[index] += float((reference.exp() * (reference - skipped)).sum(dtype=torch.float64))
+            rows += reference.shape[0]
+    return [total / max(1, rows) for total in totals]
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
