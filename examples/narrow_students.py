@@ -97,7 +97,7 @@ def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path) ->
         wall = json.loads((out / task / f"{kind}-{cfg['loss']}" / "wall.json").read_text())["seconds"] / max(1, group["n"])
         rows.append(
             f"| {cfg['student']} | {cfg['loss']} | {group['n']} | {group['mean']:.4f} | "
-            f"{group['std'] if group['std'] is None else format(group['std'], '.4f')} | "
+            f"{'–' if group['std'] is None else format(group['std'], '.4f')} | "
             f"{'' if group['is_baseline'] else format(versus.get('difference', float('nan')), '+.4f')} | "
             f"{'' if not ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'} | "
             f"{'' if paired.get('p') is None else format(paired['p'], '.3f')} | {wall / 60:.1f} min |"
