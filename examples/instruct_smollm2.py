@@ -1,4 +1,4 @@
-"""The decoder proof of issue #11 on a real model: SmolLM2-135M-Instruct as the teacher, a
+"""The decoder proofs of issues #11 and #12 on a real model: SmolLM2-135M-Instruct as the teacher, a
 `truncate:N` student of it, trained on a Dolly subset three ways on the same budget, each scored
 with greedy ROUGE-L on DollyEval and Self-Instruct, next to the teacher's own score.
 
