@@ -811,6 +811,10 @@ def _train(
                 "split": work.dev_split,
                 "metrics": metrics,
                 "steps": step,
+                # the teacher block each student block was copied from (truncate:, prune:): what
+                # `--layers copied` pairs with when the model is read back (a prune: student's
+                # blocks depend on its calibration, so the spec alone cannot say)
+                "teacher_blocks": list(getattr(student, "teacher_blocks", None) or []) or None,
             },
         )
         extra_results = {"steps": step, "geokd_version": geokd.__version__, **work.extra_results}

@@ -524,6 +524,7 @@ def evaluate_model(
             student_rows=student_rows,
             grid=geometry_grid,
             flexkd_selections=read_selections(location.run_dir),
+            teacher_blocks=(location.record or {}).get("teacher_blocks"),
         )
     result["elapsed_s"] = time.perf_counter() - started
     return result
@@ -665,6 +666,7 @@ def geometry_report(
     grid: bool = False,
     student_spec: str | None = None,
     flexkd_selections: dict[tuple[int, int], torch.Tensor] | None = None,
+    teacher_blocks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The geometry of `student` against `teacher` on `data_split` (rows = examples, pooled by
     `features`). Each model reads the texts through its own tokenizer, so any two models compare.
@@ -672,6 +674,7 @@ def geometry_report(
     forward pass. `grid=True` also computes the three distances for every student × teacher layer
     combination (what `plot_geometry` draws; (L_s+1)·(L_t+1) float64 evaluations). `student_spec`
     (the run's `--student`) lets `layers="copied"` find a truncate: student's source blocks.
+    `teacher_blocks` (a run's record) gives `copied` the blocks a `prune:` student kept.
     `flexkd_selections` (a flexkd run's, `geokd.flexkd.read_selections`) adds each selected pair's
     `flexkd_correlation`: the mean Pearson correlation of the student's dimensions with the
     teacher's selected subspace on these rows."""
@@ -686,7 +689,8 @@ def geometry_report(
         )
     teacher_model = load_model(locate_model(teacher).load, trust_remote_code=trust_remote_code)
     check_max_length(teacher_model, max_length, option="--max-length (for the teacher)")
-    copied_from = getattr(student, "teacher_blocks", None) or copied_blocks(student_spec, teacher_model.num_layers)
+    copied_from = (getattr(student, "teacher_blocks", None) or (tuple(teacher_blocks) if teacher_blocks else None)
+                   or copied_blocks(student_spec, teacher_model.num_layers))  # fmt: skip
     pairs = parse_layer_map(layers, student.num_layers, teacher_model.num_layers, copied_from)
     teacher_model.model.to(runtime.device)
     pooled = {"student": student_rows}

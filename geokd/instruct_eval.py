@@ -137,6 +137,7 @@ def evaluate_instruct_model(
             batch_size=batch_size, runtime=runtime, trust_remote_code=trust_remote_code,
             student_spec=run_config.student if run_config is not None else None,
             flexkd_selections=read_selections(located.run_dir),
+            teacher_blocks=(located.record or {}).get("teacher_blocks"),
         )  # fmt: skip
     folder = Path(located.load)
     return {
@@ -207,6 +208,7 @@ def decoder_geometry_report(
     student: Any, teacher_name: str, split: Any, *, layers: str, features: str, epsilon: float,
     template: str, max_prompt_length: int, max_length: int, batch_size: int, runtime: Any,
     trust_remote_code: bool = False, student_spec: str | None = None, flexkd_selections: dict | None = None,
+    teacher_blocks: list[int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The geometry of a causal-LM student against a causal-LM teacher on instruction data, per
     mapped layer pair, in the same form as the encoder report (`geokd.evaluate.geometry_report`):
@@ -230,7 +232,8 @@ def decoder_geometry_report(
         check_same_tokenizer(teacher, student)
     from geokd.models.students import copied_blocks
 
-    copied_from = getattr(student, "teacher_blocks", None) or copied_blocks(student_spec, teacher.num_layers)
+    copied_from = (getattr(student, "teacher_blocks", None) or (tuple(teacher_blocks) if teacher_blocks else None)
+                   or copied_blocks(student_spec, teacher.num_layers))  # fmt: skip
     pairs = parse_layer_map(layers, student.num_layers, teacher.num_layers, copied_from)
     common = dict(features=features, template=template, max_prompt_length=max_prompt_length,
                   max_length=max_length, batch_size=batch_size, runtime=runtime)  # fmt: skip

@@ -193,6 +193,15 @@ def test_a_pruned_decoder_distils_exports_and_reloads(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((run / "results.json").read_text())
     assert results["init_metrics"]["loss"] > 0 and "loss" in results["metrics"]  # the untrained pruned student
+    blocks = json.loads((run / "final" / "geokd.json").read_text())["teacher_blocks"]
+    assert len(blocks) == 2 and blocks == sorted(blocks)  # the blocks depth=skip kept, recorded for read-back
+    report = tmp_path / "geometry.json"
+    result = runner.invoke(app, ["eval", str(run), "--task", "instruct", "--data", str(data / "dev.jsonl"), "--limit",
+                                 "4", "--max-new-tokens", "4", "--geometry", "--teacher", str(teacher), "--layers",
+                                 "copied", "--features", "mean", "--json", str(report)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pairs = [(e["student_layer"], e["teacher_layer"]) for e in json.loads(report.read_text())["geometry"]["layer_pairs"]]
+    assert pairs == [(1, blocks[0] + 1), (2, blocks[1] + 1)]
     export = tmp_path / "export"
     assert runner.invoke(app, ["export", str(run), "--out", str(export)]).exit_code == 0
     reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
