@@ -132,7 +132,9 @@ def flexkd_problems(samples: int | None, output: str, has_layers: bool) -> list[
     problems = []
     if samples is not None and samples < 0:
         problems.append(f"--flexkd-samples must be >= 0 (0: every example), got {samples}")
-    if output not in ("prediction", "label"):
+    from geokd.config import FLEXKD_OUTPUTS
+
+    if output not in FLEXKD_OUTPUTS:
         problems.append(f"--flexkd-output must be prediction or label, got {output!r}")
     if samples is not None and not has_layers:
         problems.append("--flexkd-samples scores the cached hidden states: pass --layers")

@@ -37,6 +37,8 @@ FEATURES = ("cls", "mean", "tokens", "last", "spans")
 # between different tokenizers.
 KD_KINDS = ("forward", "reverse", "jsd", "skew-forward", "skew-reverse", "tvd", "uld")
 TEMPLATES = ("alpaca", "chat")
+FLEXKD_BASES = ("dims", "tangent")  # geokd.losses.flexkd
+FLEXKD_OUTPUTS = ("prediction", "label")  # geokd.flexkd
 INSTRUCT_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "chat", "prompt-completion")
 # `--task instruct` (decoders, issue #11) changes these defaults when they are not given: token rows
 # (the geometry paper aligns decoder token representations), MiniLLM's 512-token sequences, and
@@ -186,14 +188,14 @@ def validation_problems(config: RunConfig) -> list[str]:
         p.append(f"kd_beta: the JSD mixture weight must be in (0, 1), got {config.kd_beta}")
     if not 0.0 <= config.kd_skew < 1.0:
         p.append(f"kd_skew: the skew must be in [0, 1), got {config.kd_skew}")
-    if config.flexkd_basis not in ("dims", "tangent"):
+    if config.flexkd_basis not in FLEXKD_BASES:
         p.append(f"flexkd_basis: must be dims (teacher coordinates) or tangent (principal gradient directions), "
                  f"got {config.flexkd_basis!r}")  # fmt: skip
     if config.flexkd_samples < 0:
         p.append(f"flexkd_samples: must be >= 0 (0: every training example), got {config.flexkd_samples}")
     if config.prune_samples < 1:
         p.append(f"prune_samples: the calibration pass needs at least 1 example, got {config.prune_samples}")
-    if config.flexkd_output not in ("prediction", "label"):
+    if config.flexkd_output not in FLEXKD_OUTPUTS:
         p.append(f"flexkd_output: must be prediction (the teacher's own) or label (the gold one), got "
                  f"{config.flexkd_output!r}")  # fmt: skip
     if config.template not in TEMPLATES:

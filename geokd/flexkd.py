@@ -31,9 +31,7 @@ import torch
 from geokd.errors import GeokdError
 from geokd.losses.flexkd import DimensionScores, FlexKDLoss
 
-FLEXKD_OUTPUTS = ("prediction", "label")
-RECORD = "flexkd.safetensors"  # in a run directory
-CACHE_RECORD = "flexkd.safetensors"  # in a cache folder
+RECORD = "flexkd.safetensors"  # in a run directory and in a cache folder
 
 
 def classifier_output(logits: torch.Tensor, labels: torch.Tensor, output: str) -> torch.Tensor:
@@ -60,7 +58,6 @@ def score_teacher(
     forward: Callable[[dict[str, torch.Tensor]], tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]],
     *,
     tangent: bool,
-    on_batch: Callable[[int], None] | None = None,
 ) -> dict[int, DimensionScores]:
     """Accumulate `DimensionScores` for each of `layers` (indices into the hidden-state tuple).
     `forward(batch)` runs the model and returns `(hidden_states, task output scalar, rows mask
@@ -84,8 +81,6 @@ def score_teacher(
                     if layer not in scores:
                         scores[layer] = DimensionScores(grad.shape[-1], tangent=tangent)
                     scores[layer].update(grad[rows])
-                if on_batch is not None:
-                    on_batch(int(rows.shape[0]))
     finally:
         hook.remove()
         model.train(was_training)
@@ -119,8 +114,7 @@ def install(objective: torch.nn.Module, scores: dict[int, DimensionScores]) -> d
         else:
             basis = state.basis(loss.width)
             loss.set_selection(basis)
-            mean = state.sum / state.rows  # type: ignore[operator]
-            cov = state.outer / state.rows - torch.outer(mean, mean)  # type: ignore[operator]
+            cov = state.covariance()
             kept = torch.trace(basis.T @ cov @ basis) / torch.trace(cov).clamp_min(1e-300)
         summary[f"{s_layer}->{t_layer}"] = {"width": loss.width, "of": state.dim, "score_kept": float(kept)}
     return summary
@@ -142,16 +136,20 @@ def write_scores(path: Path, scores: dict[int, DimensionScores], meta: dict[str,
         save_file(tensors, str(tmp), metadata={"geokd": json.dumps(meta, sort_keys=True)})
 
 
-def read_scores(path: Path, layers: Sequence[int], tangent: bool) -> tuple[dict[str, Any], dict[int, DimensionScores]]:
-    """`(meta, scores of layers)` stored at `path`; a damaged or incomplete file is an error naming it."""
+def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`(meta, tensors)` of a Flex-KD file; a damaged one is an error naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {}).get("geokd", "{}"))
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            return meta, {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise GeokdError(f"{str(path)!r} is damaged ({exc}); delete it and score the teacher again") from None
+
+
+def _scores(path: Path, tensors: dict[str, torch.Tensor], layers: Sequence[int], tangent: bool) -> dict[int, DimensionScores]:
+    """The `DimensionScores` of `layers` held in a Flex-KD file's tensors."""
     scores: dict[int, DimensionScores] = {}
     for layer in layers:
         if f"layer.{layer}.abs_sum" not in tensors or (tangent and f"layer.{layer}.outer" not in tensors):
@@ -163,7 +161,7 @@ def read_scores(path: Path, layers: Sequence[int], tangent: bool) -> tuple[dict[
         if tangent:
             state.sum, state.outer = tensors[f"layer.{layer}.sum"].double(), tensors[f"layer.{layer}.outer"].double()
         scores[layer] = state
-    return meta, scores
+    return scores
 
 
 def write_record(path: Path, scores: dict[int, DimensionScores], objective: torch.nn.Module,
@@ -179,10 +177,10 @@ def read_record(path: Path, meta: dict[str, Any]) -> dict[int, DimensionScores] 
     basis, output, samples), else None (the caller scores again and overwrites it)."""
     if not path.is_file():
         return None
-    stored, _ = read_scores(path, [], tangent=False)
+    stored, tensors = _open(path)
     if stored != json.loads(json.dumps(meta, sort_keys=True)):
         return None
-    return read_scores(path, meta["teacher_layers"], tangent=meta["basis"] == "tangent")[1]
+    return _scores(path, tensors, meta["teacher_layers"], tangent=meta["basis"] == "tangent")
 
 
 # The scalar each kind of teacher is scored by, as a `score_teacher` forward.
@@ -205,13 +203,10 @@ def decoder_forward(model: torch.nn.Module, head: torch.nn.Module, vocab: int | 
     """`batch -> (hidden_states, next_token_output, response-token mask)` of a causal-LM teacher
     (`teacher_keys`: read the teacher's own tokenisation, `teacher_input_ids` etc., of a paired
     cross-tokenizer batch)."""
-    from geokd.workloads.decoder import _base_forward, response_positions
+    from geokd.workloads.decoder import _base_forward, response_positions, teacher_view
 
     def forward(batch: dict[str, torch.Tensor]):
-        t_batch, labels = batch, batch["labels"]
-        if teacher_keys:
-            t_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-            labels = batch["teacher_labels"]
+        t_batch, labels = teacher_view(batch, teacher_keys)
         positions, targets = response_positions(labels)
         with autocast():
             out = _base_forward(model, t_batch, True)
@@ -243,9 +238,9 @@ def score_into_cache(out: Path, model: torch.nn.Module, forward: Callable, featu
     scores = score_teacher(model, batches_of(features, indices, collate, batch_size, device), layers, forward,
                            tangent=True)  # fmt: skip
     meta = {"samples": samples, "output": output, "seed": seed, "examples": len(indices), "layers": sorted(scores)}
-    path = out / CACHE_RECORD
+    path = out / RECORD
     write_scores(path, scores, meta)
-    return {**meta, "file": CACHE_RECORD, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+    return {**meta, "file": RECORD, "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def cached_scores(cache_path: Path, entry: dict[str, Any], layers: Sequence[int], tangent: bool) -> dict[int, DimensionScores]:
@@ -260,7 +255,7 @@ def cached_scores(cache_path: Path, entry: dict[str, Any], layers: Sequence[int]
     if missing:
         raise GeokdError(f"--cache: the cache's Flex-KD scores cover teacher layers {entry['layers']}, not {missing}; "
                          "use those layers or rebuild the cache with them")  # fmt: skip
-    return read_scores(path, layers, tangent)[1]
+    return _scores(path, _open(path)[1], layers, tangent)
 
 
 def check_cache_entry(entry: dict[str, Any] | None, samples: int, output: str) -> None:
@@ -296,17 +291,12 @@ def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
 def read_selections(run_dir: str | Path | None) -> dict[tuple[int, int], torch.Tensor]:
     """The `(student layer, teacher layer) -> selection` of a finished flexkd run (index vector or
     basis), empty when the run did not use flexkd; a damaged record is an error naming it."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(run_dir) / RECORD if run_dir is not None else None
     if path is None or not path.is_file():
         return {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {(int(name.split(".")[1]), int(name.split(".")[2])): handle.get_tensor(name)
-                    for name in handle.keys() if name.startswith("pair.")}  # noqa: SIM118  # fmt: skip
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise GeokdError(f"{str(path)!r} is damaged ({exc}); the run's Flex-KD selection cannot be read") from None
+    tensors = _open(path)[1]
+    return {(int(name.split(".")[1]), int(name.split(".")[2])): value
+            for name, value in tensors.items() if name.startswith("pair.")}  # fmt: skip
 
 
 def selected_correlation(student: torch.Tensor, teacher: torch.Tensor, selection: torch.Tensor) -> float | None:

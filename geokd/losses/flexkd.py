@@ -31,10 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from geokd.config import FLEXKD_BASES
 from geokd.errors import GeokdError
 from geokd.losses._core import _NOISE_FLOOR_ULPS, check_pair, compute_dtype
-
-FLEXKD_BASES = ("dims", "tangent")
 
 
 def _unit_columns(x: torch.Tensor) -> torch.Tensor:
@@ -103,16 +102,20 @@ class DimensionScores:
         """The top-`min(k, dim)` principal directions `[dim, k]` (orthonormal columns, decreasing
         variance, each signed so its largest-magnitude coordinate is positive) of the gradients'
         covariance."""
-        if not self.tangent:
-            raise GeokdError("flexkd: this layer was scored without the tangent statistics (--flexkd-basis tangent)")
-        self._require_rows()
         k = min(int(k), self.dim)
-        mean = self.sum / self.rows  # type: ignore[operator]
-        cov = self.outer / self.rows - torch.outer(mean, mean)  # type: ignore[operator]
+        cov = self.covariance()
         _, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
         top = vectors[:, -k:].flip(1)
         peak = top.gather(0, top.abs().argmax(dim=0, keepdim=True))
         return top * torch.where(peak < 0, -1.0, 1.0)
+
+    def covariance(self) -> torch.Tensor:
+        """The gradients' covariance `[dim, dim]` (tangent statistics only)."""
+        if not self.tangent:
+            raise GeokdError("flexkd: this layer was scored without the tangent statistics (--flexkd-basis tangent)")
+        self._require_rows()
+        mean = self.sum / self.rows  # type: ignore[operator]
+        return self.outer / self.rows - torch.outer(mean, mean)  # type: ignore[operator]
 
     def state(self) -> dict[str, torch.Tensor]:
         """The accumulators as named tensors (what a run directory or cache stores)."""

@@ -313,9 +313,12 @@ def check_prune_spec(spec: Any, config: Any) -> None:
         problems.append(f"kv_heads applies to grouped-query models, not to {config.model_type}")
     if family.tied_width:
         hidden_s, heads_s = spec.hidden or hidden_t, spec.heads or heads_t
-        if hidden_s != heads_s * d:
+        if hidden_s % d:
+            problems.append(f"{config.model_type} ties the width to heads x head width ({d}): hidden={hidden_s} is not a "
+                            f"multiple of {d} (e.g. hidden={max(d, hidden_s // d * d)})")  # fmt: skip
+        elif hidden_s != heads_s * d:
             problems.append(f"{config.model_type} ties the width to heads x head width ({d}): hidden={hidden_s} needs "
-                            f"heads={hidden_s / d:g}, heads={heads_s} needs hidden={heads_s * d}")  # fmt: skip
+                            f"heads={hidden_s // d}, heads={heads_s} needs hidden={heads_s * d}")  # fmt: skip
     if family.grouped:
         kv_t = int(getattr(config, "num_key_value_heads", None) or heads_t)
         ratio = heads_t // kv_t
@@ -336,8 +339,7 @@ def check_prune_spec(spec: Any, config: Any) -> None:
 def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[dict[str, torch.Tensor]]] | None) -> Any:
     """Build the `prune:` student of `teacher` (a LoadedModel) from the batches `calibration()`
     yields; returns a LoadedStudent."""
-    from geokd.models.loading import LoadedStudent
-    from geokd.models.students import _derived_source, block_list, map_layer_config, truncate_blocks
+    from geokd.models.students import block_list, copied_student, map_layer_config, truncate_blocks
 
     config_t = teacher.config
     check_prune_spec(spec, config_t)
@@ -419,14 +421,4 @@ def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[di
             raise RuntimeError(f"prune: {key} sliced to {tuple(value.shape)}, the student needs {tuple(target.shape)}")
         state[key] = value
     student.load_state_dict(state, strict=True)
-    student.to(device).eval()
-    return LoadedStudent(
-        model=student,
-        tokenizer=teacher.tokenizer,
-        config=student.config,
-        source=_derived_source(spec.text, teacher),
-        new_weights=teacher.new_weights,
-        init="prune",
-        spec=spec.text,
-        teacher_blocks=kept_blocks,
-    )
+    return copied_student(student.to(device), teacher, spec, "prune", kept_blocks)

@@ -316,6 +316,16 @@ def _derived_source(spec: str, teacher: LoadedModel) -> ModelSource:
     )
 
 
+def copied_student(model: nn.Module, teacher: LoadedModel, spec: StudentSpec, init: Literal["truncate", "prune"],
+                   teacher_blocks: tuple[int, ...]) -> LoadedStudent:  # fmt: skip
+    """A student whose weights were copied out of the teacher (`truncate:`, `prune:`), in eval mode,
+    sharing the teacher's tokenizer and provenance."""
+    model.eval()
+    return LoadedStudent(model=model, tokenizer=teacher.tokenizer, config=model.config,
+                         source=_derived_source(spec.text, teacher), new_weights=teacher.new_weights, init=init,
+                         spec=spec.text, teacher_blocks=teacher_blocks)  # fmt: skip
+
+
 def _refuse_heterogeneous(spec: StudentSpec, config: PretrainedConfig) -> None:
     """transformers 5 configs may carry per-layer overrides (`per_layer_config`); geokd does not
     re-index them yet, so a student of such a teacher would silently get the wrong layers."""
@@ -369,17 +379,7 @@ class StudentBuilder(abc.ABC):
                 source_key = f"{prefix}.{kept[int(index)]}.{tail}"
             state[key] = teacher_state[source_key]
         student.load_state_dict(state, strict=True)  # copies into the student's own tensors
-        student.eval()
-        return LoadedStudent(
-            model=student,
-            tokenizer=teacher.tokenizer,
-            config=student.config,
-            source=_derived_source(spec.text, teacher),
-            new_weights=teacher.new_weights,
-            init="truncate",
-            spec=spec.text,
-            teacher_blocks=kept,
-        )
+        return copied_student(student, teacher, spec, "truncate", kept)
 
     @abc.abstractmethod
     def shrink_config(self, spec: StudentSpec, teacher: LoadedModel) -> PretrainedConfig:

@@ -41,6 +41,15 @@ def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mask, following[mask]
 
 
+def teacher_view(batch: dict[str, torch.Tensor], own: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the teacher's inputs, its labels) of a batch: the batch itself, or with `own` (different
+    tokenizers, `PairedCollator`) the teacher's own tokenisation of the same examples."""
+    if not own:
+        return batch, batch["labels"]
+    return ({"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]},
+            batch["teacher_labels"])  # fmt: skip
+
+
 def aligned_rows(student_positions: torch.Tensor, teacher_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ULD's alignment (`geokd.losses.uld.uld_positions`): for each example, its first
     min(n_student, n_teacher) response positions on each side. Returns boolean masks over the
@@ -257,14 +266,14 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             trust_remote_code=config.trust_remote_code,
         )
         def calibration() -> list[dict[str, torch.Tensor]]:  # prune: seeded training examples
-            from geokd.flexkd import sample_indices
+            from geokd.flexkd import batches_of, sample_indices
 
             features, _ = instruct.tokenize_instruct(train_split, teacher.tokenizer, template=config.template,
                                                      max_prompt_length=config.max_prompt_length,
                                                      max_length=config.max_length)  # fmt: skip
-            picked = [features[i] for i in sample_indices(len(features), config.prune_samples, config.seed)]
+            picked = sample_indices(len(features), config.prune_samples, config.seed)
             collate = instruct.make_instruct_collate(teacher.tokenizer)
-            return [collate(picked[k : k + config.batch_size]) for k in range(0, len(picked), config.batch_size)]
+            return list(batches_of(features, picked, collate, config.batch_size, runtime.device))
 
         if models_lib.parse_student_spec(config.student).kind == "prune":
             teacher.model.to(runtime.device)  # the calibration pass runs where training will
@@ -426,10 +435,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             t_feats = models_lib.extract_features(t_out.hidden_states, batch["teacher_attention_mask"], teacher_layers,
                                                   "mean")  # fmt: skip
         elif needs_teacher:
-            t_batch, t_labels = batch, batch["labels"]
-            if cross is not None:
-                t_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-                t_labels = batch["teacher_labels"]
+            t_batch, t_labels = teacher_view(batch, cross is not None)
             t_positions, _ = response_positions(t_labels)
             with torch.no_grad(), runtime.autocast():
                 t_out = _base_forward(teacher.model, t_batch, bool(layer_pairs))  # type: ignore[union-attr]

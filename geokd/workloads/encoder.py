@@ -75,12 +75,12 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
             trust_remote_code=config.trust_remote_code,
         )
         def calibration() -> list[dict[str, torch.Tensor]]:  # prune: seeded training examples
-            from geokd.flexkd import sample_indices
+            from geokd.flexkd import batches_of, sample_indices
 
             features = data_lib.tokenize_examples(train_split, teacher.tokenizer, config.max_length)
-            picked = [features[i] for i in sample_indices(len(features), config.prune_samples, config.seed)]
+            picked = sample_indices(len(features), config.prune_samples, config.seed)
             collate = data_lib.make_collate_fn(teacher.tokenizer, task)
-            return [collate(picked[k : k + config.batch_size]) for k in range(0, len(picked), config.batch_size)]
+            return list(batches_of(features, picked, collate, config.batch_size, runtime.device))
 
         if models_lib.parse_student_spec(config.student).kind == "prune":
             teacher.model.to(runtime.device)  # the calibration pass runs where training will
