@@ -26,6 +26,8 @@ import json
 import subprocess
 import sys
 import time
+
+import torch
 from pathlib import Path
 
 from geokd.artifacts import update_markdown_section
@@ -42,6 +44,17 @@ DECODER_STUDENT = "prune:hidden=384,heads=6,kv_heads=2,intermediate=1024"
 DECODER_LOSSES = ("none", "procrustes", "flexkd")
 TASKS = {"mrpc": "MRPC", "stsb": "STS-B"}
 PRIMARY = {"mrpc": "f1", "stsb": "pearson"}
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s]
+
+
+def _per_task(text: str, task: str) -> int:
+    """`2` for every task, or `mrpc=2,stsb=1`."""
+    if "=" not in text:
+        return int(text)
+    return int(dict(item.split("=") for item in text.split(","))[task])
 
 
 def _teacher(task: str, glue: Path, out: Path, quick: bool) -> Path:
@@ -66,14 +79,19 @@ def encoders(args: argparse.Namespace) -> list[str]:
             for loss in ENCODER_LOSSES:
                 root = out / task / f"{kind}-{loss}"
                 flags = {"teacher": str(teacher), "student": spec, "task": task, "data": str(glue / TASKS[task]),
-                         "out": str(root), "resume": "auto" if root.exists() else None, "loss": loss, "layers": "uniform", "features": "cls", "alpha": 0.5,
-                         "lr": 2e-4, "epochs": 2, "batch_size": 32, "max_length": 128, "flexkd_samples": 1024,
+                         "out": str(root), "loss": loss, "layers": "uniform", "features": "cls", "alpha": 0.5,
+                         "lr": 2e-4, "epochs": _per_task(args.epochs, task), "batch_size": 32, "max_length": 128, "flexkd_samples": 1024,
                          "prune_samples": 256, **({"max_steps": 3, "flexkd_samples": 64, "prune_samples": 32}
                                                   if args.quick else {})}  # fmt: skip
-                started = time.perf_counter()
-                train_seeds(resolve_config("distill", flags=flags), [1, 2, 3] if not args.quick else [1])
+                for seed in _seeds(args.seeds if kind == "prune" else args.shrink_seeds) if not args.quick else [1]:
+                    if (root / f"seed-{seed}" / "results.json").is_file():
+                        continue
+                    # One seed at a time, so each seed's wall time is its own (a resumed seed is flagged).
+                    resumed, started = (root / f"seed-{seed}").exists(), time.perf_counter()
+                    train_seeds(resolve_config("distill", flags={**flags, "resume": "auto" if root.exists() else None}), [seed])
+                    wall = {"seconds": time.perf_counter() - started, "resumed": resumed, "threads": torch.get_num_threads()}
+                    (root / f"seed-{seed}" / "wall.json").write_text(json.dumps(wall))
                 groups[f"{kind} {loss}"] = sorted(root.glob("seed-*"))
-                (root / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
                 if kind == "prune" and init is None:
                     results = json.loads((groups[f"{kind} {loss}"][0] / "results.json").read_text())
                     init = results.get("init_metrics")
@@ -94,7 +112,9 @@ def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path) ->
         ci = versus.get("ci95")
         paired = versus.get("paired") or {}
         kind = cfg["student"].split(":")[0]
-        wall = json.loads((out / task / f"{kind}-{cfg['loss']}" / "wall.json").read_text())["seconds"] / max(1, group["n"])
+        walls = [json.loads(w.read_text()) for w in (out / task / f"{kind}-{cfg['loss']}").glob("seed-*/wall.json")]
+        fresh = [w["seconds"] for w in walls if not w["resumed"]] or [float("nan")]
+        wall = sum(fresh) / len(fresh)
         rows.append(
             f"| {cfg['student']} | {cfg['loss']} | {group['n']} | {group['mean']:.4f} | "
             f"{'–' if group['std'] is None else format(group['std'], '.4f')} | "
@@ -123,15 +143,16 @@ def decoders(args: argparse.Namespace) -> list[str]:
         started = time.perf_counter()
         if not (run / "results.json").is_file():
             layers = ["--layers", "uniform"] if loss != "none" else []
-            steps = ["--max-steps", "3" if args.quick else "300"]
+            steps = ["--max-steps", "3" if args.quick else str(args.steps)]
             subprocess.run([sys.executable, "-m", "geokd", "distill", "--teacher", "smollm2", "--student", DECODER_STUDENT,
                             "--task", "instruct", "--data", str(subset), "--loss", loss, *layers, "--alpha", "0.5",
-                            "--batch-size", "8", "--lr", "2e-4", *steps, "--flexkd-samples", "256", "--out", str(run),
+                            "--batch-size", "8", "--lr", "2e-4", *steps, "--max-length", "256", "--flexkd-samples", "128",
+                            "--prune-samples", "128", "--out", str(run),
                             "--quiet", *(["--resume", "auto"] if run.exists() else [])], check=True)  # fmt: skip
             (run / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
         target = out / f"eval-{loss}.json"
         if not target.is_file():
-            limit = ["--limit", "8"] if args.quick else []
+            limit = ["--limit", "8"] if args.quick else (["--limit", str(args.eval_limit)] if args.eval_limit else [])
             subprocess.run([sys.executable, "-m", "geokd", "eval", str(run), "--task", "instruct", "--data",
                             str(data / "dolly" / "eval.jsonl"), "--json", str(target), "--quiet", *limit], check=True)  # fmt: skip
         results = json.loads((run / "results.json").read_text())
@@ -148,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glue", default=None, help="GLUE root (default: $GEOKD_DATA/glue)")
     parser.add_argument("--tasks", default="mrpc,stsb")
     parser.add_argument("--out", default="runs/narrow")
+    parser.add_argument("--seeds", default="1,2,3", help="seeds of the pruned students")
+    parser.add_argument("--shrink-seeds", default="1,2,3", help="seeds of the random-init (shrink:) students")
+    parser.add_argument("--epochs", default="2", help="student epochs: N, or per task as mrpc=2,stsb=1")
+    parser.add_argument("--steps", type=int, default=300, help="decoder training steps (batch 8)")
+    parser.add_argument("--eval-limit", type=int, default=0, help="decoders: score the first N DollyEval prompts (0: all)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     lines = encoders(args) if args.part == "encoders" else decoders(args)
