@@ -26,9 +26,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 from geokd.artifacts import update_markdown_section
 from geokd.compare import compare_runs
@@ -83,13 +83,24 @@ def encoders(args: argparse.Namespace) -> list[str]:
                          "lr": 2e-4, "epochs": _per_task(args.epochs, task), "batch_size": 32, "max_length": 128, "flexkd_samples": 1024,
                          "prune_samples": 256, **({"max_steps": 3, "flexkd_samples": 64, "prune_samples": 32}
                                                   if args.quick else {})}  # fmt: skip
-                for seed in _seeds(args.seeds if kind == "prune" else args.shrink_seeds) if not args.quick else [1]:
+                for seed in (
+                    _seeds(args.seeds if kind == "prune" else args.shrink_seeds) if not args.quick else [1]
+                ):
                     if (root / f"seed-{seed}" / "results.json").is_file():
                         continue
                     # One seed at a time, so each seed's wall time is its own (a resumed seed is flagged).
                     resumed, started = (root / f"seed-{seed}").exists(), time.perf_counter()
-                    train_seeds(resolve_config("distill", flags={**flags, "resume": "auto" if root.exists() else None}), [seed])
-                    wall = {"seconds": time.perf_counter() - started, "resumed": resumed, "threads": torch.get_num_threads()}
+                    train_seeds(
+                        resolve_config(
+                            "distill", flags={**flags, "resume": "auto" if root.exists() else None}
+                        ),
+                        [seed],
+                    )
+                    wall = {
+                        "seconds": time.perf_counter() - started,
+                        "resumed": resumed,
+                        "threads": torch.get_num_threads(),
+                    }
                     (root / f"seed-{seed}" / "wall.json").write_text(json.dumps(wall))
                 groups[f"{kind} {loss}"] = sorted(root.glob("seed-*"))
                 if kind == "prune" and init is None:
@@ -112,7 +123,9 @@ def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path) ->
         ci = versus.get("ci95")
         paired = versus.get("paired") or {}
         kind = cfg["student"].split(":")[0]
-        walls = [json.loads(w.read_text()) for w in (out / task / f"{kind}-{cfg['loss']}").glob("seed-*/wall.json")]
+        walls = [
+            json.loads(w.read_text()) for w in (out / task / f"{kind}-{cfg['loss']}").glob("seed-*/wall.json")
+        ]
         fresh = [w["seconds"] for w in walls if not w["resumed"]] or [float("nan")]
         wall = sum(fresh) / len(fresh)
         rows.append(
@@ -123,7 +136,10 @@ def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path) ->
             f"{'' if paired.get('p') is None else format(paired['p'], '.3f')} | {wall / 60:.1f} min |"
         )
     if init is not None:
-        rows += ["", f"The pruned student before any training: {metric} {init.get(metric, float('nan')):.4f}."]
+        rows += [
+            "",
+            f"The pruned student before any training: {metric} {init.get(metric, float('nan')):.4f}.",
+        ]
     return [*rows, ""]
 
 
@@ -152,7 +168,11 @@ def decoders(args: argparse.Namespace) -> list[str]:
             (run / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
         target = out / f"eval-{loss}.json"
         if not target.is_file():
-            limit = ["--limit", "8"] if args.quick else (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+            limit = (
+                ["--limit", "8"]
+                if args.quick
+                else (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+            )
             subprocess.run([sys.executable, "-m", "geokd", "eval", str(run), "--task", "instruct", "--data",
                             str(data / "dolly" / "eval.jsonl"), "--json", str(target), "--quiet", *limit], check=True)  # fmt: skip
         results = json.loads((run / "results.json").read_text())
@@ -164,7 +184,9 @@ def decoders(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--part", choices=("encoders", "decoders"), default="encoders")
     parser.add_argument("--glue", default=None, help="GLUE root (default: $GEOKD_DATA/glue)")
     parser.add_argument("--tasks", default="mrpc,stsb")
@@ -173,14 +195,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shrink-seeds", default="1,2,3", help="seeds of the random-init (shrink:) students")
     parser.add_argument("--epochs", default="2", help="student epochs: N, or per task as mrpc=2,stsb=1")
     parser.add_argument("--steps", type=int, default=300, help="decoder training steps (batch 8)")
-    parser.add_argument("--eval-limit", type=int, default=0, help="decoders: score the first N DollyEval prompts (0: all)")
+    parser.add_argument(
+        "--eval-limit", type=int, default=0, help="decoders: score the first N DollyEval prompts (0: all)"
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     lines = encoders(args) if args.part == "encoders" else decoders(args)
     header = ["## Narrow students: pruned vs random init, Flex-KD vs geometry losses (issue #13)", ""]
     if args.quick:
         header += ["**--quick run: a few steps each; these numbers only check the plumbing.**", ""]
-    update_markdown_section(ROOT / "docs" / "results.md", f"narrow-students-{args.part}", "\n".join(header + lines))
+    update_markdown_section(
+        ROOT / "docs" / "results.md", f"narrow-students-{args.part}", "\n".join(header + lines)
+    )
     print("\n".join(header + lines))
 
 
