@@ -162,7 +162,7 @@ def decoders(args: argparse.Namespace) -> list[str]:
             steps = ["--max-steps", "3" if args.quick else str(args.steps)]
             subprocess.run([sys.executable, "-m", "geokd", "distill", "--teacher", "smollm2", "--student", DECODER_STUDENT,
                             "--task", "instruct", "--data", str(subset), "--loss", loss, *layers, "--alpha", "0.5",
-                            "--batch-size", "8", "--lr", "2e-4", *steps, "--max-length", "256", "--flexkd-samples", "128",
+                            "--batch-size", "8", "--lr", "2e-4", *steps, "--max-length", "384", "--flexkd-samples", "128",
                             "--prune-samples", "128", "--out", str(run),
                             "--quiet", *(["--resume", "auto"] if run.exists() else [])], check=True)  # fmt: skip
             (run / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
