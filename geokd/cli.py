@@ -591,6 +591,7 @@ def distill(
     lr: float = _LR,
     batch_size: int = _BATCH_SIZE,
     grad_accum: int = _GRAD_ACCUM,
+    geometry_batch: str = _O(None, "--geometry-batch", help="With --grad-accum: global (feature losses over the step's whole batch, default; one extra student forward per micro-batch) or micro (each micro-batch's own)."),
     max_length: int = _MAX_LENGTH,
     format: str = _FORMAT,
     template: str = _TEMPLATE,

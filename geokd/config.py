@@ -28,7 +28,8 @@ MODES = ("finetune", "distill")
 FLAG_ONLY = ("trust_remote_code",)
 # Keys that only mean something to distill (not printed for finetune).
 DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features",
-                "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output", "prune_samples")
+                "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output", "prune_samples",
+                "geometry_batch")
 # Keys that only mean something for --task instruct.
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
@@ -39,6 +40,9 @@ KD_KINDS = ("forward", "reverse", "jsd", "skew-forward", "skew-reverse", "tvd", 
 TEMPLATES = ("alpaca", "chat")
 FLEXKD_BASES = ("dims", "tangent")  # geokd.losses.flexkd
 FLEXKD_OUTPUTS = ("prediction", "label")  # geokd.flexkd
+# With --grad-accum: batch-geometry losses over the step's whole batch (GradCache-style, the
+# default) or over each micro-batch on its own (the pre-0.2 behaviour, one forward less).
+GEOMETRY_BATCHES = ("global", "micro")
 INSTRUCT_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "chat", "prompt-completion")
 # `--task instruct` (decoders, issue #11) changes these defaults when they are not given: token rows
 # (the geometry paper aligns decoder token representations), MiniLLM's 512-token sequences, and
@@ -98,6 +102,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     batch_size: int = 32
     grad_accum: int = 1
+    geometry_batch: str = "global"  # feature losses over the step's batch or each micro-batch
     seed: int = 42
     # bookkeeping
     eval_every: int | None = None
@@ -188,6 +193,9 @@ def validation_problems(config: RunConfig) -> list[str]:
         p.append(f"kd_beta: the JSD mixture weight must be in (0, 1), got {config.kd_beta}")
     if not 0.0 <= config.kd_skew < 1.0:
         p.append(f"kd_skew: the skew must be in [0, 1), got {config.kd_skew}")
+    if config.geometry_batch not in GEOMETRY_BATCHES:
+        p.append(f"geometry_batch: must be global (feature losses over the step's whole batch) or micro (over each "
+                 f"micro-batch), got {config.geometry_batch!r}")  # fmt: skip
     if config.flexkd_basis not in FLEXKD_BASES:
         p.append(f"flexkd_basis: must be dims (teacher coordinates) or tangent (principal gradient directions), "
                  f"got {config.flexkd_basis!r}")  # fmt: skip

@@ -180,15 +180,28 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
     return factor
 
 
-def _check_finite(output: LossOutput, step: int, run_dir: Path) -> None:
-    if not torch.isfinite(output.total):
-        bad = [name for name, value in output.terms.items() if not torch.isfinite(value)]
+def _accumulate(terms: dict[str, torch.Tensor], output: LossOutput, weight: float) -> None:
+    """Add a micro-batch's total and terms, weighted, to the step's on-device sums (no host sync)."""
+    for name, value in (("loss", output.total.detach()), *output.terms.items()):
+        terms[name] = terms[name] + value * weight if name in terms else value * weight
+
+
+def _synced_record(terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, step: int, run_dir: Path) -> dict[str, float]:
+    """The step's one host synchronisation: every logged term and the gradient norm come to the
+    host together, and a non-finite one stops the run before the optimizer update, so no NaN
+    reaches the weights or a checkpoint."""
+    names = [*terms, "grad_norm"]
+    values = torch.stack([*(v.float() for v in terms.values()), grad_norm.float().to(terms["loss"].device)]).tolist()
+    record = dict(zip(names, values, strict=True))
+    bad = [name for name, value in record.items() if not math.isfinite(value)]
+    if bad:
         latest = latest_checkpoint(run_dir)
         kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
         raise GeokdError(
-            f"non-finite loss at step {step} (terms: {', '.join(bad) or 'total'}); training stopped and "
+            f"non-finite loss at step {step} (terms: {', '.join(bad)}); training stopped and "
             f"{kept}; lower --lr or check the data"
         )
+    return record
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -320,6 +333,63 @@ def resolve_resume(
         return checkpoint, manifest
     checkpoint = Path(config.resume)
     return checkpoint, ckpt.verify_checkpoint(checkpoint)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _global_geometry_step(
+    work: Any, batches: list[dict[str, torch.Tensor]], weights: list[float], device: torch.device, step: int,
+    run_dir: Path,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One optimizer step's gradients with the feature losses over the rows of all its
+    micro-batches (`--geometry-batch global`), in the style of GradCache (Gao et al., 2021):
+
+    1. each micro-batch runs forward without a graph and keeps only its mapped feature rows
+       (S_i for the student, T_i for the teacher);
+    2. the feature terms F = α·Σ_pairs L(S, T) are evaluated on the concatenated rows S = [S_1; ...]
+       and differentiated once: g_i = ∂F/∂S_i (projection heads get their gradient here);
+    3. each micro-batch runs forward again with a graph, from the same RNG state (same dropout
+       masks), and backpropagates w_i·(task_i + KD_i) + ⟨S_i, g_i⟩.
+
+    Since ∂F/∂θ = Σ_i ⟨g_i, ∂S_i/∂θ⟩, the gradient is the one-big-batch gradient (tested). The
+    cost is one extra forward of both models per micro-batch; memory holds one micro-batch's
+    graph plus the step's feature rows. Returns the step's logged terms, on the device."""
+    objective = work.objective
+    states = []
+    with objective.collecting(features_only=True) as first, torch.no_grad():
+        for batch in batches:
+            states.append(_rng_state(device))
+            work.step(batch)
+    pairs = len(objective.layer_pairs)
+    counts = [rows[0][0].shape[0] for rows in first]  # rows per micro-batch (the same for every pair)
+    student_rows = [torch.cat([rows[0][p] for rows in first]).float().requires_grad_(True) for p in range(pairs)]
+    teacher_rows = [torch.cat([rows[1][p] for rows in first]) for p in range(pairs)]
+    del first
+    feature_terms: dict[str, torch.Tensor] = {}
+    features = objective.add_feature_terms(student_rows[0].new_zeros(()), feature_terms, student_rows, teacher_rows)
+    features.backward()
+    row_grads = [rows.grad.split(counts) for rows in student_rows]  # type: ignore[union-attr]
+    terms_sum: dict[str, torch.Tensor] = {}
+    with objective.collecting(features_only=False) as again:
+        for index, (batch, weight, state) in enumerate(zip(batches, weights, states, strict=True)):
+            _set_rng_state(state, device)
+            output = work.step(batch)
+            rows = again[-1][0]
+            surrogate = sum((rows[p].float() * row_grads[p][index]).sum() for p in range(pairs))
+            (output.total * weight + surrogate).backward()
+            again.clear()
+            _accumulate(terms_sum, output, weight)
+    terms_sum["loss"] = terms_sum["loss"] + features.detach()
+    terms_sum.update({name: value.detach() for name, value in feature_terms.items()})
+    return terms_sum
 
 
 def total_optimizer_steps(n_examples: int, batch_size: int, grad_accum: int, epochs: float) -> int:
@@ -723,6 +793,11 @@ def _train(
     last_saved_step, last_save_time = step, time.monotonic()
     last_checkpoint: Path | None = checkpoint
     window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+    # --geometry-batch global: the batch-level feature losses see the rows of all the step's
+    # micro-batches (only needed, and only paid for, when there are several and a feature loss).
+    global_geometry = (
+        config.geometry_batch == "global" and config.grad_accum > 1 and bool(getattr(objective, "layer_pairs", None))
+    )
     while step < total_steps:
         # Draw the step's micro-batches first, so each is weighted by its share of the step's
         # examples (an epoch's short last batch counts for what it holds): sums and counts, never
@@ -742,22 +817,22 @@ def _train(
         # A micro-batch weighs its share of the step's examples (encoders) or response tokens
         # (decoders): the step's loss is a sum over the step divided by its count.
         sizes = [work.size(batch) for batch in micro_batches]
-        terms_sum: dict[str, float] = {}
-        for batch, size in zip(micro_batches, sizes, strict=True):
-            weight = size / max(1, sum(sizes))
-            batch = {k: v.to(runtime.device) for k, v in batch.items()}
-            output = work.step(batch)
-            _check_finite(output, step + 1, run_dir)
-            (output.total * weight).backward()
-            for name, value in output.as_floats().items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + value * weight
+        weights = [size / max(1, sum(sizes)) for size in sizes]
+        on_device = [{k: v.to(runtime.device) for k, v in batch.items()} for batch in micro_batches]
+        if global_geometry:
+            terms_sum = _global_geometry_step(work, on_device, weights, runtime.device, step + 1, run_dir)
+        else:
+            terms_sum = {}
+            for batch, weight in zip(on_device, weights, strict=True):
+                output = work.step(batch)
+                (output.total * weight).backward()
+                _accumulate(terms_sum, output, weight)
         window_examples += step_examples
         # Tokens the models read (prompt and response, padding excluded): the throughput that
         # compares across tasks and sequence lengths.
         window_tokens += sum(int(batch["attention_mask"].sum()) for batch in micro_batches if "attention_mask" in batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if not torch.isfinite(grad_norm):  # never let NaN/inf reach the weights or a checkpoint
-            _check_finite(LossOutput(total=grad_norm, terms={"grad_norm": grad_norm}), step + 1, run_dir)
+        synced = _synced_record(terms_sum, grad_norm, step + 1, run_dir)  # the step's one host sync
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -766,9 +841,9 @@ def _train(
         record = {
             "step": step,
             "epoch": epoch + cursor / max(1, len(train_features)),
-            **terms_sum,
+            **{name: value for name, value in synced.items() if name != "grad_norm"},
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "grad_norm": synced["grad_norm"],
             "examples_per_s": window_examples / max(elapsed, 1e-9),
             "tokens_per_s": window_tokens / max(elapsed, 1e-9),
         }

@@ -13,6 +13,8 @@ plain logit KD + task loss). Finetuning is `Objective(..., mode="finetune")`: th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +57,23 @@ class Objective(nn.Module):
             build_feature_loss(loss, student_dim, teacher_dim, **options) for _ in self.layer_pairs
         )
 
+    # The global geometry batch (geokd.engine, --geometry-batch global): while `collecting`, each
+    # call's feature rows are appended to a list instead of becoming feature terms, so the engine
+    # can evaluate the batch-level losses once over the rows of all the step's micro-batches.
+    _collected: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+    _features_only = False
+
+    @contextmanager
+    def collecting(self, features_only: bool) -> Iterator[list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        """Within the block, forward() adds no feature terms; each call appends its (student rows,
+        teacher rows) per layer pair to the yielded list. `features_only`: forward() computes
+        nothing else either and returns a zero total (the rows-only first pass)."""
+        self._collected, self._features_only = [], features_only
+        try:
+            yield self._collected
+        finally:
+            self._collected, self._features_only = None, False
+
     def term_names(self) -> list[str]:
         names = ["task"]
         if self.mode == "distill":
@@ -70,6 +89,9 @@ class Objective(nn.Module):
         student_features: list[torch.Tensor] | None = None,  # per pair: [n, d_s]
         teacher_features: list[torch.Tensor] | None = None,  # per pair: [n, d_t]
     ) -> LossOutput:
+        if self._features_only:
+            self.add_feature_terms(student_logits.new_zeros(()), {}, student_features, teacher_features)
+            return LossOutput(total=student_logits.new_zeros(()))
         terms: dict[str, torch.Tensor] = {}
         task = task_loss(student_logits, labels)
         terms["task"] = task
@@ -96,6 +118,9 @@ class Objective(nn.Module):
             return total
         if student_features is None or teacher_features is None:
             raise ValueError("feature loss needs student and teacher features for every layer pair")
+        if self._collected is not None:
+            self._collected.append((list(student_features), list(teacher_features)))
+            return total
         for (s_layer, t_layer), loss_fn, s, t in zip(
             self.layer_pairs, self.feature_losses, student_features, teacher_features, strict=True
         ):

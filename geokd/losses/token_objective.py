@@ -106,6 +106,9 @@ class TokenObjective(Objective):
         the KD term is their mean ULD. Both together (`kd="uld"` from a cache): `aligned[0]` holds
         the student's aligned rows, `cached_targets` the cache's at the same positions, and the KD
         term is the mean top-k ULD (`geokd.losses.uld.topk_uld_distance`)."""
+        if self._features_only:  # the rows-only first pass of --geometry-batch global
+            self.add_feature_terms(student_hidden.new_zeros(()), {}, student_features, teacher_features)
+            return LossOutput(total=student_hidden.new_zeros(()))
         n = max(1, int(targets.shape[0]))
         terms: dict[str, torch.Tensor] = {}
         sft = chunked_cross_entropy(student_hidden, student_head, targets, self.vocab, self.chunk_tokens) / n

@@ -115,6 +115,10 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     train_features = data_lib.tokenize_examples(train_split, tokenizer, config.max_length)
     dev_features = data_lib.tokenize_examples(dev_split, tokenizer, config.max_length)
     collate = data_lib.make_collate_fn(tokenizer, task)
+    if config.features == "cls" and config.loss != "none" and getattr(tokenizer, "padding_side", "right") == "left":
+        raise GeokdError(
+            "features: cls pooling reads position 0, but the tokenizer pads on the left; use --features mean"
+        )
 
     layer_pairs: list[tuple[int, int]] = []
     if teacher_info is not None and config.loss != "none":

@@ -158,6 +158,23 @@ def test_micro_batches_weigh_their_response_tokens(llama_dir, instruct_dir, tmp_
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
+@pytest.mark.parametrize("loss", ["procrustes", "cka", "flexkd"])
+def test_global_geometry_batch_over_response_token_rows(loss, llama_dir, instruct_dir, tmp_path):
+    """--geometry-batch global (the default) for token rows: 2 micro-batches of 4 give one batch
+    of 8's feature terms, loss and gradient norm; --geometry-batch micro gives other feature terms."""
+    common = dict(loss=loss, layers="1:1,2:4", max_steps=1, save_every=None, flexkd_samples=16)
+    train(_config(llama_dir, instruct_dir, tmp_path / "big", batch_size=8, **common))
+    train(_config(llama_dir, instruct_dir, tmp_path / "acc", batch_size=4, grad_accum=2, **common))
+    train(_config(llama_dir, instruct_dir, tmp_path / "micro", batch_size=4, grad_accum=2, geometry_batch="micro",
+                  **common))  # fmt: skip
+    one, two, micro = (_records(tmp_path / name)[0] for name in ("big", "acc", "micro"))
+    features = [key for key in one if key.startswith("feature/")]
+    assert len(features) == 2
+    for key in ("loss", "sft", "kd", "grad_norm", *features):
+        assert two[key] == pytest.approx(one[key], rel=2e-5), key
+    assert max(abs(micro[key] - one[key]) for key in features) > 1e-4
+
+
 def test_resume_is_bit_identical_for_a_decoder_run(llama_dir, instruct_dir, tmp_path):
     straight = train(_config(llama_dir, instruct_dir, tmp_path / "a"))
 
