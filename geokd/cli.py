@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,6 +332,10 @@ def _run_training(
     from geokd.config import resolve_config
     from geokd.engine import RunInterrupted, parse_seeds, train, train_seeds
 
+    # Under torchrun rank 0 speaks for the job (the engine also keeps the others quiet); errors
+    # are printed by every rank, since one rank may fail alone.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    quiet = quiet or not main_rank
     with user_errors():
         if log_format not in ("text", "json"):
             raise GeokdError(f"--log-format: expected text or json, got {log_format!r}")
@@ -382,6 +387,8 @@ def _run_training(
                 )
 
         def finished(result) -> None:
+            if not main_rank:
+                return
             if as_json:
                 _json_line(
                     "finished", run_dir=str(result.run_dir), final_dir=str(result.final_dir),

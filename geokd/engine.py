@@ -42,6 +42,7 @@ from torch import nn
 
 import geokd
 from geokd import checkpoints as ckpt
+from geokd import distributed
 from geokd.artifacts import (
     LOCK_NAME,
     DirectoryLock,
@@ -186,13 +187,22 @@ def _accumulate(terms: dict[str, torch.Tensor], output: LossOutput, weight: floa
         terms[name] = terms[name] + value * weight if name in terms else value * weight
 
 
-def _synced_record(terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, step: int, run_dir: Path) -> dict[str, float]:
+def _synced_record(
+    terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, counts: dict[str, float], step: int, run_dir: Path
+) -> tuple[dict[str, float], dict[str, float]]:
     """The step's one host synchronisation: every logged term and the gradient norm come to the
     host together, and a non-finite one stops the run before the optimizer update, so no NaN
-    reaches the weights or a checkpoint."""
+    reaches the weights or a checkpoint. Under torchrun the same vector is summed over the ranks
+    first (one all-reduce): each rank's terms carry the weight W·share, so the sum over ranks / W is
+    the global mean; `counts` (tokens read, a stop signal seen) are summed."""
+    device = terms["loss"].device
+    world = distributed.world_size()
     names = [*terms, "grad_norm"]
-    values = torch.stack([*(v.float() for v in terms.values()), grad_norm.float().to(terms["loss"].device)]).tolist()
-    record = dict(zip(names, values, strict=True))
+    vector = torch.stack([*(v.float() for v in terms.values()), grad_norm.float().to(device)])
+    vector = torch.cat([vector, torch.tensor(list(counts.values()), dtype=torch.float32, device=device)])
+    values = distributed.all_reduce_sum(vector).tolist()
+    record = {name: value / world for name, value in zip(names, values, strict=False)}
+    summed = dict(zip(counts, values[len(names) :], strict=True))
     bad = [name for name, value in record.items() if not math.isfinite(value)]
     if bad:
         latest = latest_checkpoint(run_dir)
@@ -201,7 +211,7 @@ def _synced_record(terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, step
             f"non-finite loss at step {step} (terms: {', '.join(bad)}); training stopped and "
             f"{kept}; lower --lr or check the data"
         )
-    return record
+    return record, summed
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -289,11 +299,18 @@ class MetricsLog:
 
 
 def batches(
-    order: list[int], start: int, batch_size: int, features: list[dict[str, Any]], collate: Callable
-) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield (index of the batch's first example in `order`, collated batch) from `start` on."""
+    order: list[int], start: int, batch_size: int, features: list[dict[str, Any]], collate: Callable,
+    rank: int = 0, world: int = 1,
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:  # fmt: skip
+    """Yield (index of the batch's first example in `order`, examples in the global batch, this
+    rank's collated shard) from `start` on. Under torchrun each rank collates its contiguous shard
+    of the global batch (geokd.distributed.shard); a global batch with fewer examples than ranks
+    (only possible as an epoch's last) is skipped, so no rank is idle; a single process would read it."""
     for first in range(start, len(order), batch_size):
-        yield first, collate([features[i] for i in order[first : first + batch_size]])
+        chosen = order[first : first + batch_size]
+        if len(chosen) < world:
+            continue
+        yield first, len(chosen), collate([features[i] for i in distributed.shard(chosen, rank, world)])
 
 
 def _same_value(name: str, saved: Any, current: Any) -> bool:
@@ -447,7 +464,10 @@ def _check_out_dir(config: RunConfig, holds: str, is_run: Callable[[Path], bool]
 
 
 def prepare_run_dir(config: RunConfig) -> Path:
-    """Check `--out` (see `_check_out_dir`) and the saved config when resuming. Creates nothing."""
+    """Check `--out` (see `_check_out_dir`) and the saved config when resuming. Creates nothing.
+    Under torchrun only rank 0 checks (the others would race with what it writes)."""
+    if os.environ.get("RANK", "0") != "0":
+        return Path(config.out)  # type: ignore[arg-type]
     run_dir = _check_out_dir(config, "a run")
     if config.resume is not None and (run_dir / "config.yaml").exists():
         check_resume_config(read_config(run_dir / "config.yaml"), config)
@@ -622,6 +642,9 @@ def train(
     transformers.utils.logging.disable_progress_bar()
     warn = on_warning or _warn_stderr
     runtime = resolve_runtime(config.device)
+    distributed.init(runtime.device)
+    if not runtime.is_main:  # one voice: rank 0 prints the summary, the progress and the warnings
+        progress, on_start, warn = None, None, lambda message: None
     if config.data is not None and Path(config.data).is_file():
         raise GeokdError(
             f"--data: {config.data!r} is a single file, so train and dev would be the same rows; pass a "
@@ -638,7 +661,7 @@ def train(
 
 
 def _prepare_flexkd(config: RunConfig, work: Any, run_dir: Path, resumed: bool,
-                    warn: Callable[[str], None]) -> dict[str, Any] | None:  # fmt: skip
+                    warn: Callable[[str], None], write: bool = True) -> dict[str, Any] | None:  # fmt: skip
     """`--loss flexkd`: fill the objective's teacher selections before the first step (a resumed
     run has them from its checkpoint); the summary the run prints and env.json records."""
     from geokd import flexkd as flexkd_lib
@@ -654,7 +677,7 @@ def _prepare_flexkd(config: RunConfig, work: Any, run_dir: Path, resumed: bool,
             "examples": len(indices), "seed": config.seed, "teacher_sha256": work.teacher_sha256,
             "data_fingerprint": work.data_fingerprint, "features": config.features, "max_length": config.max_length,
             "teacher_layers": sorted({t for _, t in work.layer_pairs})}  # fmt: skip
-    return flexkd_lib.prepare(work.objective, run_dir, meta, lambda: work.score_flexkd(indices), warn)
+    return flexkd_lib.prepare(work.objective, run_dir, meta, lambda: work.score_flexkd(indices), warn, write)
 
 
 def _train(
@@ -691,8 +714,10 @@ def _train(
     # Everything is checked: now the run directory is created (if new) and locked.
     if not claimed:
         claim.enter_context(claim_run_dir(config))
-    for stale in ckpt.remove_stale_temporaries(run_dir):
-        warn(f"removed {stale}, left behind by an interrupted save")
+    if runtime.is_main:
+        for stale in ckpt.remove_stale_temporaries(run_dir):
+            warn(f"removed {stale}, left behind by an interrupted save")
+    distributed.barrier()  # the other ranks read the run directory only once rank 0 has settled it
     checkpoint_record = {
         "config": requested.to_dict(),
         "teacher_sha256": work.teacher_sha256,
@@ -721,11 +746,12 @@ def _train(
                 f"with another loss, layer map or model, or it is damaged ({type(exc).__name__}); resume with the "
                 "options of that run"
             ) from None
-        if checkpoint.parent == run_dir / "checkpoints":
+        if checkpoint.parent == run_dir / "checkpoints" and runtime.is_main:
             for moved in ckpt.quarantine_newer(run_dir, checkpoint):
                 warn(f"moved {moved.name.removeprefix('skipped-')} (newer than the checkpoint resumed from) to {moved}")
-    flexkd_summary = _prepare_flexkd(config, work, run_dir, checkpoint is not None, warn)
-    save_config(requested, run_dir / "config.yaml")
+    flexkd_summary = _prepare_flexkd(config, work, run_dir, checkpoint is not None, warn, runtime.is_main)
+    if runtime.is_main:
+        save_config(requested, run_dir / "config.yaml")
     if on_start is not None:
         on_start(
             {
@@ -749,26 +775,27 @@ def _train(
                 "flexkd": flexkd_summary,
             }
         )
-    write_json(
-        run_dir / "env.json",
-        env_info(
-            runtime,
-            {
-                "task": work.task,
-                "student": student.source.to_dict(),
-                "teacher": teacher_info["source"] if teacher_info is not None else None,
-                "teacher_parameters": teacher_info["parameters"] if teacher_info is not None else None,
-                "student_parameters": models_lib.count_parameters(student.model),
-                "data": work.data,
-                "layer_pairs": layer_pairs,
-                "train_examples": len(train_features),
-                "dev_examples": work.dev_examples,
-                "total_steps": total_steps,
-                "flexkd": flexkd_summary,
-            },
-        ),
-    )
-    log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step)
+    if runtime.is_main:
+        write_json(
+            run_dir / "env.json",
+            env_info(
+                runtime,
+                {
+                    "task": work.task,
+                    "student": student.source.to_dict(),
+                    "teacher": teacher_info["source"] if teacher_info is not None else None,
+                    "teacher_parameters": teacher_info["parameters"] if teacher_info is not None else None,
+                    "student_parameters": models_lib.count_parameters(student.model),
+                    "data": work.data,
+                    "layer_pairs": layer_pairs,
+                    "train_examples": len(train_features),
+                    "dev_examples": work.dev_examples,
+                    "total_steps": total_steps,
+                    "flexkd": flexkd_summary,
+                },
+            ),
+        )
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step) if runtime.is_main else None
 
     def position() -> dict[str, int]:
         return {"epoch": epoch, "cursor": cursor}
@@ -788,7 +815,8 @@ def _train(
     if getattr(student, "init", None) == "prune" and step == 0 and runtime.is_main:
         write_json(init_path, {"step": 0, "split": work.dev_split, "metrics": work.evaluate()})
     order = epoch_order(len(train_features), config.seed, epoch)
-    stream = batches(order, cursor, config.batch_size, train_features, work.collate)
+    shard = (runtime.rank, runtime.world_size)
+    stream = batches(order, cursor, config.batch_size, train_features, work.collate, *shard)
     stop = claim.enter_context(_StopSignals())
     last_saved_step, last_save_time = step, time.monotonic()
     last_checkpoint: Path | None = checkpoint
@@ -803,21 +831,27 @@ def _train(
         # examples (an epoch's short last batch counts for what it holds): sums and counts, never
         # an average of averages.
         micro_batches = []
+        step_examples = 0
         for _ in range(config.grad_accum):
             try:
-                first, batch = next(stream)
+                first, count, batch = next(stream)
             except StopIteration:
                 epoch, cursor = epoch + 1, 0
                 order = epoch_order(len(train_features), config.seed, epoch)
-                stream = batches(order, 0, config.batch_size, train_features, work.collate)
-                first, batch = next(stream)
-            cursor = first + batch["example_id"].shape[0]
+                stream = batches(order, 0, config.batch_size, train_features, work.collate, *shard)
+                first, count, batch = next(stream)
+            cursor = first + count
+            step_examples += count
             micro_batches.append(batch)
-        step_examples = sum(batch["example_id"].shape[0] for batch in micro_batches)
         # A micro-batch weighs its share of the step's examples (encoders) or response tokens
-        # (decoders): the step's loss is a sum over the step divided by its count.
+        # (decoders), over all ranks: the step's loss is a sum over the step divided by its count.
+        # Under torchrun the weight is multiplied by the world size, which the gradient average
+        # divides out again.
         sizes = [work.size(batch) for batch in micro_batches]
-        weights = [size / max(1, sum(sizes)) for size in sizes]
+        step_size = sum(sizes)
+        if runtime.world_size > 1:
+            step_size = int(distributed.all_reduce_sum(torch.tensor([float(step_size)])).item())
+        weights = [runtime.world_size * size / max(1, step_size) for size in sizes]
         on_device = [{k: v.to(runtime.device) for k, v in batch.items()} for batch in micro_batches]
         if global_geometry:
             terms_sum = _global_geometry_step(work, on_device, weights, runtime.device, step + 1, run_dir)
@@ -828,11 +862,17 @@ def _train(
                 (output.total * weight).backward()
                 _accumulate(terms_sum, output, weight)
         window_examples += step_examples
-        # Tokens the models read (prompt and response, padding excluded): the throughput that
-        # compares across tasks and sequence lengths.
-        window_tokens += sum(int(batch["attention_mask"].sum()) for batch in micro_batches if "attention_mask" in batch)
+        # Tokens the models read (prompt and response, padding excluded; all ranks): the
+        # throughput that compares across tasks and sequence lengths.
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches if "attention_mask" in batch)
+        distributed.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        synced = _synced_record(terms_sum, grad_norm, step + 1, run_dir)  # the step's one host sync
+        counts = {"tokens": float(tokens), "stop": float(stop.received is not None)}
+        synced, summed = _synced_record(terms_sum, grad_norm, counts, step + 1, run_dir)  # the one host sync
+        window_tokens += int(summed["tokens"])
+        # A signal seen by any rank stops every rank after this same step (torchrun signals them
+        # all, but not at the same instant).
+        stopping = summed["stop"] > 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -851,20 +891,22 @@ def _train(
         if runtime.is_main:
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 record["eval"] = work.evaluate()
-            log.write(record)
+            log.write(record)  # type: ignore[union-attr]
         due = bool(config.save_every) and step % config.save_every == 0  # type: ignore[operator]
         if config.save_minutes and time.monotonic() - last_save_time >= 60.0 * config.save_minutes:
             due = True
-        if due or stop.received is not None:
+        if due or stopping:
             last_checkpoint = checkpoint_now() or last_checkpoint
             last_saved_step, last_save_time = step, time.monotonic()
         if progress is not None:
             progress({**record, "total_steps": total_steps})
-        if stop.received is not None:  # also a signal that arrived during the save or the progress call
+        # One process also stops for a signal that arrived during the save or the progress call;
+        # ranks stop together, on the flag they all reduced.
+        if stopping or (runtime.world_size == 1 and stop.received is not None):
             if last_saved_step != step:
                 last_checkpoint = checkpoint_now() or last_checkpoint
                 last_saved_step = step
-            raise RunInterrupted(stop.received, step, last_checkpoint, run_dir)
+            raise RunInterrupted(stop.received or signal.SIGTERM, step, last_checkpoint, run_dir)
 
     def stop_if_signalled() -> None:  # after the last step: keep the trained weights, then stop
         if stop.received is not None:
@@ -872,7 +914,8 @@ def _train(
             raise RunInterrupted(stop.received, step, saved or last_checkpoint, run_dir)
 
     stop_if_signalled()
-    metrics, other_splits = work.final_evaluate()
+    # Rank 0 evaluates and writes; under torchrun the other ranks are done.
+    metrics, other_splits = work.final_evaluate() if runtime.is_main else ({}, {})
     stop_if_signalled()  # a signal during the final evaluation is not lost
     final_dir = run_dir / "final"
     if runtime.is_main:

@@ -270,9 +270,12 @@ def check_cache_entry(entry: dict[str, Any] | None, samples: int, output: str) -
 
 
 def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
-            score: Callable[[], dict[int, DimensionScores]], warn: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+            score: Callable[[], dict[int, DimensionScores]], warn: Callable[[str], None],
+            write: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fill the objective's Flex-KD selections before the first step: from `RUN/flexkd.safetensors`
-    when it matches `meta`, else by running `score()` and writing the record. Returns a summary."""
+    when it matches `meta`, else by running `score()` and writing the record (`write=False`: a
+    torchrun rank other than 0, which scores the same examples and writes nothing). Returns a
+    summary."""
     path = run_dir / RECORD
     started = time.perf_counter()
     scores = read_record(path, meta)
@@ -282,7 +285,7 @@ def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
             warn(f"{path} was scored for another teacher, data or setting; scoring again")
         scores = score()
     summary = install(objective, scores)
-    if not reused:
+    if not reused and write:
         write_record(path, scores, objective, meta)
     return {"reused": reused, "seconds": time.perf_counter() - started, "rows": max(s.rows for s in scores.values()),
             "pairs": summary}  # fmt: skip

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from geokd import distributed
 from geokd.losses.logits import kl, task_loss
 from geokd.losses.registry import build_feature_loss
 
@@ -121,6 +122,9 @@ class Objective(nn.Module):
         if self._collected is not None:
             self._collected.append((list(student_features), list(teacher_features)))
             return total
+        if distributed.world_size() > 1:  # torchrun: the loss of the global batch (geokd.distributed)
+            student_features = [distributed.gather_rows(s) for s in student_features]
+            teacher_features = [distributed.gather_rows(t) for t in teacher_features]
         for (s_layer, t_layer), loss_fn, s, t in zip(
             self.layer_pairs, self.feature_losses, student_features, teacher_features, strict=True
         ):

@@ -1,0 +1,121 @@
+"""Data parallelism on `torch.distributed`, launched by `torchrun` (issue #14).
+
+geokd never launches processes itself: `torchrun --nproc_per_node N -m geokd distill ...` starts N
+ranks, each with `RANK`, `WORLD_SIZE` and `LOCAL_RANK` set, and `init()` joins them into one
+process group (gloo on CPU, nccl on CUDA) with a timeout on every collective
+(`GEOKD_DIST_TIMEOUT` seconds, default 1800), so a rank that dies or hangs stops the job instead
+of leaving the others waiting forever.
+
+The semantics are those of one process reading the global batch:
+
+* `--batch-size B` is the *global* micro-batch. Rank r reads the r-th contiguous shard of every
+  global micro-batch (`shard`), so the shards concatenated in rank order are the batch a single
+  process reads, and the step is the same at every world size.
+* A micro-batch term weighs its rank's share of the step's examples (or response tokens), summed
+  over all ranks, times the world size: after the gradients are averaged (`average_gradients`),
+  that is the single-process weighting.
+* Batch-geometry losses gather the rows of every rank (`gather_rows`, autograd-aware through
+  `torch.distributed.nn.functional.all_gather`), so each rank evaluates the global-batch loss. Its
+  backward sums the row gradients of every rank's (identical) loss, W·∂F/∂S_r, and averaging over
+  W ranks gives ∂F/∂θ exactly (docs/ARCHITECTURE.md has the derivation).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from geokd.errors import GeokdError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def timeout_seconds() -> float:
+    text = os.environ.get("GEOKD_DIST_TIMEOUT", "1800")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise GeokdError(f"GEOKD_DIST_TIMEOUT: expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def init(device: torch.device) -> None:
+    """Join the torchrun process group when WORLD_SIZE > 1 (idempotent; a no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    if not dist.is_available():
+        raise GeokdError("WORLD_SIZE > 1, but this PyTorch build has no torch.distributed; run one process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shard(items: list, index: int, world: int) -> list:
+    """The index-th of `world` contiguous, near-equal parts of `items` (the first parts one longer)."""
+    size, extra = divmod(len(items), world)
+    start = index * size + min(index, extra)
+    return items[start : start + size + (1 if index < extra else 0)]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows `[n_r, d]`, concatenated in rank order, differentiable with respect to this
+    rank's rows. Ranks may hold different numbers of rows (token rows, an uneven last batch)."""
+    world = world_size()
+    if world == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = rows
+    if rows.shape[0] < max(sizes):
+        padded = torch.cat([rows, rows.new_zeros(max(sizes) - rows.shape[0], *rows.shape[1:])])
+    if rows.requires_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        parts = all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` over the ranks in one flat all-reduce (a parameter that
+    got no gradient on some rank, such as a layer above the deepest mapped layer, counts as 0)."""
+    world = world_size()
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(p.dtype)
+        offset += n
