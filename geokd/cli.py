@@ -318,6 +318,17 @@ def _json_line(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
+def _one_process_only(command: str) -> None:
+    """Commands that do not shard their work yet refuse torchrun, instead of every rank writing the
+    same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1"):
+        raise GeokdError(
+            f"geokd {command} does not run under torchrun yet (WORLD_SIZE={world}); run it as one process "
+            "(distill and finetune are the commands that scale out)"
+        )
+
+
 def _run_training(
     mode: str,
     config_file: Path | None,
@@ -668,6 +679,7 @@ def cache(
     from geokd.cache_decoder import is_decoder_cache
 
     with user_errors():
+        _one_process_only("cache")
         if verify is not None or info is not None:
             if verify is not None and info is not None:
                 raise GeokdError("--verify and --info: pass one of them")
@@ -863,6 +875,7 @@ def export(
     from geokd.export import export_model, verify_export
 
     with user_errors():
+        _one_process_only("export")
         if check is not None:
             if source is not None or out is not None:
                 raise GeokdError("--check takes only the export to check; drop SOURCE and --out")
@@ -1026,6 +1039,7 @@ def eval_command(
     from geokd.evaluate import default_eval_path, evaluate_model, plot_geometry
 
     with user_errors():
+        _one_process_only("eval")
         if json_path is not None:
             check_output_path(json_path, "--json")
         if _is_instruct_eval(model, task):

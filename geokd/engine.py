@@ -830,6 +830,10 @@ def _train(
         # Draw the step's micro-batches first, so each is weighted by its share of the step's
         # examples (an epoch's short last batch counts for what it holds): sums and counts, never
         # an average of averages.
+        if runtime.world_size > 1:
+            # Dropout draws from a stream of its own per rank and step: the shards get independent
+            # masks, and a resumed run draws the same ones without any rank's RNG state saved.
+            torch.manual_seed(((config.seed * 1_000_003 + step) * 4099 + runtime.rank) % 2**63)
         micro_batches = []
         step_examples = 0
         for _ in range(config.grad_accum):
