@@ -162,3 +162,29 @@ def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypat
     assert result.exit_code == 2
     assert f"geokd {command} does not run under torchrun yet (WORLD_SIZE=2)" in result.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
+
+
+def test_sigterm_stops_both_ranks_after_the_same_step_with_one_checkpoint(quiet_teacher, glue_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    flags = _flags(quiet_teacher, glue_dir, out, loss="gram", max_steps=400, save_minutes=0)
+    flags.pop("flexkd_samples")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "geokd", "distill", "--quiet", *options(**flags)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    steps = [r["step"] for r in _records(out)]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == [f"step-{steps[-1]}"], (checkpoints, steps, stderr[-2000:])
+    assert 3 <= steps[-1] < 400 and not (out / "final").exists()
+    assert "resume" in stderr
