@@ -525,6 +525,9 @@ _MAX_NEW_TOKENS = _O(None, "--max-new-tokens", help="--task instruct: generation
 _LOG_FORMAT = _O("text", "--log-format", help="text (tables, progress) or json (one JSON object per line on stdout).")
 _RESUME = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path.")
 _DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
+_COMPILE = _O(None, "--compile/--no-compile", help="torch.compile the student's forward (a warm-up cost, then faster steps on GPUs).")
+_ACTIVATION_CHECKPOINTING = _O(None, "--activation-checkpointing/--no-activation-checkpointing",
+                               help="Recompute the student's block activations in the backward: less memory, about a third more compute.")
 _CONFIG = _O(None, "--config", help="YAML file of options.")
 _SET = _O(None, "--set", help="key=value override (repeatable).")
 _QUIET = _O(False, "--quiet", help="No progress bar.")
@@ -561,6 +564,8 @@ def finetune(
     keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    compile: bool = _COMPILE,
+    activation_checkpointing: bool = _ACTIVATION_CHECKPOINTING,
     trust_remote_code: bool = _TRUST_REMOTE_CODE,
     config_file: Path = _CONFIG,
     overrides: list[str] = _SET,
@@ -624,6 +629,8 @@ def distill(
     keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    compile: bool = _COMPILE,
+    activation_checkpointing: bool = _ACTIVATION_CHECKPOINTING,
     trust_remote_code: bool = _TRUST_REMOTE_CODE,
     config_file: Path = _CONFIG,
     overrides: list[str] = _SET,

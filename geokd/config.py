@@ -113,6 +113,10 @@ class RunConfig:
     keep_checkpoints: int | None = None  # keep the newest K checkpoints (None: all)
     resume: str | None = None
     device: str = "auto"
+    # CUDA speed (issue #14): torch.compile of the student's forward, and activation checkpointing
+    # (recompute each block's activations in the backward) for students that do not fit
+    compile: bool = False
+    activation_checkpointing: bool = False
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,7 +75,8 @@ _CURRENT_KEY_FORMAT = _current_key_format()
 
 # Config keys that may differ between an interrupted run and its resumption.
 _RESUMABLE_DIFFERENCES = {
-    "resume", "eval_every", "save_every", "save_minutes", "keep_checkpoints", "device", "out",
+    "resume", "eval_every", "save_every", "save_minutes", "keep_checkpoints", "device", "out", "compile",
+    "activation_checkpointing",
 }  # fmt: skip
 # Keys holding a path: the same file or folder given another way (relative, absolute, via a
 # symlink) is the same value.
@@ -660,6 +661,25 @@ def train(
         raise
 
 
+def _speed_options(config: RunConfig, model: nn.Module) -> None:
+    """--activation-checkpointing and --compile, applied in place (state-dict keys, checkpoints
+    and exports are unchanged)."""
+    if config.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise GeokdError(
+                f"--activation-checkpointing: {type(model).__name__} does not support it; drop the flag"
+            )
+        # Non-reentrant checkpointing works under no_grad passes and with inputs that need no grad.
+        # transformers 5 renamed the method (the old name warns until v6).
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        model.compile()  # nn.Module.compile: the forward is compiled on first use, the keys stay
+
+
 def _prepare_flexkd(config: RunConfig, work: Any, run_dir: Path, resumed: bool,
                     warn: Callable[[str], None], write: bool = True) -> dict[str, Any] | None:  # fmt: skip
     """`--loss flexkd`: fill the objective's teacher selections before the first step (a resumed
@@ -701,6 +721,8 @@ def _train(
     work = build_workload(config, runtime, warn)  # data, models, layer map, cache: all checked here
     student, tokenizer, objective = work.student, work.tokenizer, work.objective
     train_features, teacher_info, layer_pairs = work.train_features, work.teacher_info, work.layer_pairs
+
+    _speed_options(config, student.model)
 
     # Optimisation
     total_steps = config.max_steps or total_optimizer_steps(
@@ -856,7 +878,12 @@ def _train(
         if runtime.world_size > 1:
             step_size = int(distributed.all_reduce_sum(torch.tensor([float(step_size)])).item())
         weights = [runtime.world_size * size / max(1, step_size) for size in sizes]
-        on_device = [{k: v.to(runtime.device) for k, v in batch.items()} for batch in micro_batches]
+        # Pinned host memory and asynchronous copies on CUDA: the copy overlaps the work queued before.
+        cuda = runtime.device.type == "cuda"
+        on_device = [
+            {k: (v.pin_memory() if cuda else v).to(runtime.device, non_blocking=cuda) for k, v in batch.items()}
+            for batch in micro_batches
+        ]
         if global_geometry:
             terms_sum = _global_geometry_step(work, on_device, weights, runtime.device, step + 1, run_dir)
         else:

@@ -8,7 +8,9 @@ variables; geokd never re-launches itself. Only rank 0 prints or writes shared f
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,19 @@ class Runtime:
         if self.autocast_dtype is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Full float32 matmuls inside the block (TF32 off, also under an enclosing autocast): the
+    geometry losses are computed this way on every device."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type="cuda", enabled=False), torch.autocast(device_type="cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def resolve_runtime(device: str = "auto") -> Runtime:
@@ -73,11 +88,15 @@ def resolve_runtime(device: str = "auto") -> Runtime:
                 f"cuda:{torch.cuda.device_count() - 1}"
             )
         major, minor = torch.cuda.get_device_capability(index)
+        # TF32 for the models' float32 matmuls (Ampere and newer); the geometry losses switch it
+        # off for themselves (`full_float32`).
+        torch.backends.cuda.matmul.allow_tf32 = major >= 8
+        torch.backends.cudnn.allow_tf32 = major >= 8
         if major >= 8:  # native bf16 (Ampere and newer); is_bf16_supported() also admits emulation
             return Runtime(
                 dev,
                 torch.bfloat16,
-                f"{why}; bf16 autocast (sm{major}{minor}), losses in float32",
+                f"{why}; bf16 autocast and TF32 matmuls (sm{major}{minor}), losses in float32",
                 rank,
                 world_size,
             )

@@ -23,6 +23,7 @@ from torch import nn
 from geokd import distributed
 from geokd.losses.logits import kl, task_loss
 from geokd.losses.registry import build_feature_loss
+from geokd.runtime import full_float32
 
 
 @dataclass
@@ -128,7 +129,8 @@ class Objective(nn.Module):
         for (s_layer, t_layer), loss_fn, s, t in zip(
             self.layer_pairs, self.feature_losses, student_features, teacher_features, strict=True
         ):
-            value = loss_fn(s, t)
+            with full_float32():
+                value = loss_fn(s, t)
             terms[f"feature/{self.loss_name}/{s_layer}->{t_layer}"] = value
             total = total + self.alpha * value
         return total
