@@ -15,6 +15,7 @@ Conventions (see docs/ARCHITECTURE.md and the design notes in the README):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -113,7 +114,16 @@ def nuclear_norm_and_polar(m: torch.Tensor, method: str = "eigh") -> tuple[torch
         min(p,q)-sized symmetric eigensolve is 2-3× cheaper than an SVD of the p×q matrix
         (bench/losses.py measures both).
       * "svd": thin SVD of `m` in float64 (the reference formulation).
+      * "svd32": thin SVD of `m` in float32, for GPUs whose float64 runs at 1/32-1/64 of float32
+        (`default_nuclear_method`); σ to about 1e-6·σ_max (bench/nuclear_precision.py).
     """
+    if method == "svd32":  # float32 thin SVD of m itself (no squared condition number)
+        u, sigma, vh = torch.linalg.svd(m.detach().float(), full_matrices=False)
+        p, q = m.shape
+        # A float32 SVD resolves σ to about sqrt(k)·eps32·σ_max: smaller ones are rounding noise.
+        keep = sigma > sigma.max() * (10.0 * math.sqrt(min(p, q)) * torch.finfo(torch.float32).eps)
+        polar = (u * keep.to(u.dtype)) @ vh
+        return (sigma.double() * keep).sum(), polar.to(m.dtype)
     m64 = m.detach().double()
     p, q = m64.shape
     if method == "svd":
@@ -122,7 +132,7 @@ def nuclear_norm_and_polar(m: torch.Tensor, method: str = "eigh") -> tuple[torch
         polar = (u * keep.to(u.dtype)) @ vh
         return (sigma * keep).sum(), polar.to(m.dtype)
     if method != "eigh":
-        raise ValueError(f"unknown nuclear-norm method {method!r}; use 'eigh' or 'svd'")
+        raise ValueError(f"unknown nuclear-norm method {method!r}; use one of {', '.join(NUCLEAR_METHODS)}")
     wide = p <= q
     gram = m64 @ m64.T if wide else m64.T @ m64  # [k, k], k = min(p, q)
     evals, evecs = torch.linalg.eigh(gram)
@@ -136,6 +146,27 @@ def nuclear_norm_and_polar(m: torch.Tensor, method: str = "eigh") -> tuple[torch
     else:  # P = m V Σ⁻¹ Vᵀ
         polar = (m64 @ evecs) * inv_sigma @ evecs.T
     return (sigma * keep).sum(), polar.to(m.dtype)
+
+
+NUCLEAR_METHODS = ("eigh", "svd", "svd32")
+# CUDA compute capabilities with full-rate float64 (P100, V100, A100, H100/H200, B100/B200): the
+# float64 eigensolve stays. Every other CUDA GPU (GeForce, RTX workstation, L4, L40, A10, T4) runs
+# float64 at 1/32-1/64 of float32 and gets "svd32".
+FULL_RATE_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
+def default_nuclear_method(device: torch.device) -> str:
+    """The nuclear-norm method for a device (overridden by GEOKD_NUCLEAR_METHOD): "eigh" (float64)
+    on CPU and on data-centre GPUs with full-rate float64, "svd32" on GPUs without it. Accuracy of
+    each against the float64 SVD: bench/nuclear_precision.py."""
+    forced = os.environ.get("GEOKD_NUCLEAR_METHOD")
+    if forced:
+        if forced not in NUCLEAR_METHODS:
+            raise GeokdError(f"GEOKD_NUCLEAR_METHOD: expected one of {', '.join(NUCLEAR_METHODS)}, got {forced!r}")
+        return forced
+    if device.type != "cuda":
+        return "eigh"
+    return "eigh" if torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64 else "svd32"
 
 
 def _zero_singular_value_tol(sigma: torch.Tensor, p: int, q: int) -> torch.Tensor:
@@ -166,7 +197,7 @@ def nuclear_norm(m: torch.Tensor, method: str = "eigh") -> torch.Tensor:
     return _NuclearNorm.apply(m, method)
 
 
-def cross_nuclear_norm(student: torch.Tensor, teacher: torch.Tensor, method: str = "eigh") -> torch.Tensor:
+def cross_nuclear_norm(student: torch.Tensor, teacher: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """‖studentᵀ teacher‖_* in float64, differentiable in both arguments.
 
     When the batch has fewer rows than either width (n < min(d_s, d_t), sentence-level batches)
@@ -176,6 +207,7 @@ def cross_nuclear_norm(student: torch.Tensor, teacher: torch.Tensor, method: str
     of min(d_s, d_t) square (issue #2). For n ≥ d_s the eigen-problem would not shrink and the
     QR (2·d_t·n² flops) would only add cost (bench/losses.py).
     """
+    method = method or default_nuclear_method(student.device)
     n, d_t = teacher.shape
     if n < min(student.shape[1], d_t) and not teacher.requires_grad:
         with torch.no_grad():

@@ -151,6 +151,40 @@ def test_nuclear_norm_value_and_polar_factor_match_numpy_svd(method, shape):
     np.testing.assert_allclose(polar.numpy(), u @ vt, atol=1e-8)
 
 
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12), (20, 20)])
+def test_float32_svd_method_matches_numpy_svd(shape):
+    """"svd32" (the method for GPUs with slow float64) on float32 input."""
+    gen = torch.Generator().manual_seed(1)
+    m = torch.randn(*shape, generator=gen)
+    value, polar = nuclear_norm_and_polar(m, "svd32")
+    u, sigma, vt = np.linalg.svd(m.double().numpy(), full_matrices=False)
+    assert value.dtype == torch.float64 and polar.dtype == torch.float32
+    assert value.item() == pytest.approx(sigma.sum(), rel=1e-6)
+    np.testing.assert_allclose(polar.numpy(), u @ vt, atol=2e-5)
+
+
+@pytest.mark.parametrize("n,d_s,d_t", SHAPES)
+def test_procrustes_with_the_float32_svd_matches_the_float64_reference(n, d_s, d_t, monkeypatch):
+    monkeypatch.setenv("GEOKD_NUCLEAR_METHOD", "svd32")
+    s, t = _pair(n, d_s, d_t, seed=n + d_s + d_t)
+    assert procrustes(s, t).item() == pytest.approx(ref_procrustes(s, t), rel=1e-4)
+    # near the optimum (student = rotated teacher + small noise), where the loss is small
+    gen = torch.Generator().manual_seed(3)
+    close = t[:, :d_s] @ _orthogonal(d_s, gen) + 1e-3 * torch.randn(n, d_s, generator=gen)
+    assert procrustes(close, t[:, :d_s]).item() == pytest.approx(ref_procrustes(close, t[:, :d_s]), rel=1e-3, abs=1e-6)
+
+
+def test_nuclear_method_by_device(monkeypatch):
+    from geokd.losses._core import default_nuclear_method
+
+    assert default_nuclear_method(torch.device("cpu")) == "eigh"
+    monkeypatch.setenv("GEOKD_NUCLEAR_METHOD", "svd")
+    assert default_nuclear_method(torch.device("cpu")) == "svd"
+    monkeypatch.setenv("GEOKD_NUCLEAR_METHOD", "qr")
+    with pytest.raises(GeokdError, match="GEOKD_NUCLEAR_METHOD: expected one of eigh, svd, svd32, got 'qr'"):
+        default_nuclear_method(torch.device("cpu"))
+
+
 def test_thin_teacher_factor_gives_the_same_value_and_gradient():
     s, t = _pair(16, 40, 96, seed=5, dtype=torch.float64)
     s1 = s.clone().requires_grad_(True)
