@@ -525,6 +525,7 @@ _MAX_NEW_TOKENS = _O(None, "--max-new-tokens", help="--task instruct: generation
 _LOG_FORMAT = _O("text", "--log-format", help="text (tables, progress) or json (one JSON object per line on stdout).")
 _RESUME = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path.")
 _DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
+_PRECISION = _O(None, "--precision", help="Forward passes: auto (bf16 on recent GPUs, fp16 with loss scaling on older ones, fp32 on CPU), fp32, bf16 or fp16.")
 _COMPILE = _O(None, "--compile/--no-compile", help="torch.compile the student's forward (a warm-up cost, then faster steps on GPUs).")
 _ACTIVATION_CHECKPOINTING = _O(None, "--activation-checkpointing/--no-activation-checkpointing",
                                help="Recompute the student's block activations in the backward: less memory, about a third more compute.")
@@ -564,6 +565,7 @@ def finetune(
     keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    precision: str = _PRECISION,
     compile: bool = _COMPILE,
     activation_checkpointing: bool = _ACTIVATION_CHECKPOINTING,
     trust_remote_code: bool = _TRUST_REMOTE_CODE,
@@ -629,6 +631,7 @@ def distill(
     keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    precision: str = _PRECISION,
     compile: bool = _COMPILE,
     activation_checkpointing: bool = _ACTIVATION_CHECKPOINTING,
     trust_remote_code: bool = _TRUST_REMOTE_CODE,

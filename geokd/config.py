@@ -113,6 +113,7 @@ class RunConfig:
     keep_checkpoints: int | None = None  # keep the newest K checkpoints (None: all)
     resume: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # forward passes: auto (bf16 / fp16+scaling / fp32 by device), fp32, bf16, fp16
     # CUDA speed (issue #14): torch.compile of the student's forward, and activation checkpointing
     # (recompute each block's activations in the backward) for students that do not fit
     compile: bool = False
@@ -197,6 +198,8 @@ def validation_problems(config: RunConfig) -> list[str]:
         p.append(f"kd_beta: the JSD mixture weight must be in (0, 1), got {config.kd_beta}")
     if not 0.0 <= config.kd_skew < 1.0:
         p.append(f"kd_skew: the skew must be in [0, 1), got {config.kd_skew}")
+    if config.precision not in ("auto", "fp32", "bf16", "fp16"):  # geokd.runtime.PRECISIONS
+        p.append(f"precision: must be auto, fp32, bf16 or fp16, got {config.precision!r}")
     if config.geometry_batch not in GEOMETRY_BATCHES:
         p.append(f"geometry_batch: must be global (feature losses over the step's whole batch) or micro (over each "
                  f"micro-batch), got {config.geometry_batch!r}")  # fmt: skip

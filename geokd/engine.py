@@ -76,7 +76,7 @@ _CURRENT_KEY_FORMAT = _current_key_format()
 # Config keys that may differ between an interrupted run and its resumption.
 _RESUMABLE_DIFFERENCES = {
     "resume", "eval_every", "save_every", "save_minutes", "keep_checkpoints", "device", "out", "compile",
-    "activation_checkpointing",
+    "activation_checkpointing", "precision",
 }  # fmt: skip
 # Keys holding a path: the same file or folder given another way (relative, absolute, via a
 # symlink) is the same value.
@@ -189,7 +189,8 @@ def _accumulate(terms: dict[str, torch.Tensor], output: LossOutput, weight: floa
 
 
 def _synced_record(
-    terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, counts: dict[str, float], step: int, run_dir: Path
+    terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, counts: dict[str, float], step: int, run_dir: Path,
+    overflow_ok: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The step's one host synchronisation: every logged term and the gradient norm come to the
     host together, and a non-finite one stops the run before the optimizer update, so no NaN
@@ -204,7 +205,8 @@ def _synced_record(
     values = distributed.all_reduce_sum(vector).tolist()
     record = {name: value / world for name, value in zip(names, values, strict=False)}
     summed = dict(zip(counts, values[len(names) :], strict=True))
-    bad = [name for name, value in record.items() if not math.isfinite(value)]
+    # With fp16 loss scaling an overflowing gradient is routine: the scaler skips that update.
+    bad = [name for name, value in record.items() if not math.isfinite(value) and not (overflow_ok and name == "grad_norm")]
     if bad:
         latest = latest_checkpoint(run_dir)
         kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
@@ -230,6 +232,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: dict[str, int],
     record: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: a temporary directory (student, trainer state as
     safetensors + JSON, then checkpoint.json with every file's SHA-256) renamed into place. On any
@@ -246,6 +249,7 @@ def save_checkpoint(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
+                **({"scaler": scaler} if scaler is not None else {}),
                 "position": dict(position, step=step),
                 "geokd_version": geokd.__version__,
             },
@@ -364,8 +368,8 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 def _global_geometry_step(
-    work: Any, batches: list[dict[str, torch.Tensor]], weights: list[float], device: torch.device, step: int,
-    run_dir: Path,
+    work: Any, batches: list[dict[str, torch.Tensor]], weights: list[float], device: torch.device,
+    scaler: torch.amp.GradScaler,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """One optimizer step's gradients with the feature losses over the rows of all its
     micro-batches (`--geometry-batch global`), in the style of GradCache (Gao et al., 2021):
@@ -393,7 +397,7 @@ def _global_geometry_step(
     del first
     feature_terms: dict[str, torch.Tensor] = {}
     features = objective.add_feature_terms(student_rows[0].new_zeros(()), feature_terms, student_rows, teacher_rows)
-    features.backward()
+    scaler.scale(features).backward()  # row gradients carry the loss scale (fp16) into phase 3
     row_grads = [rows.grad.split(counts) for rows in student_rows]  # type: ignore[union-attr]
     terms_sum: dict[str, torch.Tensor] = {}
     with objective.collecting(features_only=False) as again:
@@ -402,7 +406,7 @@ def _global_geometry_step(
             output = work.step(batch)
             rows = again[-1][0]
             surrogate = sum((rows[p].float() * row_grads[p][index]).sum() for p in range(pairs))
-            (output.total * weight + surrogate).backward()
+            (scaler.scale(output.total * weight) + surrogate).backward()
             again.clear()
             _accumulate(terms_sum, output, weight)
     terms_sum["loss"] = terms_sum["loss"] + features.detach()
@@ -642,7 +646,7 @@ def train(
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warn = on_warning or _warn_stderr
-    runtime = resolve_runtime(config.device)
+    runtime = resolve_runtime(config.device, config.precision)
     distributed.init(runtime.device)
     if not runtime.is_main:  # one voice: rank 0 prints the summary, the progress and the warnings
         progress, on_start, warn = None, None, lambda message: None
@@ -732,6 +736,9 @@ def _train(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+    # fp16 forward passes: dynamic loss scaling (a step whose gradients overflow is skipped and the
+    # scale halved; bf16 and float32 need none).
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.grad_scaling)
 
     # Everything is checked: now the run directory is created (if new) and locked.
     if not claimed:
@@ -756,6 +763,8 @@ def _train(
             objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if scaler.is_enabled() and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
             step, epoch, cursor = (
                 int(state["position"]["step"]),
@@ -826,8 +835,9 @@ def _train(
         if not runtime.is_main:
             return None
         path = save_checkpoint(
-            run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position(), checkpoint_record
-        )
+            run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position(), checkpoint_record,
+            scaler.state_dict() if scaler.is_enabled() else None,
+        )  # fmt: skip
         ckpt.prune(run_dir, config.keep_checkpoints, newest=path)  # only now that it is complete
         return path
 
@@ -885,26 +895,29 @@ def _train(
             for batch in micro_batches
         ]
         if global_geometry:
-            terms_sum = _global_geometry_step(work, on_device, weights, runtime.device, step + 1, run_dir)
+            terms_sum = _global_geometry_step(work, on_device, weights, runtime.device, scaler)
         else:
             terms_sum = {}
             for batch, weight in zip(on_device, weights, strict=True):
                 output = work.step(batch)
-                (output.total * weight).backward()
+                scaler.scale(output.total * weight).backward()
                 _accumulate(terms_sum, output, weight)
         window_examples += step_examples
         # Tokens the models read (prompt and response, padding excluded; all ranks): the
         # throughput that compares across tasks and sequence lengths.
         tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches if "attention_mask" in batch)
         distributed.average_gradients(params)
+        scaler.unscale_(optimizer)  # a no-op without fp16; clipping sees true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         counts = {"tokens": float(tokens), "stop": float(stop.received is not None)}
-        synced, summed = _synced_record(terms_sum, grad_norm, counts, step + 1, run_dir)  # the one host sync
+        synced, summed = _synced_record(terms_sum, grad_norm, counts, step + 1, run_dir,
+                                        overflow_ok=scaler.is_enabled())  # the one host sync  # fmt: skip
         window_tokens += int(summed["tokens"])
         # A signal seen by any rank stops every rank after this same step (torchrun signals them
         # all, but not at the same instant).
         stopping = summed["stop"] > 0
-        optimizer.step()
+        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -80,3 +80,34 @@ def test_compile_changes_no_number(quiet_teacher, glue_dir, tmp_path):
     except Exception as exc:  # no compiler toolchain on this machine
         pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {str(exc)[:200]}")
     _assert_same(plain, compiled)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_forward_passes_on_cpu(precision, quiet_teacher, glue_dir, tmp_path):
+    """--precision bf16/fp16 (CPU autocast; fp16 adds dynamic loss scaling): the first step's
+    terms agree with float32 to half precision, and the losses stay float32 and finite."""
+    plain = _run(quiet_teacher, glue_dir, tmp_path / "fp32")
+    half = _run(quiet_teacher, glue_dir, tmp_path / precision, precision=precision)
+    for name in ("loss", "task", "kl", "feature/procrustes/1->2"):
+        assert half[0][0][name] == pytest.approx(plain[0][0][name], rel=3e-2, abs=2e-4), name
+    env = json.loads((tmp_path / precision / "env.json").read_text())
+    assert f"--precision {precision}" in json.dumps(env)
+
+
+def test_fp16_loss_scaler_state_is_checkpointed_and_resume_is_bit_identical(quiet_teacher, glue_dir, tmp_path):
+    straight = _run(quiet_teacher, glue_dir, tmp_path / "a", precision="fp16", max_steps=4)
+    _run(quiet_teacher, glue_dir, tmp_path / "b", precision="fp16", max_steps=4)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] > 0
+    shutil.rmtree(tmp_path / "b" / "final")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
+    (tmp_path / "b" / "results.json").unlink()
+    resumed = _run(quiet_teacher, glue_dir, tmp_path / "b", precision="fp16", max_steps=4, resume="auto")
+    for key in straight[1]:
+        assert torch.equal(straight[1][key], resumed[1][key]), key
+
+
+def test_precision_is_validated(quiet_teacher, glue_dir, tmp_path):
+    with pytest.raises(GeokdError, match="precision: must be auto, fp32, bf16 or fp16, got 'fp8'"):
+        _run(quiet_teacher, glue_dir, tmp_path / "bad", precision="fp8")
+    assert not (tmp_path / "bad").exists()
