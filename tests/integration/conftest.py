@@ -58,3 +58,18 @@ def teacher_dir(base_dir, glue_dir, tmp_path_factory) -> Path:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def quiet_teacher(teacher_dir, tmp_path_factory) -> Path:
+    """The toy teacher's final/ with dropout off (a truncate: student inherits its config): runs
+    compared across batch shapes, ranks or options must draw no dropout masks."""
+    import json
+    import shutil
+
+    teacher = tmp_path_factory.mktemp("quiet") / "teacher"
+    shutil.copytree(teacher_dir / "final", teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (teacher / "config.json").write_text(json.dumps(config))
+    return teacher

@@ -21,18 +21,6 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def quiet_teacher(teacher_dir, tmp_path_factory) -> Path:
-    """The toy teacher with dropout off (a truncated student inherits its config): dropout masks
-    depend on the batch shape, so one batch and four micro-batches could not be compared."""
-    teacher = tmp_path_factory.mktemp("quiet") / "teacher"
-    shutil.copytree(teacher_dir / "final", teacher)
-    config = json.loads((teacher / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (teacher / "config.json").write_text(json.dumps(config))
-    return teacher
-
-
 def _run(teacher: Path, glue_dir: Path, out: Path, **extra) -> tuple[dict, dict[str, torch.Tensor]]:
     flags = dict(teacher=str(teacher), student="truncate:2", task="sst2", data=str(glue_dir), out=str(out),
                  layers="1:2,2:4", features="tokens", max_steps=2, lr=2e-3, seed=5, save_every=None,

@@ -17,16 +17,6 @@ from geokd.engine import train
 from geokd.errors import GeokdError
 
 
-@pytest.fixture(scope="module")
-def quiet_teacher(teacher_dir, tmp_path_factory) -> Path:
-    teacher = tmp_path_factory.mktemp("quiet") / "teacher"
-    shutil.copytree(teacher_dir / "final", teacher)
-    config = json.loads((teacher / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (teacher / "config.json").write_text(json.dumps(config))
-    return teacher
-
-
 def _run(teacher: Path, glue_dir: Path, out: Path, **extra) -> tuple[list[dict], dict[str, torch.Tensor]]:
     flags = dict(teacher=str(teacher), student="truncate:2", task="sst2", data=str(glue_dir), out=str(out),
                  loss="procrustes", layers="1:2,2:4", features="tokens", max_steps=3, batch_size=16, lr=2e-3,

@@ -26,17 +26,6 @@ from geokd.losses.registry import FEATURE_LOSSES
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def quiet_teacher(teacher_dir, tmp_path_factory) -> Path:
-    """The toy teacher with dropout off: one process and two shards draw different masks."""
-    teacher = tmp_path_factory.mktemp("quiet") / "teacher"
-    shutil.copytree(teacher_dir / "final", teacher)
-    config = json.loads((teacher / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (teacher / "config.json").write_text(json.dumps(config))
-    return teacher
-
-
 def _flags(teacher: Path, glue_dir: Path, out: Path, **extra) -> dict:
     flags = dict(teacher=str(teacher), student="truncate:2", task="sst2", data=str(glue_dir), out=str(out),
                  layers="1:2,2:4", features="tokens", max_steps=3, batch_size=16, lr=2e-3, seed=5,
