@@ -1048,11 +1048,14 @@ def eval_command(
     from geokd.artifacts import check_output_path, write_json
     from geokd.evaluate import default_eval_path, evaluate_model, plot_geometry
 
+    # Under torchrun the ranks share the forward passes; rank 0 prints and writes.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    quiet = quiet or not main_rank
     with user_errors():
-        _one_process_only("eval")
         if json_path is not None:
             check_output_path(json_path, "--json")
         if _is_instruct_eval(model, task):
+            _one_process_only("eval --task instruct")
             if geometry and teacher is None:
                 raise GeokdError("--geometry needs --teacher TEACHER (a causal LM) to compare against")
             geometry_options = dict(teacher=teacher if geometry else None, layers=layers, features=features,
@@ -1091,6 +1094,8 @@ def eval_command(
                 on_batch=lambda k: bar.advance(bar_task, k),
                 on_total=lambda n: bar.update(bar_task, total=n),
             )
+        if not main_rank:
+            return
         _render_eval(result)
         written = []
         if json_path is not None:

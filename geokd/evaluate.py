@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 import geokd
+from geokd import distributed
 from geokd.errors import GeokdError
 from geokd.losses._core import _NOISE_FLOOR_ULPS
 from geokd.runtime import Runtime
@@ -110,8 +111,13 @@ def predict(
     sort_by_length: bool = True,
     pool: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    shard: bool = False,
 ) -> Predictions:
     """Forward `model` over tokenised `features` under inference mode.
+
+    `shard=True` under torchrun: each rank forwards every W-th batch of the plan and the logits
+    (and pooled rows) of all ranks are gathered, so every rank returns the whole split's
+    predictions in input order (`geokd eval` on N processes). Every rank must call it then.
 
     `sort_by_length=False` gives fixed-order batches (the naive baseline). `pool` (`cls`/`mean`)
     also returns every hidden state pooled to one row per example. `on_batch(k)` is told the number
@@ -126,6 +132,9 @@ def predict(
         if sort_by_length
         else fixed_order_batches(n, batch_size)
     )
+    world = distributed.world_size() if shard else 1
+    if world > 1:  # every W-th batch of the length-sorted plan: the ranks get similar lengths
+        plan = plan[distributed.rank() :: world]
     was_training = model.training
     model.eval()
     indices: list[torch.Tensor] = []
@@ -152,17 +161,28 @@ def predict(
                     on_batch(len(batch_indices))
     finally:
         model.train(was_training)
-    position = torch.cat(indices)  # [n]: batch row -> input index
+    config = getattr(model, "config", None)
+    width, labels = getattr(config, "hidden_size", 0), getattr(config, "num_labels", 0)
+    layers_out = getattr(config, "num_hidden_layers", -1) + 1
+    empty = torch.empty(0, device=runtime.device)
+    position = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)  # [n]: row -> input index
+    logits = torch.cat(logits_parts) if logits_parts else empty.new_empty(0, labels)
+    pooled_local = None
+    if pool is not None:
+        pooled_local = [
+            torch.cat([part[layer] for part in pooled_parts]) if pooled_parts else empty.new_empty(0, width)
+            for layer in range(len(pooled_parts[0]) if pooled_parts else layers_out)
+        ]
+    if world > 1:  # a rank with no batch contributes empty rows
+        position = distributed.gather_rows(position.to(runtime.device).unsqueeze(1)).squeeze(1)
+        logits = distributed.gather_rows(logits)
+        if pooled_local is not None:
+            pooled_local = [distributed.gather_rows(rows) for rows in pooled_local]
+    position = position.cpu()
     inverse = torch.empty_like(position)
     inverse[position] = torch.arange(n)
-    logits = torch.cat(logits_parts).cpu()[inverse]  # one host sync, input order
-    pooled = None
-    if pool is not None:
-        pooled = [
-            torch.cat([part[layer] for part in pooled_parts]).cpu()[inverse]  # [n, d]
-            for layer in range(len(pooled_parts[0]))
-        ]
-    return Predictions(logits=logits, features=pooled)
+    pooled = None if pooled_local is None else [rows.cpu()[inverse] for rows in pooled_local]  # [n, d]
+    return Predictions(logits=logits.cpu()[inverse], features=pooled)  # one host sync, input order
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +461,7 @@ def evaluate_model(
         warnings.append(f"the model was trained on task {trained_on!r}, evaluated here on {spec.name!r}")
 
     runtime = resolve_runtime(device)
+    distributed.init(runtime.device)  # torchrun: the ranks share the forward passes (predict shard=True)
     loaded.model.to(runtime.device)
     collate = make_collate_fn(loaded.tokenizer, spec)
     loaded_splits = [_load_eval_split(spec, data, name, limit) for name in splits]
@@ -460,7 +481,8 @@ def evaluate_model(
         tokenized = tokenize_examples(data_split, loaded.tokenizer, max_length)
         pool = geometry_features if index == 0 else None
         tic = time.perf_counter()
-        out = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=pool, on_batch=on_batch)
+        out = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=pool, on_batch=on_batch,
+                      shard=True)  # fmt: skip
         seconds = time.perf_counter() - tic
         if index == 0:
             student_rows = out.features
@@ -699,7 +721,8 @@ def geometry_report(
             continue
         tokenized = tokenize_examples(data_split, loaded.tokenizer, max_length)
         collate = make_collate_fn(loaded.tokenizer, data_split.task)
-        pooled[role] = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=features).features
+        pooled[role] = predict(loaded.model, tokenized, collate, runtime, batch_size, pool=features,
+                               shard=True).features  # fmt: skip
     s_rows, t_rows = pooled["student"], pooled["teacher"]
     assert s_rows is not None and t_rows is not None
     s_constant = [constant_rows(rows) for rows in s_rows]

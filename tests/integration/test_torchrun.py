@@ -138,6 +138,31 @@ def test_a_decoder_on_two_ranks_equals_one_process(tmp_path):
             assert b[name] == pytest.approx(a[name], rel=2e-5), name
 
 
+def test_eval_on_two_ranks_equals_one_process(quiet_teacher, glue_dir, tmp_path):
+    """`geokd eval --geometry` under torchrun: each rank forwards every second batch, the logits
+    and pooled rows are gathered, rank 0 writes the same report one process writes."""
+    run = tmp_path / "run"
+    train(resolve_config("distill", flags=_flags(quiet_teacher, glue_dir, run, loss="gram", max_steps=2)))
+    args = ["eval", str(run / "final"), "--geometry", "--teacher", str(quiet_teacher), "--batch-size", "8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "geokd", *args, "--json", str(tmp_path / "two.json"), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote") == 1  # rank 0 only
+    one = subprocess.run([sys.executable, "-m", "geokd", *args, "--json", str(tmp_path / "one.json"), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert a["n_examples"] == b["n_examples"] == 48
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, abs=1e-12), key
+    for pa, pb in zip(a["geometry"]["layer_pairs"], b["geometry"]["layer_pairs"], strict=True):
+        for key, value in pa.items():
+            if isinstance(value, float):
+                assert pb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
 @pytest.mark.parametrize("command", ["cache", "eval", "export"])
 def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypatch):
     from typer.testing import CliRunner
@@ -146,10 +171,12 @@ def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypat
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = {"cache": ["cache", "--teacher", "t", "--task", "sst2", "--out", str(tmp_path / "c")],
-            "eval": ["eval", str(tmp_path)], "export": ["export", str(tmp_path), "--out", str(tmp_path / "e")]}
+            "eval": ["eval", str(tmp_path), "--task", "instruct"],
+            "export": ["export", str(tmp_path), "--out", str(tmp_path / "e")]}  # fmt: skip
     result = CliRunner().invoke(app, args[command])
     assert result.exit_code == 2
-    assert f"geokd {command} does not run under torchrun yet (WORLD_SIZE=2)" in result.output
+    name = "eval --task instruct" if command == "eval" else command
+    assert f"geokd {name} does not run under torchrun yet (WORLD_SIZE=2)" in result.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
 
 
