@@ -39,6 +39,7 @@ rows at a time, in any order; each shard's SHA-256 is checked the first time it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 
 import geokd
+from geokd import distributed
 from geokd.artifacts import LOCK_NAME, DirectoryLock, atomic_path, disk_full_as_error, human_bytes, write_json
 from geokd.errors import GeokdError
 from geokd.models import FEATURES
@@ -346,12 +348,17 @@ def build_cache(
         "n_examples": len(features),
         "n_tokens": sum(lengths),
     }
-    # Everything is checked: create --out if new and hold its lock while writing (one writer).
+    # Everything is checked: create --out if new and hold its lock while writing (one writer; under
+    # torchrun rank 0 holds it for the job, and the ranks split the shards between them).
+    runtime = resolve_runtime(request.device)
+    distributed.init(runtime.device)
+    world, rank = distributed.world_size(), distributed.rank()
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(out, "--out"):  # losing the lock never cleans up: the folder is the winner's
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "--out") if rank == 0 else contextlib.nullcontext():  # losing it never cleans up
         try:
-            shards = kept_shards(out, header, _IDENTITY_KEYS, read_manifest)
+            shards = kept_shards(out, header, _IDENTITY_KEYS, read_manifest) if rank == 0 else []
             n_shards = max(1, -(-len(features) // request.shard_size))
             total = expected_bytes(lengths, len(layers), hidden, request.dtype, request.features,
                                    int(teacher.config.num_labels), request.logits)  # fmt: skip
@@ -368,20 +375,25 @@ def build_cache(
                 "layers": list(layers),
                 "warnings": list(teacher.warnings),
             }
-            if on_plan is not None:
+            if on_plan is not None and rank == 0:
                 on_plan(plan)
             if total - done_bytes > free:
                 raise GeokdError(
                     f"--out: the cache needs about {human_bytes(total - done_bytes)} more but {str(probe)!r} has {human_bytes(free)} "
                     "free; free space, choose another --out, or cache fewer --layers, pooled --features or --dtype bf16"
                 )
+            if world > 1:  # rank 0 settled the folder and checked the space: the count of kept shards
+                kept = distributed.all_reduce_sum(torch.tensor([len(shards)], device=runtime.device))
+                shards = shards if rank == 0 else [{}] * int(kept.item())
             out.mkdir(parents=True, exist_ok=True)
-            runtime = resolve_runtime(request.device)
             model = teacher.model.to(runtime.device).eval()
             collate = data_lib.make_collate_fn(teacher.tokenizer, spec)
             dtype = DTYPES[request.dtype]
             started = time.perf_counter()
-            for index in range(len(shards), n_shards):
+            kept_count = len(shards)
+            for index in range(kept_count, n_shards):
+                if (index - kept_count) % world != rank:  # torchrun: rank r writes every W-th shard
+                    continue
                 first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
                 local = features[first:last]
                 counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
@@ -428,7 +440,17 @@ def build_cache(
                 if tokens:
                     tensors["offsets"] = offsets
                 shards.append(_write_shard(out, index, tensors, first, last))
-                _write_manifest(out, {**header, "complete": False, "shards": shards})
+                if world == 1:  # resumable after every shard (under torchrun only the final manifest)
+                    _write_manifest(out, {**header, "complete": False, "shards": shards})
+            if world > 1:
+                distributed.barrier()  # every rank's shards are on disk
+                if rank != 0:
+                    return {**header, "complete": True}
+                shards = shards[:kept_count] + [
+                    _shard_entry(out / shard_name(index), index * request.shard_size,
+                                 min(len(features), (index + 1) * request.shard_size))
+                    for index in range(kept_count, n_shards)
+                ]  # fmt: skip
             manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
             if request.flexkd_samples is not None:
                 from geokd import flexkd as flexkd_lib
@@ -490,14 +512,22 @@ def _write_shard(
         # One metadata key: safetensors writes metadata from a hash map, so several keys come out in
         # varying order and identical shards would hash differently.
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    rows = next(v.shape[0] for k, v in tensors.items() if k.startswith("layer."))
+    return _shard_entry(target, first, last)
+
+
+def _shard_entry(path: Path, first: int, last: int) -> dict[str, Any]:
+    """The manifest entry of a written shard (also for the shards other torchrun ranks wrote)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        rows = next(handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.startswith("layer."))
     return {
-        "file": target.name,
+        "file": path.name,
         "first_example": first,
         "n_examples": last - first,
         "n_rows": int(rows),
-        "bytes": target.stat().st_size,
-        "sha256": file_sha256(target),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
     }
 
 

@@ -688,9 +688,11 @@ def cache(
     from geokd.cache import CacheRequest, build_cache, read_manifest, verify_cache
     from geokd.cache_decoder import is_decoder_cache
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 prints
+    quiet = quiet or not main_rank
     with user_errors():
-        _one_process_only("cache")
         if verify is not None or info is not None:
+            _one_process_only("cache --verify/--info")
             if verify is not None and info is not None:
                 raise GeokdError("--verify and --info: pass one of them")
             if is_decoder_cache(verify or info):
@@ -713,6 +715,7 @@ def cache(
         if missing:
             raise GeokdError(f"cache: {', '.join(missing)} missing; pass them (or --verify/--info CACHE)")
         if task == "instruct":
+            _one_process_only("cache --task instruct")
             _cache_instruct(teacher, data, out, split=split, layers=layers or "", features=features or "tokens",
                             dtype=dtype, topk=topk, temperature=temperature, template=template,
                             max_prompt_length=max_prompt_length, max_length=max_length or 512,
@@ -743,6 +746,8 @@ def cache(
                 bar.update(bar_task, total=plan["examples"], completed=done)
 
             manifest = build_cache(request, on_plan=on_plan, on_batch=lambda k: bar.advance(bar_task, k))
+        if not main_rank:
+            return
         _render_cache_manifest(manifest, None)
         console.print(f"wrote {out}")
 

@@ -138,6 +138,27 @@ def test_a_decoder_on_two_ranks_equals_one_process(tmp_path):
             assert b[name] == pytest.approx(a[name], rel=2e-5), name
 
 
+def test_cache_on_two_ranks_equals_one_process(teacher_dir, glue_dir, tmp_path):
+    """`geokd cache` under torchrun: the ranks split the shards, rank 0 writes the manifest after a
+    barrier; the shards are byte-identical to one process's and the cache verifies."""
+    args = ["cache", "--teacher", str(teacher_dir / "final"), "--task", "sst2", "--data", str(glue_dir),
+            "--layers", "2,4", "--features", "tokens", "--shard-size", "20", "--dtype", "fp32", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "geokd", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "geokd", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
+    assert b["complete"] and len(b["shards"]) == len(a["shards"]) == 7  # 128 examples, 20 a shard
+    assert [s["sha256"] for s in b["shards"]] == [s["sha256"] for s in a["shards"]]
+    verify = subprocess.run([sys.executable, "-m", "geokd", "cache", "--verify", str(tmp_path / "two")], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_eval_on_two_ranks_equals_one_process(quiet_teacher, glue_dir, tmp_path):
     """`geokd eval --geometry` under torchrun: each rank forwards every second batch, the logits
     and pooled rows are gathered, rank 0 writes the same report one process writes."""
@@ -170,12 +191,13 @@ def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypat
     from geokd.cli import app
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = {"cache": ["cache", "--teacher", "t", "--task", "sst2", "--out", str(tmp_path / "c")],
+    args = {"cache": ["cache", "--teacher", "t", "--task", "instruct", "--data", str(tmp_path), "--out",
+                      str(tmp_path / "c")],
             "eval": ["eval", str(tmp_path), "--task", "instruct"],
             "export": ["export", str(tmp_path), "--out", str(tmp_path / "e")]}  # fmt: skip
     result = CliRunner().invoke(app, args[command])
     assert result.exit_code == 2
-    name = "eval --task instruct" if command == "eval" else command
+    name = {"eval": "eval --task instruct", "cache": "cache --task instruct"}.get(command, command)
     assert f"geokd {name} does not run under torchrun yet (WORLD_SIZE=2)" in result.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
 
