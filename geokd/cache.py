@@ -382,18 +382,13 @@ def build_cache(
                     f"--out: the cache needs about {human_bytes(total - done_bytes)} more but {str(probe)!r} has {human_bytes(free)} "
                     "free; free space, choose another --out, or cache fewer --layers, pooled --features or --dtype bf16"
                 )
-            if world > 1:  # rank 0 settled the folder and checked the space: the count of kept shards
-                kept = distributed.all_reduce_sum(torch.tensor([len(shards)], device=runtime.device))
-                shards = shards if rank == 0 else [{}] * int(kept.item())
+            kept_count = shared_kept_count(shards, runtime.device)
             out.mkdir(parents=True, exist_ok=True)
             model = teacher.model.to(runtime.device).eval()
             collate = data_lib.make_collate_fn(teacher.tokenizer, spec)
             dtype = DTYPES[request.dtype]
             started = time.perf_counter()
-            kept_count = len(shards)
-            for index in range(kept_count, n_shards):
-                if (index - kept_count) % world != rank:  # torchrun: rank r writes every W-th shard
-                    continue
+            for index in own_shards(kept_count, n_shards):
                 first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
                 local = features[first:last]
                 counts = torch.tensor([len(f["input_ids"]) for f in local], dtype=torch.long)
@@ -443,14 +438,14 @@ def build_cache(
                 if world == 1:  # resumable after every shard (under torchrun only the final manifest)
                     _write_manifest(out, {**header, "complete": False, "shards": shards})
             if world > 1:
-                distributed.barrier()  # every rank's shards are on disk
-                if rank != 0:
+                def entry(index: int) -> dict[str, Any]:
+                    first = index * request.shard_size
+                    return _shard_entry(out / shard_name(index), first, min(len(features), first + request.shard_size))
+
+                gathered = all_shard_entries(shards, kept_count, n_shards, entry)
+                if gathered is None:  # not rank 0: its shards are written
                     return {**header, "complete": True}
-                shards = shards[:kept_count] + [
-                    _shard_entry(out / shard_name(index), index * request.shard_size,
-                                 min(len(features), (index + 1) * request.shard_size))
-                    for index in range(kept_count, n_shards)
-                ]  # fmt: skip
+                shards = gathered
             manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started}
             if request.flexkd_samples is not None:
                 from geokd import flexkd as flexkd_lib
@@ -495,6 +490,29 @@ def kept_shards(out: Path, header: dict[str, Any], identity_keys: Sequence[str],
     elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise GeokdError(f"--out: {str(out)!r} is not empty and holds no cache; choose a new --out")
     return shards
+
+
+def shared_kept_count(shards: list[dict[str, Any]], device: torch.device) -> int:
+    """How many intact shards rank 0 kept from an earlier run, told to every torchrun rank (a
+    collective: the other ranks also wait here until rank 0 settled the folder and the space)."""
+    if distributed.world_size() == 1:
+        return len(shards)
+    return int(distributed.all_reduce_sum(torch.tensor([len(shards)], device=device)).item())
+
+
+def own_shards(kept: int, n_shards: int) -> range:
+    """The shard indices this rank writes: every W-th after the kept ones (all of them for one process)."""
+    return range(kept + distributed.rank(), n_shards, distributed.world_size())
+
+
+def all_shard_entries(shards: list[dict[str, Any]], kept: int, n_shards: int,
+                      entry: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]] | None:  # fmt: skip
+    """After every rank wrote its shards (a barrier): rank 0's manifest entries for all of them,
+    read back from the files; None on the other ranks."""
+    distributed.barrier()
+    if distributed.rank() != 0:
+        return None
+    return shards[:kept] + [entry(index) for index in range(kept, n_shards)]
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:

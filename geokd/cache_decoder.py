@@ -28,6 +28,7 @@ checks every shard, and `check_decoder_cache_matches` refuses a cache that disag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -39,17 +40,21 @@ from typing import Any
 import torch
 
 import geokd
+from geokd import distributed
 from geokd.artifacts import LOCK_NAME, DirectoryLock, human_bytes
 from geokd.cache import (
     DTYPES,
     MANIFEST,
     _write_manifest,
+    all_shard_entries,
     check_cached_teacher,
     file_sha256,
     kept_shards,
     load_manifest_json,
     open_shard,
+    own_shards,
     shard_name,
+    shared_kept_count,
     tokenizer_sha256,
 )
 from geokd.errors import GeokdError
@@ -236,18 +241,24 @@ def build_decoder_cache(
         "bytes_minimum": size["minimum"],
         "bytes_per_token_minimum": size["per_token_minimum"],
     }
+    runtime = resolve_runtime(request.device)
+    distributed.init(runtime.device)  # torchrun: the ranks split the shards (geokd.cache.own_shards)
+    world, rank = distributed.world_size(), distributed.rank()
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(out, "--out"):
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "--out") if rank == 0 else contextlib.nullcontext():
         try:
-            shards = kept_shards(out, header, _IDENTITY_KEYS, read_decoder_manifest)
+            shards = kept_shards(out, header, _IDENTITY_KEYS, read_decoder_manifest) if rank == 0 else []
             done_bytes = sum((out / e["file"]).stat().st_size for e in shards)
-            free = disk_usage(str(out)).free
+            # (under torchrun rank 0 may not have created --out yet when another rank gets here)
+            probe = out if out.exists() else next(p for p in out.resolve().parents if p.exists())
+            free = disk_usage(str(probe)).free
             plan = {"examples": len(features), "tokens": sum(counts), "expected_bytes": size["expected"],
                     "minimum_bytes": size["minimum"], "free_bytes": free, "shards": n_shards,
                     "shards_kept": len(shards), "layers": list(layers), "warnings": list(teacher.warnings),
                     "data_stats": stats}  # fmt: skip
-            if on_plan is not None:
+            if on_plan is not None and rank == 0:
                 on_plan(plan)
             if size["expected"] - done_bytes > free:
                 raise GeokdError(
@@ -255,13 +266,14 @@ def build_decoder_cache(
                     f"{human_bytes(free)} free; free space, choose another --out, or lower --topk, cache fewer --layers, "
                     "pooled --features or --dtype bf16"
                 )
-            runtime = resolve_runtime(request.device)
+            kept_count = shared_kept_count(shards, runtime.device)
+            out.mkdir(parents=True, exist_ok=True)
             model = teacher.model.to(runtime.device).eval()
             head = decoder_lib.output_head(model)
             collate = instruct.make_instruct_collate(teacher.tokenizer)
             dtype, ids_dtype = DTYPES[request.dtype], id_dtype(vocab)
             started = time.perf_counter()
-            for index in range(len(shards), n_shards):
+            for index in own_shards(kept_count, n_shards):
                 first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
                 local = features[first:last]
                 local_counts = torch.tensor(counts[first:last], dtype=torch.long)
@@ -306,7 +318,17 @@ def build_decoder_cache(
                     **{f"layer.{layer}": buffers[layer] for layer in layers},
                 }
                 shards.append(_write_decoder_shard(out, index, tensors, first, last, n_tokens))
-                _write_manifest(out, {**header, "complete": False, "shards": shards})
+                if world == 1:  # resumable after every shard (under torchrun only the final manifest)
+                    _write_manifest(out, {**header, "complete": False, "shards": shards})
+            if world > 1:
+                def entry(index: int) -> dict[str, Any]:
+                    first, last = index * request.shard_size, min(len(features), (index + 1) * request.shard_size)
+                    return _decoder_shard_entry(out / shard_name(index), first, last, sum(counts[first:last]))
+
+                gathered = all_shard_entries(shards, kept_count, n_shards, entry)
+                if gathered is None:  # not rank 0: its shards are written
+                    return {**header, "complete": True}
+                shards = gathered
             manifest = {**header, "complete": True, "shards": shards, "seconds": time.perf_counter() - started,
                         "bytes": sum(e["bytes"] for e in shards)}  # fmt: skip
             if request.flexkd_samples is not None:
@@ -343,8 +365,12 @@ def _write_decoder_shard(out: Path, index: int, tensors: dict[str, torch.Tensor]
     target = out / shard_name(index)
     with disk_full_as_error(target, "a cache shard"), atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    return {"file": target.name, "first_example": first, "n_examples": last - first, "n_rows": n_tokens,
-            "bytes": target.stat().st_size, "sha256": file_sha256(target)}  # fmt: skip
+    return _decoder_shard_entry(target, first, last, n_tokens)
+
+
+def _decoder_shard_entry(path: Path, first: int, last: int, n_tokens: int) -> dict[str, Any]:
+    return {"file": path.name, "first_example": first, "n_examples": last - first, "n_rows": n_tokens,
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

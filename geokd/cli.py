@@ -715,7 +715,6 @@ def cache(
         if missing:
             raise GeokdError(f"cache: {', '.join(missing)} missing; pass them (or --verify/--info CACHE)")
         if task == "instruct":
-            _one_process_only("cache --task instruct")
             _cache_instruct(teacher, data, out, split=split, layers=layers or "", features=features or "tokens",
                             dtype=dtype, topk=topk, temperature=temperature, template=template,
                             max_prompt_length=max_prompt_length, max_length=max_length or 512,
@@ -781,6 +780,8 @@ def _cache_instruct(teacher: str, data: str | None, out: str, *, quiet: bool, da
             bar.update(bar_task, total=plan["examples"], completed=min(plan["examples"], plan["shards_kept"] * request.shard_size))
 
         manifest = build_decoder_cache(request, on_plan=on_plan, on_batch=lambda k: bar.advance(bar_task, k))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     _render_decoder_cache_manifest(manifest, None)
     console.print(f"wrote {out}")
 

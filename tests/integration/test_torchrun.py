@@ -40,6 +40,14 @@ def torchrun(flags: dict, nproc: int = 2, timeout: int = 300) -> subprocess.Comp
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def geokd_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m geokd ARGS`, under `torchrun --nproc_per_node NPROC` when NPROC > 1."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "geokd", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
 def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -143,20 +151,31 @@ def test_cache_on_two_ranks_equals_one_process(teacher_dir, glue_dir, tmp_path):
     barrier; the shards are byte-identical to one process's and the cache verifies."""
     args = ["cache", "--teacher", str(teacher_dir / "final"), "--task", "sst2", "--data", str(glue_dir),
             "--layers", "2,4", "--features", "tokens", "--shard-size", "20", "--dtype", "fp32", "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "geokd", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "geokd", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
+    for name, nproc in (("two", 2), ("one", 1)):
+        done = geokd_cli([*args, "--out", str(tmp_path / name)], nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
     a, b = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
     assert b["complete"] and len(b["shards"]) == len(a["shards"]) == 7  # 128 examples, 20 a shard
     assert [s["sha256"] for s in b["shards"]] == [s["sha256"] for s in a["shards"]]
-    verify = subprocess.run([sys.executable, "-m", "geokd", "cache", "--verify", str(tmp_path / "two")], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    verify = geokd_cli(["cache", "--verify", str(tmp_path / "two")])
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_decoder_cache_on_two_ranks_equals_one_process(tmp_path):
+    from tinylm import save_causal_lm, write_instruct_data
+
+    teacher = save_causal_lm(tmp_path / "llama", "llama")
+    data = write_instruct_data(tmp_path / "toy")
+    args = ["cache", "--teacher", str(teacher), "--task", "instruct", "--data", str(data), "--layers", "1,2",
+            "--topk", "8", "--shard-size", "10", "--dtype", "fp32", "--max-length", "64", "--max-prompt-length", "48",
+            "--quiet"]
+    for name, nproc in (("two", 2), ("one", 1)):
+        done = geokd_cli([*args, "--out", str(tmp_path / name)], nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
+    assert b["complete"] and len(b["shards"]) == len(a["shards"]) == 5  # 48 examples, 10 a shard
+    assert [s["sha256"] for s in b["shards"]] == [s["sha256"] for s in a["shards"]]
+    assert [s["n_rows"] for s in b["shards"]] == [s["n_rows"] for s in a["shards"]]
 
 
 def test_eval_on_two_ranks_equals_one_process(quiet_teacher, glue_dir, tmp_path):
@@ -165,14 +184,10 @@ def test_eval_on_two_ranks_equals_one_process(quiet_teacher, glue_dir, tmp_path)
     run = tmp_path / "run"
     train(resolve_config("distill", flags=_flags(quiet_teacher, glue_dir, run, loss="gram", max_steps=2)))
     args = ["eval", str(run / "final"), "--geometry", "--teacher", str(quiet_teacher), "--batch-size", "8"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "geokd", *args, "--json", str(tmp_path / "two.json"), "--quiet"],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = geokd_cli([*args, "--json", str(tmp_path / "two.json"), "--quiet"], 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote") == 1  # rank 0 only
-    one = subprocess.run([sys.executable, "-m", "geokd", *args, "--json", str(tmp_path / "one.json"), "--quiet"],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    one = geokd_cli([*args, "--json", str(tmp_path / "one.json"), "--quiet"])
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     assert a["n_examples"] == b["n_examples"] == 48
@@ -191,13 +206,12 @@ def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypat
     from geokd.cli import app
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = {"cache": ["cache", "--teacher", "t", "--task", "instruct", "--data", str(tmp_path), "--out",
-                      str(tmp_path / "c")],
+    args = {"cache": ["cache", "--verify", str(tmp_path / "c")],
             "eval": ["eval", str(tmp_path), "--task", "instruct"],
             "export": ["export", str(tmp_path), "--out", str(tmp_path / "e")]}  # fmt: skip
     result = CliRunner().invoke(app, args[command])
     assert result.exit_code == 2
-    name = {"eval": "eval --task instruct", "cache": "cache --task instruct"}.get(command, command)
+    name = {"eval": "eval --task instruct", "cache": "cache --verify/--info"}.get(command, command)
     assert f"geokd {name} does not run under torchrun yet (WORLD_SIZE=2)" in result.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
 
