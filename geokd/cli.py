@@ -1061,7 +1061,6 @@ def eval_command(
         if json_path is not None:
             check_output_path(json_path, "--json")
         if _is_instruct_eval(model, task):
-            _one_process_only("eval --task instruct")
             if geometry and teacher is None:
                 raise GeokdError("--geometry needs --teacher TEACHER (a causal LM) to compare against")
             geometry_options = dict(teacher=teacher if geometry else None, layers=layers, features=features,
@@ -1160,6 +1159,8 @@ def _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, g
             **geometry_options,
         )  # fmt: skip
     records = result.pop("records")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 prints and writes
+        return
     table = Table(title=f"instruct: {model} on {result['data']['source']} ({result['decoding']['decoding']})")
     table.add_column("examples", justify="right")
     for name in result["metrics"]:

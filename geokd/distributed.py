@@ -23,7 +23,9 @@ The semantics are those of one process reading the global batch:
 from __future__ import annotations
 
 import datetime
+import json
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -119,3 +121,20 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(g).to(p.dtype)
         offset += n
+
+
+def gather_json(value: Any, device: torch.device) -> list[Any]:
+    """Every rank's JSON-able `value`, in rank order (one per rank), sent as UTF-8 bytes in tensors:
+    nothing is pickled. `device` is where the collective runs (the GPU under nccl)."""
+    world = world_size()
+    if world == 1:
+        return [value]
+    data = torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.cat([data, data.new_zeros(longest - data.numel())])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(part[: int(n)].cpu().tolist()).decode("utf-8")) for part, n in zip(parts, sizes, strict=True)]

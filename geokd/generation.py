@@ -68,6 +68,7 @@ atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -81,6 +82,7 @@ from typing import Any, Literal
 
 import torch
 
+from geokd import distributed
 from geokd.errors import GeokdError
 
 DECODINGS = ("greedy", "sample")
@@ -511,8 +513,14 @@ def evaluate_generations(
     prompt_texts: Sequence[str] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Generate for every prompt and score against its references (a string or a list).
+
+    `shard=True` under torchrun: rank r generates prompts r, r+W, ... and the continuations of all
+    ranks are gathered (as JSON bytes), so every rank scores the whole set. Sampling seeds are per
+    example (`example_seed`), so the samples do not depend on the split; the generation time is
+    the slowest rank's.
 
     Greedy runs once (`gen_seeds` must be None). Sampling runs once per seed of `gen_seeds`
     (default: MiniLLM's 10, 20, 30, 40, 50). Returns a JSON-ready dict:
@@ -564,12 +572,16 @@ def evaluate_generations(
     per_seed, records = [], []
     for seed in seeds:
         tic = time.perf_counter()
+        mine = list(range(distributed.rank(), n, distributed.world_size())) if shard else list(range(n))
         outputs = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, decoding=decoding, seed=seed,
-            temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, batch_tokens=batch_tokens,
-            eos_token_id=eos_token_id, example_ids=example_ids, autocast=autocast, on_batch=on_batch,
+            model, tokenizer, [prompts[i] for i in mine], max_new_tokens=max_new_tokens, decoding=decoding,
+            seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
+            batch_tokens=batch_tokens, eos_token_id=eos_token_id, example_ids=[example_ids[i] for i in mine],
+            autocast=autocast, on_batch=on_batch,
         )  # fmt: skip
         seconds = time.perf_counter() - tic
+        if shard and distributed.world_size() > 1:
+            outputs, seconds = _gathered_outputs(mine, outputs, seconds, n, next(model.parameters()).device)
         predictions = [o.text for o in outputs]
         scores = score_generations(predictions, refs, token_counts=[len(o.token_ids) for o in outputs])
         rouge = scores.pop("per_example_rouge_l")
@@ -614,6 +626,20 @@ def evaluate_generations(
         "records": records,
         "elapsed_s": time.perf_counter() - started,
     }
+
+
+def _gathered_outputs(mine: list[int], outputs: list[GenerationOutput], seconds: float, n: int,
+                      device: torch.device) -> tuple[list[GenerationOutput], float]:  # fmt: skip
+    """Every rank's continuations back in prompt order, and the slowest rank's generation time."""
+    parts = distributed.gather_json(
+        {"index": mine, "seconds": seconds, "outputs": [dataclasses.asdict(o) for o in outputs]}, device
+    )
+    merged: list[GenerationOutput | None] = [None] * n
+    for part in parts:
+        for index, output in zip(part["index"], part["outputs"], strict=True):
+            merged[index] = GenerationOutput(**output)
+    assert all(o is not None for o in merged)
+    return merged, max(part["seconds"] for part in parts)  # type: ignore[return-value]
 
 
 def write_generations_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

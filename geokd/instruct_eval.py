@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import geokd
+from geokd import distributed
 from geokd.errors import GeokdError
 
 METRIC_ORDER = ("rouge_l", "exact_match", "mean_tokens", "mean_words", "tokens_per_s")
@@ -101,6 +102,7 @@ def evaluate_instruct_model(
         eval_split = dataclasses.replace(eval_split, examples=eval_split.examples[:limit])
 
     runtime = resolve_runtime(device)
+    distributed.init(runtime.device)  # torchrun: the ranks split the prompts (evaluate_generations shard=True)
     loaded = load_causal_lm(located.load, trust_remote_code=trust_remote_code)
     for_generation = instruct.tokenize_prompts(
         eval_split, loaded.tokenizer, template=template, max_prompt_length=max_prompt_length
@@ -122,6 +124,7 @@ def evaluate_instruct_model(
         batch_size=batch_size,
         autocast=runtime.autocast,
         on_batch=(lambda done, total: on_batch(done)) if on_batch is not None else None,
+        shard=True,
     )
     metrics = {name: result["metrics"][name]["mean"] for name in METRIC_ORDER if name in result["metrics"]}
     geometry = None

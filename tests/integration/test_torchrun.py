@@ -178,6 +178,27 @@ def test_decoder_cache_on_two_ranks_equals_one_process(tmp_path):
     assert [s["n_rows"] for s in b["shards"]] == [s["n_rows"] for s in a["shards"]]
 
 
+def test_generation_eval_on_two_ranks_equals_one_process(tmp_path):
+    """`geokd eval --task instruct` under torchrun: the ranks split the prompts and rank 0 scores
+    and writes every continuation; greedy and seeded sampling give one process's generations."""
+    from tinylm import save_causal_lm, write_instruct_data
+
+    model = save_causal_lm(tmp_path / "llama", "llama")
+    data = write_instruct_data(tmp_path / "toy")
+    for decoding in ("greedy", "sample"):
+        args = ["eval", str(model), "--task", "instruct", "--data", str(data / "dev.jsonl"), "--decoding", decoding,
+                "--max-new-tokens", "6", "--batch-size", "4", "--quiet",
+                *(["--gen-seeds", "1,2"] if decoding == "sample" else [])]  # fmt: skip
+        for name, nproc in (("two", 2), ("one", 1)):
+            done = geokd_cli([*args, "--json", str(tmp_path / f"{decoding}-{name}.json")], nproc)
+            assert done.returncode == 0, done.stderr[-3000:]
+        a, b = (json.loads((tmp_path / f"{decoding}-{name}.json").read_text()) for name in ("one", "two"))
+        assert a["n_examples"] == b["n_examples"] == 12
+        assert a["metrics"]["rouge_l"] == pytest.approx(b["metrics"]["rouge_l"], abs=1e-9)
+        lines = [(tmp_path / f"{decoding}-{name}.generations.jsonl").read_text().splitlines() for name in ("one", "two")]
+        assert [json.loads(x)["prediction"] for x in lines[0]] == [json.loads(x)["prediction"] for x in lines[1]]
+
+
 def test_eval_on_two_ranks_equals_one_process(quiet_teacher, glue_dir, tmp_path):
     """`geokd eval --geometry` under torchrun: each rank forwards every second batch, the logits
     and pooled rows are gathered, rank 0 writes the same report one process writes."""
@@ -199,7 +220,7 @@ def test_eval_on_two_ranks_equals_one_process(quiet_teacher, glue_dir, tmp_path)
                 assert pb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-@pytest.mark.parametrize("command", ["cache", "eval", "export"])
+@pytest.mark.parametrize("command", ["cache", "export"])
 def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -207,11 +228,10 @@ def test_commands_that_do_not_shard_refuse_torchrun(command, tmp_path, monkeypat
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = {"cache": ["cache", "--verify", str(tmp_path / "c")],
-            "eval": ["eval", str(tmp_path), "--task", "instruct"],
             "export": ["export", str(tmp_path), "--out", str(tmp_path / "e")]}  # fmt: skip
     result = CliRunner().invoke(app, args[command])
     assert result.exit_code == 2
-    name = {"eval": "eval --task instruct", "cache": "cache --verify/--info"}.get(command, command)
+    name = {"cache": "cache --verify/--info"}.get(command, command)
     assert f"geokd {name} does not run under torchrun yet (WORLD_SIZE=2)" in result.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
 
