@@ -116,13 +116,16 @@ def encoders(args: argparse.Namespace) -> list[str]:
                     init = results.get("init_metrics")
         # The baseline is the first group: the pruned student with logit KD only (loss none).
         comparison = compare_runs([str(p) for paths in groups.values() for p in paths], metric=PRIMARY[task])
-        lines += _encoder_table(task, comparison, init, out)
+        budget = (f"{_per_task(args.epochs, task)} epoch(s) of batch 32 at lr 2e-4, α 0.5 (feature) / 0.5 (logit KD), "
+                  f"uniform layer map, [CLS] rows; pruned students seeds {args.seeds}, random-init students seeds "
+                  f"{args.shrink_seeds}; Flex-KD scored on 1024 training examples, pruning calibrated on 256")  # fmt: skip
+        lines += _encoder_table(task, comparison, init, out, budget)
     return lines
 
 
-def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path) -> list[str]:
+def _encoder_table(task: str, comparison: dict, init: dict | None, out: Path, budget: str) -> list[str]:
     metric = comparison["metric"]
-    rows = [f"### {TASKS[task]} dev: all-MiniLM-L6-v2 teacher, width-192 students ({metric})", "",
+    rows = [f"### {TASKS[task]} dev: all-MiniLM-L6-v2 teacher, width-192 students ({metric})", "", budget + ".", "",
             "| student | loss | n | mean | std | vs prune + none | 95% CI | p (paired t) | wall per seed |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for group in comparison["groups"]:
@@ -161,6 +164,9 @@ def decoders(args: argparse.Namespace) -> list[str]:
         lines = (data / "dolly" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
         (subset / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     rows = ["### Dolly: SmolLM2-135M-Instruct into " + f"`{DECODER_STUDENT}`", "",
+            f"{args.steps} steps of batch 8 (max length 384, lr 2e-4, α 0.5, forward-KL token KD) on the first "
+            f"{n_train} Dolly training examples; Flex-KD scored and pruning calibrated on 128; greedy ROUGE-L on "
+            + (f"the first {args.eval_limit} DollyEval prompts." if args.eval_limit else "DollyEval."), "",
             "| loss | dev loss (nats) | untrained dev loss | DollyEval ROUGE-L | train wall |", "|---|---|---|---|---|"]  # fmt: skip
     for loss in DECODER_LOSSES:
         run = out / loss
