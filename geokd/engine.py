@@ -886,7 +886,8 @@ def _train(
         sizes = [work.size(batch) for batch in micro_batches]
         step_size = sum(sizes)
         if runtime.world_size > 1:
-            step_size = int(distributed.all_reduce_sum(torch.tensor([float(step_size)])).item())
+            # (on the device: nccl reduces CUDA tensors only)
+            step_size = int(distributed.all_reduce_sum(torch.tensor([float(step_size)], device=runtime.device)).item())
         weights = [runtime.world_size * size / max(1, step_size) for size in sizes]
         # Pinned host memory and asynchronous copies on CUDA: the copy overlaps the work queued before.
         cuda = runtime.device.type == "cuda"
