@@ -525,6 +525,7 @@ _MAX_NEW_TOKENS = _O(None, "--max-new-tokens", help="--task instruct: generation
 _LOG_FORMAT = _O("text", "--log-format", help="text (tables, progress) or json (one JSON object per line on stdout).")
 _RESUME = _O(None, help="'auto' (latest checkpoint in --out) or a checkpoints/step-N path.")
 _DEVICE = _O(None, help="auto (default), cpu, cuda, cuda:N or mps.")
+_STRATEGY = _O(None, "--strategy", help="Under torchrun: ddp (the student replicated, default) or fsdp (each transformer block sharded over the ranks with FSDP2).")
 _PRECISION = _O(None, "--precision", help="Forward passes: auto (bf16 on recent GPUs, fp16 with loss scaling on older ones, fp32 on CPU), fp32, bf16 or fp16.")
 _COMPILE = _O(None, "--compile/--no-compile", help="torch.compile the student's forward (a warm-up cost, then faster steps on GPUs).")
 _ACTIVATION_CHECKPOINTING = _O(None, "--activation-checkpointing/--no-activation-checkpointing",
@@ -565,6 +566,7 @@ def finetune(
     keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    strategy: str = _STRATEGY,
     precision: str = _PRECISION,
     compile: bool = _COMPILE,
     activation_checkpointing: bool = _ACTIVATION_CHECKPOINTING,
@@ -631,6 +633,8 @@ def distill(
     keep_checkpoints: int = _KEEP_CHECKPOINTS,
     resume: str = _RESUME,
     device: str = _DEVICE,
+    strategy: str = _STRATEGY,
+    shard_teacher: bool = _O(None, "--shard-teacher/--no-shard-teacher", help="With --strategy fsdp: shard the frozen teacher's blocks too, for teachers that do not fit one device."),
     precision: str = _PRECISION,
     compile: bool = _COMPILE,
     activation_checkpointing: bool = _ACTIVATION_CHECKPOINTING,

@@ -29,7 +29,7 @@ FLAG_ONLY = ("trust_remote_code",)
 # Keys that only mean something to distill (not printed for finetune).
 DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features",
                 "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output", "prune_samples",
-                "geometry_batch")
+                "geometry_batch", "shard_teacher")
 # Keys that only mean something for --task instruct.
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
@@ -113,6 +113,10 @@ class RunConfig:
     keep_checkpoints: int | None = None  # keep the newest K checkpoints (None: all)
     resume: str | None = None
     device: str = "auto"
+    # torchrun (geokd.distributed): replicate the student on every rank (ddp) or shard each of its
+    # transformer blocks over the ranks with FSDP2 (fsdp; --shard-teacher shards the teacher's too)
+    strategy: str = "ddp"
+    shard_teacher: bool = False
     precision: str = "auto"  # forward passes: auto (bf16 / fp16+scaling / fp32 by device), fp32, bf16, fp16
     # CUDA speed (issue #14): torch.compile of the student's forward, and activation checkpointing
     # (recompute each block's activations in the backward) for students that do not fit
@@ -198,6 +202,11 @@ def validation_problems(config: RunConfig) -> list[str]:
         p.append(f"kd_beta: the JSD mixture weight must be in (0, 1), got {config.kd_beta}")
     if not 0.0 <= config.kd_skew < 1.0:
         p.append(f"kd_skew: the skew must be in [0, 1), got {config.kd_skew}")
+    if config.strategy not in ("ddp", "fsdp"):
+        p.append(f"strategy: must be ddp (replicated student) or fsdp (blocks sharded over the ranks), got "
+                 f"{config.strategy!r}")  # fmt: skip
+    if config.shard_teacher and config.strategy != "fsdp":
+        p.append("shard_teacher: shards the teacher's blocks with FSDP2; add --strategy fsdp or drop it")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):  # geokd.runtime.PRECISIONS
         p.append(f"precision: must be auto, fp32, bf16 or fp16, got {config.precision!r}")
     if config.geometry_batch not in GEOMETRY_BATCHES:

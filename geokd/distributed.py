@@ -110,6 +110,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Average the gradients of `params` over the ranks in one flat all-reduce (a parameter that
     got no gradient on some rank, such as a layer above the deepest mapped layer, counts as 0)."""
     world = world_size()
+    params = [p for p in params if not is_sharded(p)]  # FSDP reduces the sharded blocks' own
     if world == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -138,3 +139,83 @@ def gather_json(value: Any, device: torch.device) -> list[Any]:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return [json.loads(bytes(part[: int(n)].cpu().tolist()).decode("utf-8")) for part, n in zip(parts, sizes, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# --strategy fsdp: FSDP2 per transformer block
+# --------------------------------------------------------------------------------------------
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: modules of a class its Hugging Face `_no_split_modules`
+    names that sit in an `nn.ModuleList` (so BERT's embeddings, also listed there, are left out)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            blocks += [child for child in module if type(child).__name__ in names]
+    return blocks
+
+
+def shard_blocks(model: torch.nn.Module) -> int:
+    """FSDP2 (`fully_shard`) on each transformer block: its parameters become DTensors sharded over
+    the ranks and are gathered for its forward and backward only. Everything outside the blocks
+    (embeddings, final norm, heads) stays replicated and is averaged by `average_gradients`: the
+    decoder losses read the output head's weight directly, outside any forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise GeokdError(
+            f"--strategy fsdp: found no transformer blocks in {type(model).__name__} (no _no_split_modules "
+            "classes in a ModuleList); use --strategy ddp"
+        )
+    for block in blocks:
+        fully_shard(block)
+    return len(blocks)
+
+
+def is_sharded(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict with every sharded tensor gathered whole (a collective: every rank calls it,
+    with the same keys); nested dicts (an optimizer's state) are walked."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = full_state(value)
+        elif isinstance(value, list):
+            out[key] = [full_state(v) if isinstance(v, dict) else v for v in value]
+        else:
+            out[key] = value.full_tensor() if is_sharded(value) else value
+    return out
+
+
+def shard_like(full: torch.Tensor, reference: Any) -> Any:
+    """`full` cut into `reference`'s shards (`reference` a DTensor), or `full` itself."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if not is_sharded(reference):
+        return full
+    return distribute_tensor(full.to(reference.device, reference.dtype), reference.device_mesh, reference.placements)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a mix of sharded (DTensor) and replicated gradients:
+    the shards' squared norms are summed over the ranks, the replicated ones (equal on every rank
+    after `average_gradients`) counted once."""
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device
+    local = [g.to_local() for g in grads if is_sharded(g)]
+    plain = [g for g in grads if not is_sharded(g)]
+    sharded_sq = sum((g.float().pow(2).sum() for g in local), torch.zeros((), device=device))
+    plain_sq = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
+    total = (all_reduce_sum(sharded_sq.reshape(1))[0] + plain_sq).sqrt()
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in [*local, *plain]:
+        g.mul_(coefficient.to(g.dtype))
+    return total

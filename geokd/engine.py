@@ -76,7 +76,7 @@ _CURRENT_KEY_FORMAT = _current_key_format()
 # Config keys that may differ between an interrupted run and its resumption.
 _RESUMABLE_DIFFERENCES = {
     "resume", "eval_every", "save_every", "save_minutes", "keep_checkpoints", "device", "out", "compile",
-    "activation_checkpointing", "precision",
+    "activation_checkpointing", "precision", "strategy", "shard_teacher",
 }  # fmt: skip
 # Keys holding a path: the same file or folder given another way (relative, absolute, via a
 # symlink) is the same value.
@@ -233,20 +233,24 @@ def save_checkpoint(
     position: dict[str, int],
     record: dict[str, Any] | None = None,
     scaler: dict[str, Any] | None = None,
+    full: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: a temporary directory (student, trainer state as
     safetensors + JSON, then checkpoint.json with every file's SHA-256) renamed into place. On any
-    failure the temporary is removed; a full disk is one GeokdError naming the path and free space."""
+    failure the temporary is removed; a full disk is one GeokdError naming the path and free space.
+    `full`: the student's and the optimizer's state gathered whole (--strategy fsdp), written in the
+    ordinary format, so any world size and strategy resumes from it."""
     final = run_dir / "checkpoints" / f"step-{step}"
     with atomic_dir(final, f"checkpoint step-{step}") as tmp:
         # Current key names (not an old checkpoint's LayerNorm.gamma/beta), so load_weights matches.
-        student.save_pretrained(tmp / "student", safe_serialization=True, **_CURRENT_KEY_FORMAT)
+        student.save_pretrained(tmp / "student", safe_serialization=True, **_CURRENT_KEY_FORMAT,
+                                **({"state_dict": full[0]} if full is not None else {}))  # fmt: skip
         tokenizer.save_pretrained(tmp / "student")
         ckpt.write_state(
             tmp,
             {
                 "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": full[1] if full is not None else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 **({"scaler": scaler} if scaler is not None else {}),
@@ -510,15 +514,17 @@ def write_results(
     write_json(run_dir / "results.json", {"task": task, "split": split, "metrics": metrics, **extra})
 
 
-def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: dict[str, Any]) -> None:
+def save_final(model: nn.Module, tokenizer: Any, final_dir: Path, provenance: dict[str, Any],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """Write the Hugging Face folder (config, tokenizer, model.safetensors) plus geokd.json
     provenance (with the SHA-256 of the weights, checked by `geokd eval`) into a temporary
-    directory, then rename it into place."""
+    directory, then rename it into place. `state_dict`: the weights gathered whole (--strategy
+    fsdp), so `final/` is always one ordinary folder."""
     from geokd.models import weights_sha256
 
     # follow the umask: a deployable model is readable by the group that deploys it
     with atomic_dir(final_dir, "the final model") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         reset_tokenizer_state(tokenizer)  # no run-time truncation/padding baked into tokenizer.json
         tokenizer.save_pretrained(tmp)
         record = {"geokd_version": geokd.__version__, **provenance, "weights_sha256": weights_sha256(tmp)}
@@ -539,6 +545,8 @@ def load_weights(model: nn.Module, directory: Path) -> None:
 
     check_safetensors(path, "--resume")
     state = load_file(str(path))
+    current = model.state_dict()  # under --strategy fsdp the blocks' entries are shards (DTensors)
+    state = {k: distributed.shard_like(v, current[k]) if k in current else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (e.g. output embeddings) are saved once; anything else missing is an error.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -684,6 +692,21 @@ def _speed_options(config: RunConfig, model: nn.Module) -> None:
         model.compile()  # nn.Module.compile: the forward is compiled on first use, the keys stay
 
 
+def _shard_optimizer_state(state: dict[str, Any], params: list[nn.Parameter]) -> dict[str, Any]:
+    """An optimizer state saved whole (the ordinary checkpoint format), cut to this rank's shards
+    of the parameters FSDP shards (--strategy fsdp resuming from any checkpoint)."""
+    shards = {}
+    for index, entry in state["state"].items():
+        param = params[int(index)]
+        shards[index] = {
+            key: distributed.shard_like(value, param)
+            if torch.is_tensor(value) and value.shape == param.shape
+            else value
+            for key, value in entry.items()
+        }
+    return {**state, "state": shards}
+
+
 def _prepare_flexkd(config: RunConfig, work: Any, run_dir: Path, resumed: bool,
                     warn: Callable[[str], None], write: bool = True) -> dict[str, Any] | None:  # fmt: skip
     """`--loss flexkd`: fill the objective's teacher selections before the first step (a resumed
@@ -727,6 +750,18 @@ def _train(
     train_features, teacher_info, layer_pairs = work.train_features, work.teacher_info, work.layer_pairs
 
     _speed_options(config, student.model)
+    # --strategy fsdp under torchrun: FSDP2 per transformer block (geokd.distributed.shard_blocks);
+    # the optimizer is built below, over the sharded parameters.
+    fsdp = config.strategy == "fsdp" and runtime.world_size > 1
+    if fsdp:
+        if runtime.grad_scaling:
+            raise GeokdError(
+                "--strategy fsdp: fp16 loss scaling over sharded gradients is not supported yet; use --precision "
+                "bf16 or fp32, or --strategy ddp"
+            )
+        distributed.shard_blocks(student.model)
+        if config.shard_teacher and work.teacher_model is not None:
+            distributed.shard_blocks(work.teacher_model)
 
     # Optimisation
     total_steps = config.max_steps or total_optimizer_steps(
@@ -761,7 +796,7 @@ def _train(
         load_weights(student.model, checkpoint / "student")
         try:
             objective.load_state_dict(state["objective"])
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(_shard_optimizer_state(state["optimizer"], params) if fsdp else state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if scaler.is_enabled() and "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
@@ -832,11 +867,14 @@ def _train(
         return {"epoch": epoch, "cursor": cursor}
 
     def checkpoint_now() -> Path | None:
+        # --strategy fsdp: every rank takes part in gathering the shards (a collective), rank 0 writes
+        full = (distributed.full_state(student.model.state_dict()), distributed.full_state(optimizer.state_dict())) \
+            if fsdp else None  # fmt: skip
         if not runtime.is_main:
             return None
         path = save_checkpoint(
             run_dir, step, student.model, tokenizer, objective, optimizer, scheduler, position(), checkpoint_record,
-            scaler.state_dict() if scaler.is_enabled() else None,
+            scaler.state_dict() if scaler.is_enabled() else None, full,
         )  # fmt: skip
         ckpt.prune(run_dir, config.keep_checkpoints, newest=path)  # only now that it is complete
         return path
@@ -844,8 +882,10 @@ def _train(
     # A pruned student is a model before any training: its dev metrics are part of the result
     # (Minitron reports them), kept in init_eval.json so a resumed run still has them.
     init_path = run_dir / "init_eval.json"
-    if getattr(student, "init", None) == "prune" and step == 0 and runtime.is_main:
-        write_json(init_path, {"step": 0, "split": work.dev_split, "metrics": work.evaluate()})
+    if getattr(student, "init", None) == "prune" and step == 0 and (runtime.is_main or fsdp):
+        init_metrics = work.evaluate()  # under fsdp every rank runs the sharded forward
+        if runtime.is_main:
+            write_json(init_path, {"step": 0, "split": work.dev_split, "metrics": init_metrics})
     order = epoch_order(len(train_features), config.seed, epoch)
     shard = (runtime.rank, runtime.world_size)
     stream = batches(order, cursor, config.batch_size, train_features, work.collate, *shard)
@@ -909,8 +949,14 @@ def _train(
         tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches if "attention_mask" in batch)
         distributed.average_gradients(params)
         scaler.unscale_(optimizer)  # a no-op without fp16; clipping sees true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        counts = {"tokens": float(tokens), "stop": float(stop.received is not None)}
+        if fsdp:
+            grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        # Whether a checkpoint is due by wall time is decided by all ranks together (fsdp saves are
+        # collectives); so is a stop signal.
+        time_due = bool(config.save_minutes) and time.monotonic() - last_save_time >= 60.0 * config.save_minutes
+        counts = {"tokens": float(tokens), "stop": float(stop.received is not None), "due": float(time_due)}
         synced, summed = _synced_record(terms_sum, grad_norm, counts, step + 1, run_dir,
                                         overflow_ok=scaler.is_enabled())  # the one host sync  # fmt: skip
         window_tokens += int(summed["tokens"])
@@ -933,13 +979,13 @@ def _train(
             "tokens_per_s": window_tokens / max(elapsed, 1e-9),
         }
         window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
-        if runtime.is_main:
+        if runtime.is_main or fsdp:
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 record["eval"] = work.evaluate()
-            log.write(record)  # type: ignore[union-attr]
+            if runtime.is_main:
+                log.write(record)  # type: ignore[union-attr]
         due = bool(config.save_every) and step % config.save_every == 0  # type: ignore[operator]
-        if config.save_minutes and time.monotonic() - last_save_time >= 60.0 * config.save_minutes:
-            due = True
+        due = due or summed["due"] > 0
         if due or stopping:
             last_checkpoint = checkpoint_now() or last_checkpoint
             last_saved_step, last_save_time = step, time.monotonic()
@@ -954,15 +1000,20 @@ def _train(
             raise RunInterrupted(stop.received or signal.SIGTERM, step, last_checkpoint, run_dir)
 
     def stop_if_signalled() -> None:  # after the last step: keep the trained weights, then stop
-        if stop.received is not None:
+        signalled = stop.received is not None
+        if runtime.world_size > 1:  # the ranks decide together (a checkpoint under fsdp is a collective)
+            flag = torch.tensor([float(signalled)], device=runtime.device)
+            signalled = bool(distributed.all_reduce_sum(flag).item() > 0)
+        if signalled:
             saved = checkpoint_now() if last_saved_step != step else last_checkpoint
-            raise RunInterrupted(stop.received, step, saved or last_checkpoint, run_dir)
+            raise RunInterrupted(stop.received or signal.SIGTERM, step, saved or last_checkpoint, run_dir)
 
     stop_if_signalled()
     # Rank 0 evaluates and writes; under torchrun the other ranks are done.
-    metrics, other_splits = work.final_evaluate() if runtime.is_main else ({}, {})
+    metrics, other_splits = work.final_evaluate() if runtime.is_main or fsdp else ({}, {})
     stop_if_signalled()  # a signal during the final evaluation is not lost
     final_dir = run_dir / "final"
+    full_weights = distributed.full_state(student.model.state_dict()) if fsdp else None  # a collective
     if runtime.is_main:
         save_final(
             student.model,
@@ -979,6 +1030,7 @@ def _train(
                 # blocks depend on its calibration, so the spec alone cannot say)
                 "teacher_blocks": list(getattr(student, "teacher_blocks", None) or []) or None,
             },
+            full_weights,
         )
         extra_results = {"steps": step, "geokd_version": geokd.__version__, **work.extra_results}
         if init_path.is_file():

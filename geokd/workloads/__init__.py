@@ -51,6 +51,7 @@ class Workload:
     # --loss flexkd: run the teacher over the given training examples and return each mapped
     # teacher layer's gradient statistics (geokd.flexkd); None where no live teacher can be scored
     score_flexkd: Callable[[list[int]], dict[int, Any]] | None = None
+    teacher_model: Any = None  # the live teacher module (None: cached or feature-less), for --shard-teacher
     warnings: list[str] = field(default_factory=list)
     extra_results: dict[str, Any] = field(default_factory=dict)  # e.g. generations written
 

@@ -564,4 +564,5 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         final_evaluate=final_evaluate,
         extra_results=extra_results,
         score_flexkd=score_flexkd if (teacher is not None and teacher_head is not None) or cache is not None else None,
+        teacher_model=teacher.model if teacher is not None else None,
     )

@@ -237,4 +237,5 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         evaluate=dev_metrics,
         final_evaluate=final_evaluate,
         score_flexkd=score_flexkd if teacher is not None or cache is not None else None,
+        teacher_model=teacher.model if teacher is not None else None,
     )
