@@ -1353,4 +1353,14 @@ def main(argv: list[str] | None = None) -> None:
     except GeokdError as exc:  # raised outside a command's own handler
         _fail(str(exc))
         sys.exit(2)
+    except RuntimeError as exc:
+        from geokd import distributed
+
+        if not distributed.peer_failure(exc):
+            raise
+        # torchrun: this rank waited on a rank that stopped (its own error is printed above it)
+        first = str(exc).strip().splitlines()[0][:200]
+        _fail(f"rank {os.environ.get('RANK', '?')}: another rank of this torchrun job stopped or stopped answering "
+              f"({first}); its error is the one to read; nothing more was written by this rank")  # fmt: skip
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -41,6 +41,21 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL error",
+                 "ProcessGroupNCCL", "Socket Timeout")  # fmt: skip
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank stopped or hung (under
+    torchrun): the rank that failed first has printed its own error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    distributed_error = getattr(dist, "DistError", None)
+    if distributed_error is not None and isinstance(exc, distributed_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_FAILURE)
+
+
 def timeout_seconds() -> float:
     text = os.environ.get("GEOKD_DIST_TIMEOUT", "1800")
     try:

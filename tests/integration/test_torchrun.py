@@ -329,3 +329,34 @@ def test_fsdp_option_errors(quiet_teacher, glue_dir, tmp_path):
     assert done.returncode != 0
     assert "--strategy fsdp: fp16 loss scaling over sharded gradients is not supported yet" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_rank_stops_the_job_and_rank_zero_says_so_in_one_line(quiet_teacher, glue_dir, tmp_path):
+    """Rank 1 fails at its second step (patched in its process only); rank 0, blocked in the next
+    collective, stops with one line pointing at rank 1's error instead of a gloo traceback."""
+    flags = _flags(quiet_teacher, glue_dir, tmp_path / "run", loss="gram", max_steps=50)
+    flags.pop("flexkd_samples")
+    script = tmp_path / "fail_on_rank_one.py"
+    script.write_text(
+        "import os, sys\n"
+        "import geokd.engine as engine\n"
+        "from geokd.errors import GeokdError\n"
+        "real = engine._synced_record\n"
+        "def failing(terms, grad_norm, counts, step, run_dir, overflow_ok=False):\n"
+        "    if os.environ['RANK'] == '1' and step == 2:\n"
+        "        raise GeokdError('simulated failure on rank 1')\n"
+        "    return real(terms, grad_norm, counts, step, run_dir, overflow_ok)\n"
+        "engine._synced_record = failing\n"
+        "from geokd.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "60"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "distill", "--quiet", *_cli_flags(flags)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "error: simulated failure on rank 1" in done.stderr
+    assert "error: rank 0: another rank of this torchrun job stopped or stopped answering" in done.stderr, \
+        done.stderr[-3000:]  # fmt: skip
+    assert "[rank0]: Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "final").exists()
