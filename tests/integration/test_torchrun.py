@@ -72,26 +72,57 @@ def _compare(one: Path, two: Path) -> None:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=5e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("loss", ["none", *sorted(FEATURE_LOSSES)])
-def test_two_ranks_equal_one_process(loss, quiet_teacher, glue_dir, tmp_path):
-    flags = _flags(quiet_teacher, glue_dir, tmp_path / "two", loss=loss)
-    done = torchrun(flags)
-    assert done.returncode == 0, done.stderr[-3000:]
-    train(resolve_config("distill", flags={**flags, "out": str(tmp_path / "one")}))
-    _compare(tmp_path / "one", tmp_path / "two")
-    env = json.loads((tmp_path / "two" / "env.json").read_text())
-    assert env["world_size"] == 2
+# The runs compared with one process, all trained by ONE torchrun launch (a driver calling the
+# engine once per configuration): starting two Python processes costs more than a tiny run.
+INVARIANCE_CASES = {
+    **{f"ddp-{loss}": {"loss": loss} for loss in ["none", *sorted(FEATURE_LOSSES)]},
+    # 2 ranks x --grad-accum 2 x global micro-batches of 8 against one process with batches of 16:
+    # the rows are gathered over ranks and micro-batches alike (--geometry-batch global)
+    "ddp-accumulation": {"loss": "procrustes", "batch_size": 8, "grad_accum": 2},
+    # --strategy fsdp: each student block sharded with FSDP2 (and the teacher's), the rest replicated
+    **{f"fsdp-{loss}": {"loss": loss, "strategy": "fsdp", "shard_teacher": True, "save_every": 2}
+       for loss in ("procrustes", "proj", "flexkd")},
+}  # fmt: skip
+# What the one-process run changes: the batch of the accumulation case, the strategy of fsdp.
+SINGLE = {"ddp-accumulation": {"batch_size": 16, "grad_accum": 1}}
 
 
-def test_two_ranks_with_accumulation_equal_one_big_batch(quiet_teacher, glue_dir, tmp_path):
-    """2 ranks × --grad-accum 2 × global micro-batches of 8, against one process with batches of 16:
-    the rows are gathered over ranks and micro-batches alike (--geometry-batch global)."""
-    flags = _flags(quiet_teacher, glue_dir, tmp_path / "two", loss="procrustes", batch_size=8, grad_accum=2)
-    done = torchrun(flags)
+@pytest.fixture(scope="module")
+def two_rank_runs(quiet_teacher, glue_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("two-ranks")
+    configs = [_flags(quiet_teacher, glue_dir, root / name, **extra) for name, extra in INVARIANCE_CASES.items()]
+    (root / "configs.json").write_text(json.dumps(configs))
+    driver = root / "driver.py"
+    driver.write_text(
+        "import json, sys\n"
+        "from geokd.config import resolve_config\n"
+        "from geokd.engine import train\n"
+        "for flags in json.load(open(sys.argv[1])):\n"
+        "    train(resolve_config('distill', flags=flags))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(driver), str(root / "configs.json")], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    one = {**flags, "out": str(tmp_path / "one"), "batch_size": 16, "grad_accum": 1}
-    train(resolve_config("distill", flags=one))
-    _compare(tmp_path / "one", tmp_path / "two")
+    return root
+
+
+@pytest.mark.parametrize("case", list(INVARIANCE_CASES))
+def test_two_ranks_equal_one_process(case, two_rank_runs, quiet_teacher, glue_dir, tmp_path):
+    """Per-step terms and final weights of the 2-rank run against one process reading the same
+    global batches: logit KD and every feature loss, with accumulation, and under FSDP."""
+    extra = {**INVARIANCE_CASES[case], **SINGLE.get(case, {}), "strategy": "ddp", "shard_teacher": False}
+    train(resolve_config("distill", flags=_flags(quiet_teacher, glue_dir, tmp_path / "one", **extra)))
+    two = two_rank_runs / case
+    _compare(tmp_path / "one", two)
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    if case.startswith("fsdp"):  # checkpoints and final/ hold whole tensors, in the ordinary format
+        checkpoint = load_file(str(two / "checkpoints" / "step-2" / "student" / "model.safetensors"))
+        final = load_file(str(two / "final" / "model.safetensors"))
+        assert checkpoint.keys() == final.keys()
+        assert all(final[key].shape == value.shape for key, value in load_file(
+            str(tmp_path / "one" / "final" / "model.safetensors")).items())  # fmt: skip
 
 
 def test_only_rank_zero_writes_and_prints(quiet_teacher, glue_dir, tmp_path):
@@ -270,22 +301,6 @@ def test_sigterm_stops_both_ranks_after_the_same_step_with_one_checkpoint(quiet_
     assert checkpoints == [f"step-{steps[-1]}"], (checkpoints, steps, stderr[-2000:])
     assert 3 <= steps[-1] < 400 and not (out / "final").exists()
     assert "resume" in stderr
-
-
-@pytest.mark.parametrize("loss", ["procrustes", "proj", "flexkd"])
-def test_fsdp_on_two_ranks_equals_one_process(loss, quiet_teacher, glue_dir, tmp_path):
-    """--strategy fsdp: each student block sharded with FSDP2 (and the teacher's, --shard-teacher),
-    the rest replicated; the run equals one process, and final/ is one ordinary folder."""
-    flags = _flags(quiet_teacher, glue_dir, tmp_path / "two", loss=loss, strategy="fsdp", shard_teacher=True,
-                   save_every=2)  # fmt: skip
-    done = torchrun(flags)
-    assert done.returncode == 0, done.stderr[-3000:]
-    one = {**flags, "out": str(tmp_path / "one"), "strategy": "ddp", "shard_teacher": False}
-    train(resolve_config("distill", flags=one))
-    _compare(tmp_path / "one", tmp_path / "two")
-    checkpoint = load_file(str(tmp_path / "two" / "checkpoints" / "step-2" / "student" / "model.safetensors"))
-    final = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    assert checkpoint.keys() == final.keys() and all(not k.startswith("_fsdp") for k in final)
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(quiet_teacher, glue_dir, tmp_path):
