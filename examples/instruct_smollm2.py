@@ -187,27 +187,16 @@ PAIRS = (("kd", "sft"), ("kd-procrustes", "kd"), ("kd-procrustes", "sft"), ("kd-
 def _paired(out: Path, model: str, baseline: str, dataset: str) -> str | None:
     """One table row: the per-prompt ROUGE-L difference `model − baseline` on `dataset`, with a
     paired percentile-bootstrap 95% CI, the paired t-test and the Wilcoxon signed-rank test."""
-    import numpy as np
-    from scipy import stats
+    from geokd.compare import compare_generations
 
-    from geokd.compare import bootstrap_ci, paired_test
-
-    scores = {}
-    for stage in (model, baseline):
-        path = out / "eval" / f"{stage}-{dataset}.generations.jsonl"
-        if not path.is_file():
-            return None
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        scores[stage] = {r["example_id"]: r["rouge_l"] for r in rows}
-    shared = sorted(set(scores[model]) & set(scores[baseline]))
-    a = np.array([scores[model][i] for i in shared])
-    b = np.array([scores[baseline][i] for i in shared])
-    ci = bootstrap_ci(a, b, paired=True)
-    t = paired_test(a, b)["p"]
-    w = stats.wilcoxon(a, b).pvalue if np.any(a != b) else float("nan")
+    found = compare_generations(out / "eval" / f"{model}-{dataset}.generations.jsonl",
+                                out / "eval" / f"{baseline}-{dataset}.generations.jsonl")  # fmt: skip
+    if found is None:
+        return None
+    ci = found["ci95"]
     ci_text = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–"
-    return (f"| {model} − {baseline} | {dataset} | {len(shared)} | {float(np.mean(a - b)):+.2f} | {ci_text} | "
-            f"{t if t is not None else float('nan'):.3f} | {w:.3f} |")  # fmt: skip
+    t, w = (float("nan") if v is None else v for v in (found["p_paired_t"], found["p_wilcoxon"]))
+    return f"| {model} − {baseline} | {dataset} | {found['n']} | {found['difference']:+.2f} | {ci_text} | {t:.3f} | {w:.3f} |"
 
 
 def _training(run: Path) -> dict[str, float]:

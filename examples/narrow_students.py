@@ -194,6 +194,17 @@ def decoders(args: argparse.Namespace) -> list[str]:
         wall = json.loads((run / "wall.json").read_text())["seconds"]
         rows.append(f"| {loss} | {results['metrics']['loss']:.3f} | {results.get('init_metrics', {}).get('loss', float('nan')):.3f} "
                     f"| {scored['metrics']['rouge_l']:.2f} ({scored['n_examples']}) | {wall / 60:.1f} min |")  # fmt: skip
+    from geokd.compare import compare_generations
+
+    rows += ["", "Paired over prompts (ROUGE-L × 100; percentile bootstrap 95% CI, paired t, Wilcoxon):", "",
+             "| comparison | prompts | mean difference | 95% CI | p (paired t) | p (Wilcoxon) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for loss in DECODER_LOSSES[1:]:
+        found = compare_generations(out / f"eval-{loss}.generations.jsonl", out / "eval-none.generations.jsonl")
+        if found is not None:
+            ci = found["ci95"]
+            t, w = (float("nan") if v is None else v for v in (found["p_paired_t"], found["p_wilcoxon"]))
+            rows.append(f"| {loss} − none | {found['n']} | {found['difference']:+.2f} | "
+                        f"{'–' if not ci else f'[{ci[0]:+.2f}, {ci[1]:+.2f}]'} | {t:.3f} | {w:.3f} |")  # fmt: skip
     return [*rows, ""]
 
 

@@ -287,6 +287,29 @@ def bootstrap_ci(a: np.ndarray, b: np.ndarray, paired: bool, seed: int = 0) -> t
     return float(low), float(high)
 
 
+def compare_generations(model: str | Path, baseline: str | Path, metric: str = "rouge_l") -> dict[str, Any] | None:
+    """Paired comparison of two `*.generations.jsonl` files of `geokd eval --task instruct` over
+    the prompts both scored (greedy: one row per example): n, the mean of model − baseline, its
+    percentile-bootstrap 95% CI, the paired t-test p and the Wilcoxon signed-rank p. None when a
+    file is missing or fewer than two prompts are shared."""
+    from scipy import stats
+
+    scores = []
+    for path in (Path(model), Path(baseline)):
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        scores.append({(r["example_id"], r.get("seed")): float(r[metric]) for r in rows})
+    shared = sorted(set(scores[0]) & set(scores[1]), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    if len(shared) < 2:
+        return None
+    a = np.array([scores[0][key] for key in shared])
+    b = np.array([scores[1][key] for key in shared])
+    wilcoxon = float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else None
+    return {"n": len(shared), "difference": float(np.mean(a - b)), "ci95": bootstrap_ci(a, b, paired=True),
+            "p_paired_t": paired_test(a, b)["p"], "p_wilcoxon": wilcoxon}  # fmt: skip
+
+
 def _pick_metric(runs: list[RunResult], metric: str | None) -> str:
     from geokd.tasks import GLUE_TASKS
 

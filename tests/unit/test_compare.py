@@ -226,3 +226,27 @@ def test_cli_prints_the_table_and_writes_json_and_plot(runs, tmp_path, monkeypat
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     bad = runner.invoke(app, ["compare", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "no such run directory" in bad.output
+
+
+def test_compare_generations_pairs_prompts_and_matches_scipy(tmp_path):
+    import json as _json
+
+    import numpy as _np
+    from scipy import stats as _stats
+
+    from geokd.compare import compare_generations
+
+    rng = _np.random.default_rng(0)
+    base = rng.uniform(0, 40, size=30)
+    model = base + rng.normal(1.0, 2.0, size=30)
+    for name, values, ids in (("m", model, range(30)), ("b", base, reversed(range(31)))):
+        rows = [{"example_id": i, "seed": None, "rouge_l": float(values[i]) if i < 30 else 99.0} for i in ids]
+        (tmp_path / f"{name}.generations.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    found = compare_generations(tmp_path / "m.generations.jsonl", tmp_path / "b.generations.jsonl")
+    assert found["n"] == 30  # example 30 is only in the baseline: not paired
+    assert found["difference"] == pytest.approx(float(_np.mean(model - base)), rel=1e-12)
+    assert found["p_paired_t"] == pytest.approx(float(_stats.ttest_rel(model, base).pvalue), rel=1e-12)
+    assert found["p_wilcoxon"] == pytest.approx(float(_stats.wilcoxon(model, base).pvalue), rel=1e-12)
+    low, high = found["ci95"]
+    assert low < found["difference"] < high
+    assert compare_generations(tmp_path / "missing.jsonl", tmp_path / "b.generations.jsonl") is None
