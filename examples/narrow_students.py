@@ -194,6 +194,7 @@ def decoders(args: argparse.Namespace) -> list[str]:
         wall = json.loads((run / "wall.json").read_text())["seconds"]
         rows.append(f"| {loss} | {results['metrics']['loss']:.3f} | {results.get('init_metrics', {}).get('loss', float('nan')):.3f} "
                     f"| {scored['metrics']['rouge_l']:.2f} ({scored['n_examples']}) | {wall / 60:.1f} min |")  # fmt: skip
+    rows.append(_untrained_row(out, data, args))
     from geokd.compare import compare_generations
 
     rows += ["", "Paired over prompts (ROUGE-L × 100; percentile bootstrap 95% CI, paired t, Wilcoxon):", "",
@@ -206,6 +207,28 @@ def decoders(args: argparse.Namespace) -> list[str]:
             rows.append(f"| {loss} − none | {found['n']} | {found['difference']:+.2f} | "
                         f"{'–' if not ci else f'[{ci[0]:+.2f}, {ci[1]:+.2f}]'} | {t:.3f} | {w:.3f} |")  # fmt: skip
     return [*rows, ""]
+
+
+def _untrained_row(out: Path, data: Path, args: argparse.Namespace) -> str:
+    """The pruned student before any training, scored like the others: rebuilt from the KD-only
+    run's own configuration (same calibration examples, so the same student), saved, evaluated."""
+    folder = out / "untrained"
+    if not (folder / "config.json").is_file():
+        from geokd.config import read_config
+        from geokd.runtime import resolve_runtime
+        from geokd.workloads import build_workload
+
+        work = build_workload(read_config(out / "none" / "config.yaml"), resolve_runtime("cpu"), print)
+        work.student.model.save_pretrained(folder)
+        work.tokenizer.save_pretrained(folder)
+    target = out / "eval-untrained.json"
+    if not target.is_file():
+        limit = ["--limit", "8"] if args.quick else (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+        subprocess.run([sys.executable, "-m", "geokd", "eval", str(folder), "--task", "instruct", "--data",
+                        str(data / "dolly" / "eval.jsonl"), "--json", str(target), "--quiet", *limit], check=True)  # fmt: skip
+    scored = json.loads(target.read_text())
+    init = json.loads((out / "none" / "results.json").read_text()).get("init_metrics", {}).get("loss", float("nan"))
+    return f"| untrained (pruned only) | {init:.3f} | – | {scored['metrics']['rouge_l']:.2f} ({scored['n_examples']}) | – |"
 
 
 def main(argv: list[str] | None = None) -> None:
