@@ -57,11 +57,11 @@ def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def _per_task(text: str, task: str) -> int:
+def _per_task(text: str, task: str, kind: type = int):
     """`2` for every task, or `mrpc=2,stsb=1`."""
     if "=" not in text:
-        return int(text)
-    return int(dict(item.split("=") for item in text.split(","))[task])
+        return kind(text)
+    return kind(dict(item.split("=") for item in text.split(","))[task])
 
 
 def _teacher(task: str, glue: Path, out: Path, quick: bool) -> Path:
@@ -89,7 +89,7 @@ def encoders(args: argparse.Namespace) -> list[str]:
                 root = out / task / f"{kind}-{loss}"
                 flags = {"teacher": str(teacher), "student": spec, "task": task, "data": str(glue / TASKS[task]),
                          "out": str(root), "loss": loss, "layers": "uniform", "features": "cls", "alpha": 0.5,
-                         "lr": 2e-4, "epochs": _per_task(args.epochs, task), "batch_size": 32, "max_length": 128, "flexkd_samples": 1024,
+                         "lr": _per_task(args.lr, task, float), "epochs": _per_task(args.epochs, task), "batch_size": 32, "max_length": 128, "flexkd_samples": 1024,
                          "prune_samples": 256, **({"max_steps": 3, "flexkd_samples": 64, "prune_samples": 32}
                                                   if args.quick else {})}  # fmt: skip
                 for seed in (
@@ -120,7 +120,7 @@ def encoders(args: argparse.Namespace) -> list[str]:
         comparison = compare_runs(paths, metric=PRIMARY[task])
         # MRPC's F1 rewards the majority class ("equivalent": F1 0.812): accuracy is shown next to it.
         second = compare_runs(paths, metric=SECONDARY[task]) if task in SECONDARY else None
-        budget = (f"{_per_task(args.epochs, task)} epoch(s) of batch 32 at lr 2e-4, α 0.5 (feature) / 0.5 (logit KD), "
+        budget = (f"{_per_task(args.epochs, task)} epoch(s) of batch 32 at lr {_per_task(args.lr, task, float):g}, α 0.5 (feature) / 0.5 (logit KD), "
                   f"uniform layer map, [CLS] rows; pruned students seeds {args.seeds}, random-init students seeds "
                   f"{args.shrink_seeds}; Flex-KD scored on 1024 training examples, pruning calibrated on 256")  # fmt: skip
         lines += _encoder_table(task, comparison, init, out, budget, second)
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the pruned students")
     parser.add_argument("--shrink-seeds", default="1,2,3", help="seeds of the random-init (shrink:) students")
     parser.add_argument("--epochs", default="2", help="student epochs: N, or per task as mrpc=2,stsb=1")
+    parser.add_argument("--lr", default="2e-4", help="student learning rate: X, or per task as mrpc=2e-4,stsb=5e-5")
     parser.add_argument("--steps", type=int, default=300, help="decoder training steps (batch 8)")
     parser.add_argument(
         "--eval-limit", type=int, default=0, help="decoders: score the first N DollyEval prompts (0: all)"
