@@ -86,6 +86,8 @@ def encoders(args: argparse.Namespace) -> list[str]:
             if kind not in args.kinds.split(","):
                 continue
             for loss in ENCODER_LOSSES:
+                if args.losses and loss not in args.losses.split(","):
+                    continue
                 root = out / task / f"{kind}-{loss}"
                 flags = {"teacher": str(teacher), "student": spec, "task": task, "data": str(glue / TASKS[task]),
                          "out": str(root), "loss": loss, "layers": "uniform", "features": "cls", "alpha": 0.5,
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="mrpc,stsb")
     parser.add_argument("--out", default="runs/narrow")
     parser.add_argument("--kinds", default="prune,shrink", help="encoders: which student kinds to run")
+    parser.add_argument("--losses", default=None, help="encoders: only these losses (e.g. to split the runs over processes)")
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the pruned students")
     parser.add_argument("--shrink-seeds", default="1,2,3", help="seeds of the random-init (shrink:) students")
     parser.add_argument("--epochs", default="2", help="student epochs: N, or per task as mrpc=2,stsb=1")
