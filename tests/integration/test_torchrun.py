@@ -125,6 +125,27 @@ def test_two_ranks_equal_one_process(case, two_rank_runs, quiet_teacher, glue_di
             str(tmp_path / "one" / "final" / "model.safetensors")).items())  # fmt: skip
 
 
+def test_finetune_on_two_ranks_equals_one_process(base_dir, glue_dir, tmp_path):
+    """`torchrun ... geokd finetune`: the same loop, the task loss only (dropout off)."""
+    model = tmp_path / "base"
+    shutil.copytree(base_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    flags = dict(model=str(model), task="sst2", data=str(glue_dir), max_steps=3, batch_size=16, lr=3e-3,
+                 seed=0, out=str(tmp_path / "two"))  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "geokd", "finetune", "--quiet", *_cli_flags(flags)], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = {**{k: v for k, v in flags.items() if k != "model"}, "student": str(model), "out": str(tmp_path / "one")}
+    train(resolve_config("finetune", flags=one))
+    for a, b in zip(_records(tmp_path / "one"), _records(tmp_path / "two"), strict=True):
+        for name in ("loss", "task", "grad_norm"):
+            assert b[name] == pytest.approx(a[name], rel=2e-5), name
+
+
 def test_only_rank_zero_writes_and_prints(quiet_teacher, glue_dir, tmp_path):
     out = tmp_path / "run"
     flags = _flags(quiet_teacher, glue_dir, out, loss="gram", save_every=2)
