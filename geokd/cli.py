@@ -318,6 +318,11 @@ def _json_line(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
+def _rank_zero() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints and writes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _one_process_only(command: str) -> None:
     """Commands that do not shard their work yet refuse torchrun, instead of every rank writing the
     same files."""
@@ -345,7 +350,7 @@ def _run_training(
 
     # Under torchrun rank 0 speaks for the job (the engine also keeps the others quiet); errors
     # are printed by every rank, since one rank may fail alone.
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = _rank_zero()
     quiet = quiet or not main_rank
     with user_errors():
         if log_format not in ("text", "json"):
@@ -692,7 +697,7 @@ def cache(
     from geokd.cache import CacheRequest, build_cache, read_manifest, verify_cache
     from geokd.cache_decoder import is_decoder_cache
 
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 prints
+    main_rank = _rank_zero()  # under torchrun rank 0 prints
     quiet = quiet or not main_rank
     with user_errors():
         if verify is not None or info is not None:
@@ -784,7 +789,7 @@ def _cache_instruct(teacher: str, data: str | None, out: str, *, quiet: bool, da
             bar.update(bar_task, total=plan["examples"], completed=min(plan["examples"], plan["shards_kept"] * request.shard_size))
 
         manifest = build_decoder_cache(request, on_plan=on_plan, on_batch=lambda k: bar.advance(bar_task, k))
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+    if not _rank_zero():  # torchrun: rank 0 reports
         return
     _render_decoder_cache_manifest(manifest, None)
     console.print(f"wrote {out}")
@@ -1059,7 +1064,7 @@ def eval_command(
     from geokd.evaluate import default_eval_path, evaluate_model, plot_geometry
 
     # Under torchrun the ranks share the forward passes; rank 0 prints and writes.
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = _rank_zero()
     quiet = quiet or not main_rank
     with user_errors():
         if json_path is not None:
@@ -1163,7 +1168,7 @@ def _eval_instruct(model, data, split, limit, json_path, batch_size, decoding, g
             **geometry_options,
         )  # fmt: skip
     records = result.pop("records")
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 prints and writes
+    if not _rank_zero():  # torchrun: rank 0 prints and writes
         return
     table = Table(title=f"instruct: {model} on {result['data']['source']} ({result['decoding']['decoding']})")
     table.add_column("examples", justify="right")

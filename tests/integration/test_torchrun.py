@@ -163,19 +163,30 @@ def test_only_rank_zero_writes_and_prints(quiet_teacher, glue_dir, tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
 
 
+def _straight_and_cut(straight: dict, tmp_path: Path) -> Path:
+    """Run `straight` on 2 ranks and the same into tmp_path/b with a step-2 checkpoint, then make b
+    lose everything after that checkpoint (final/, step-4, results): a run to resume."""
+    cut = {**straight, "out": str(tmp_path / "b"), "save_every": 2}
+    for flags in (straight, cut):
+        done = torchrun(flags)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return _lose_after_step_two(tmp_path / "b")
+
+
+def _lose_after_step_two(run: Path) -> Path:
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    (run / "results.json").unlink()
+    return run
+
+
 def test_resume_of_a_two_rank_run_is_bit_identical(teacher_dir, glue_dir, tmp_path):
     """A 2-rank run that lost everything after its step-2 checkpoint resumes, still with 2 ranks,
     to the uninterrupted run's weights and records, bit for bit (CPU), dropout on: each rank's
     masks come from a stream seeded by (seed, step, rank)."""
     straight = _flags(teacher_dir / "final", glue_dir, tmp_path / "a", loss="procrustes", max_steps=4)
-    cut = {**straight, "out": str(tmp_path / "b"), "save_every": 2}
-    for flags in (straight, cut):
-        done = torchrun(flags)
-        assert done.returncode == 0, done.stderr[-3000:]
-    b = tmp_path / "b"
-    shutil.rmtree(b / "final")
-    shutil.rmtree(b / "checkpoints" / "step-4")
-    (b / "results.json").unlink()
+    b = _straight_and_cut(straight, tmp_path)
+    cut = {**straight, "out": str(b), "save_every": 2}
     done = torchrun({**cut, "resume": "auto"})
     assert done.returncode == 0, done.stderr[-3000:]
     first = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
@@ -328,14 +339,8 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(quiet_teacher, glue_dir, tmp_
     """The checkpoint of a 2-rank FSDP run holds whole tensors in the ordinary format: one process
     resumes it (another world size and strategy) and ends where the FSDP run ends."""
     straight = _flags(quiet_teacher, glue_dir, tmp_path / "a", loss="procrustes", strategy="fsdp", max_steps=4)
-    cut = {**straight, "out": str(tmp_path / "b"), "save_every": 2}
-    for flags in (straight, cut):
-        done = torchrun(flags)
-        assert done.returncode == 0, done.stderr[-3000:]
-    b = tmp_path / "b"
-    shutil.rmtree(b / "final")
-    shutil.rmtree(b / "checkpoints" / "step-4")
-    (b / "results.json").unlink()
+    b = _straight_and_cut(straight, tmp_path)
+    cut = {**straight, "out": str(b), "save_every": 2}
     train(resolve_config("distill", flags={**cut, "resume": "auto"}))  # one process, strategy ignored
     first = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     again = load_file(str(b / "final" / "model.safetensors"))
@@ -343,9 +348,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(quiet_teacher, glue_dir, tmp_
         if not key.endswith("attention.self.key.bias"):
             torch.testing.assert_close(again[key], first[key], rtol=1e-3, atol=5e-5)
     # and back: 2 FSDP ranks resume the same checkpoint
-    shutil.rmtree(b / "final")
-    shutil.rmtree(b / "checkpoints" / "step-4")
-    (b / "results.json").unlink()
+    _lose_after_step_two(b)
     done = torchrun({**cut, "resume": "auto"})
     assert done.returncode == 0, done.stderr[-3000:]
     again = load_file(str(b / "final" / "model.safetensors"))
