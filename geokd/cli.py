@@ -254,6 +254,8 @@ def _render_run_summary(summary: dict) -> None:
         for s_layer, t_layer in summary["layer_pairs"]:
             pairs.add_row(str(s_layer), str(t_layer))
         console.print(pairs)
+    for line in summary.get("attention") or []:
+        console.print(f"attention capture: {line}", highlight=False)
     flexkd = summary.get("flexkd")
     if flexkd and flexkd.get("pairs"):
         how = "read back from flexkd.safetensors" if flexkd["reused"] else f"scored on {flexkd['rows']} teacher rows"
@@ -596,7 +598,7 @@ def distill(
     data: str = _DATA,
     text_fields: str = _TEXT_FIELDS,
     label_field: str = _LABEL_FIELD,
-    loss: str = _O(None, help="Feature loss: procrustes (default), gram, cka, proj, mse, cosine, flexkd, or none."),
+    loss: str = _O(None, help="Feature loss: procrustes (default), gram, cka, proj, mse, cosine, flexkd, rkd, spkd, attn, attn-relation, or none."),
     alpha: float = _O(None, help="Feature weight α in [0, 1] (default 0.5); KL gets 1 − α."),
     gamma: float = _O(None, help="Task-loss weight γ (default 1.0)."),
     temperature: float = _O(None, help="KD temperature τ (default 2.0)."),
@@ -611,6 +613,8 @@ def distill(
     flexkd_samples: int = _O(None, "--flexkd-samples", help="--loss flexkd: training examples that score the teacher's dimensions (default 1024; 0: all)."),
     prune_samples: int = _O(None, "--prune-samples", help="--student prune:...: training examples of the calibration pass (default 256)."),
     flexkd_output: str = _O(None, "--flexkd-output", help="--loss flexkd: whose output's gradient scores: prediction (the teacher's own, default) or label."),
+    attn_map: str = _O(None, "--attn-map", help="--loss attn: scores (pre-softmax, TinyBERT; default) or probs (softmax probabilities)."),
+    relation_heads: int = _O(None, "--relation-heads", help="--loss attn-relation: relation heads R (default: the teacher's head count, or the largest divisor of both attention widths below it)."),
     finetune_teacher: bool = _O(
         None, "--finetune-teacher", help="Fine-tune a head-less teacher on the task first (in RUN/teacher)."
     ),

@@ -29,7 +29,7 @@ FLAG_ONLY = ("trust_remote_code",)
 # Keys that only mean something to distill (not printed for finetune).
 DISTILL_ONLY = ("teacher", "finetune_teacher", "cache", "loss", "alpha", "gamma", "temperature", "layers", "features",
                 "kd", "kd_beta", "kd_skew", "flexkd_basis", "flexkd_samples", "flexkd_output", "prune_samples",
-                "geometry_batch", "shard_teacher")
+                "geometry_batch", "shard_teacher", "attn_map", "relation_heads")
 # Keys that only mean something for --task instruct.
 INSTRUCT_ONLY = ("kd", "kd_beta", "kd_skew", "format", "template", "max_prompt_length", "eval_generate",
                  "max_new_tokens")
@@ -86,6 +86,11 @@ class RunConfig:
     flexkd_basis: str = "dims"
     flexkd_samples: int = 1024
     flexkd_output: str = "prediction"
+    # --loss attn (issue #15): pre-softmax scores (TinyBERT) or softmax probabilities; --loss
+    # attn-relation: the number of relation heads (None: the teacher's head count, or the largest
+    # divisor of both attention widths below it; geokd.losses.attention.resolve_relation_heads)
+    attn_map: str = "scores"
+    relation_heads: int | None = None
     # --student prune:... (geokd.models.prune): training examples of the calibration pass
     prune_samples: int = 256
     format: str = "auto"
@@ -141,6 +146,8 @@ def _field_names() -> list[str]:
 def validation_problems(config: RunConfig) -> list[str]:
     """All problems with `config`, in field order (empty when valid)."""
     from geokd.losses import feature_loss_names
+    from geokd.losses.attention import ATTENTION_MAPS
+    from geokd.losses.registry import ATTENTION_LOSSES
 
     p: list[str] = []
     for f in fields(RunConfig):
@@ -215,6 +222,13 @@ def validation_problems(config: RunConfig) -> list[str]:
     if config.flexkd_basis not in FLEXKD_BASES:
         p.append(f"flexkd_basis: must be dims (teacher coordinates) or tangent (principal gradient directions), "
                  f"got {config.flexkd_basis!r}")  # fmt: skip
+    if config.attn_map not in ATTENTION_MAPS:
+        p.append(f"attn_map: must be scores (pre-softmax, TinyBERT) or probs (softmax probabilities), got {config.attn_map!r}")
+    if config.relation_heads is not None and config.relation_heads < 1:
+        p.append(f"relation_heads: must be at least 1 (or unset for the default), got {config.relation_heads}")
+    if config.cache and config.loss in ATTENTION_LOSSES:
+        p.append(f"cache: --loss {config.loss} reads attention (queries and keys of every token pair), which a cache "
+                 "does not hold (the maps are O(T²) per head); drop --cache or use a feature loss such as procrustes")
     if config.flexkd_samples < 0:
         p.append(f"flexkd_samples: must be >= 0 (0: every training example), got {config.flexkd_samples}")
     if config.prune_samples < 1:

@@ -839,6 +839,7 @@ def _train(
                 "total_steps": total_steps,
                 "resumed_from": str(checkpoint) if checkpoint is not None else None,
                 "flexkd": flexkd_summary,
+                "attention": work.attention_note,
             }
         )
     if runtime.is_main:
@@ -858,6 +859,7 @@ def _train(
                     "dev_examples": work.dev_examples,
                     "total_steps": total_steps,
                     "flexkd": flexkd_summary,
+                    "attention": work.attention_note,
                 },
             ),
         )
@@ -897,6 +899,7 @@ def _train(
     # micro-batches (only needed, and only paid for, when there are several and a feature loss).
     global_geometry = (
         config.geometry_batch == "global" and config.grad_accum > 1 and bool(getattr(objective, "layer_pairs", None))
+        and getattr(objective, "batch_level", True)  # attention losses are per-query means
     )
     while step < total_steps:
         # Draw the step's micro-batches first, so each is weighted by its share of the step's

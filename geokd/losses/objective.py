@@ -22,7 +22,7 @@ from torch import nn
 
 from geokd import distributed
 from geokd.losses.logits import kl, task_loss
-from geokd.losses.registry import build_feature_loss
+from geokd.losses.registry import ATTENTION_LOSSES, build_feature_loss
 from geokd.runtime import full_float32
 
 
@@ -49,12 +49,16 @@ class Objective(nn.Module):
         temperature: float = 2.0,
         mode: str = "distill",
         flexkd_basis: str = "dims",
+        loss_options: dict | None = None,
     ):
         super().__init__()
         self.loss_name = loss
+        # Attention losses are per-query means within a micro-batch: no global geometry batch, no
+        # row gathering under torchrun (each rank's micro-batches are weighted like the task loss).
+        self.batch_level = loss not in ATTENTION_LOSSES
         self.layer_pairs = list(layer_pairs) if mode == "distill" and loss != "none" else []
         self.alpha, self.gamma, self.temperature, self.mode = alpha, gamma, temperature, mode
-        options = {"basis": flexkd_basis} if loss == "flexkd" else {}
+        options = {"basis": flexkd_basis} if loss == "flexkd" else dict(loss_options or {})
         self.feature_losses = nn.ModuleList(
             build_feature_loss(loss, student_dim, teacher_dim, **options) for _ in self.layer_pairs
         )
@@ -123,7 +127,7 @@ class Objective(nn.Module):
         if self._collected is not None:
             self._collected.append((list(student_features), list(teacher_features)))
             return total
-        if distributed.world_size() > 1:  # torchrun: the loss of the global batch (geokd.distributed)
+        if distributed.world_size() > 1 and self.batch_level:  # torchrun: the loss of the global batch (geokd.distributed)
             student_features = [distributed.gather_rows(s) for s in student_features]
             teacher_features = [distributed.gather_rows(t) for t in teacher_features]
         for (s_layer, t_layer), loss_fn, s, t in zip(

@@ -74,9 +74,11 @@ class TokenObjective(Objective):
         vocab: int | None = None,
         chunk_tokens: int = 256,
         flexkd_basis: str = "dims",
+        loss_options: dict | None = None,
     ):
         super().__init__(loss, layer_pairs, student_dim, teacher_dim, alpha=alpha, gamma=gamma,
-                         temperature=temperature, mode=mode, flexkd_basis=flexkd_basis)  # fmt: skip
+                         temperature=temperature, mode=mode, flexkd_basis=flexkd_basis,
+                         loss_options=loss_options)  # fmt: skip
         self.kd, self.kd_beta, self.kd_skew = kd, kd_beta, kd_skew
         self.vocab, self.chunk_tokens = vocab, chunk_tokens
 

@@ -52,6 +52,7 @@ class Workload:
     # teacher layer's gradient statistics (geokd.flexkd); None where no live teacher can be scored
     score_flexkd: Callable[[list[int]], dict[int, Any]] | None = None
     teacher_model: Any = None  # the live teacher module (None: cached or feature-less), for --shard-teacher
+    attention_note: list[str] = field(default_factory=list)  # attention losses: what is captured, per model
     warnings: list[str] = field(default_factory=list)
     extra_results: dict[str, Any] = field(default_factory=dict)  # e.g. generations written
 
@@ -91,6 +92,52 @@ def place_models(student: Any, teacher: Any | None, device: torch.device) -> Non
         teacher.model.to(device).eval()
         for param in teacher.model.parameters():
             param.requires_grad_(False)
+
+
+@dataclass
+class AttentionSetup:
+    """The attention losses' taps on both models (`geokd.models.attention`), the options of the
+    loss module, and the run summary's lines about what is captured."""
+
+    student: Any  # AttentionTap
+    teacher: Any
+    options: dict[str, Any]
+    notes: list[str]
+
+
+def attention_setup(config: RunConfig, student: nn.Module, teacher: nn.Module,
+                    layer_pairs: list[tuple[int, int]], causal: bool) -> AttentionSetup | None:  # fmt: skip
+    """Taps for `--loss attn|attn-relation` (None for every other loss), with the checks that can
+    be made before training: mapped layers are blocks, equal head counts for `attn`, relation heads
+    that divide both attention widths for `attn-relation`."""
+    from geokd.errors import GeokdError
+    from geokd.losses.attention import resolve_relation_heads
+    from geokd.losses.registry import ATTENTION_LOSSES, FEATURE_LOSSES
+    from geokd.models.attention import AttentionTap, attention_capture_note
+
+    if config.loss not in ATTENTION_LOSSES or not layer_pairs:
+        return None
+    needs = FEATURE_LOSSES[config.loss].needs  # type: ignore[attr-defined]
+    s_tap = AttentionTap(student, [s for s, _ in layer_pairs], needs, causal)
+    t_tap = AttentionTap(teacher, [t for _, t in layer_pairs], needs, causal)
+    if needs == "scores":
+        if s_tap.heads != t_tap.heads:
+            raise GeokdError(
+                f"--loss attn: compares attention maps head by head and needs equal head counts, got student "
+                f"{s_tap.heads} and teacher {t_tap.heads}; use --loss attn-relation (any head counts and widths)"
+            )
+        options: dict[str, Any] = {"map": config.attn_map}
+    else:
+        heads = resolve_relation_heads(config.relation_heads, s_tap.width, t_tap.width, t_tap.heads)
+        options = {"heads": heads}
+    notes = [attention_capture_note(needs, student, [s for s, _ in layer_pairs], "student"),
+             attention_capture_note(needs, teacher, [t for _, t in layer_pairs], "teacher")]  # fmt: skip
+    if needs == "qkv":
+        notes.append(f"{options['heads']} relation heads: student {s_tap.width // options['heads']} and teacher "
+                     f"{t_tap.width // options['heads']} dims each")  # fmt: skip
+    else:
+        notes.append(f"attention maps compared as {config.attn_map} ({s_tap.heads} heads)")
+    return AttentionSetup(s_tap, t_tap, options, notes)
 
 
 def build_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], None]) -> Workload:

@@ -31,7 +31,7 @@ from geokd.losses.objective import LossOutput
 from geokd.losses.token_objective import TokenObjective, chunked_cross_entropy
 from geokd.models.spans import span_rows
 from geokd.runtime import Runtime
-from geokd.workloads import Workload, cached_teacher_summary, place_models, teacher_summary
+from geokd.workloads import Workload, attention_setup, cached_teacher_summary, place_models, teacher_summary
 
 
 def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +185,9 @@ def _check_encoder_teacher(config: RunConfig, derived: bool) -> None:
     problems = []
     if derived:
         problems.append("truncate:/shrink: students are built from a causal-LM teacher: pass a causal-LM --student")
+    if config.loss in ("attn", "attn-relation"):
+        problems.append(f"--loss {config.loss} compares the two models' attention over the same tokens: use a feature "
+                        "loss on mean or last rows")  # fmt: skip
     if config.loss != "none" and config.features not in ("mean", "last"):
         problems.append("an encoder embeds whole sentences: use --features mean (the response) or last (the prompt)")
     if config.alpha < 1.0:
@@ -213,6 +216,9 @@ def _check_cross_tokenizer(config: RunConfig, difference: str, cached: bool = Fa
     """Different tokenizers: example-level rows (`mean`, `last`), span rows (`spans`) and ULD (or
     no KD) are defined; from a cache, example-level or span rows with `--alpha 1`."""
     problems = []
+    if config.loss in ("attn", "attn-relation"):
+        problems.append(f"--loss {config.loss} compares attention position by position, which needs one tokenisation: "
+                        "use a feature loss on mean, last or spans rows")  # fmt: skip
     if cached and config.features not in ("mean", "last", "spans") and config.loss != "none":
         problems.append("from a cache, use example-level rows (--features mean or last) or --features spans (from "
                         "cached token rows)")
@@ -398,6 +404,11 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         from geokd.flexkd import check_cache_entry
 
         check_cache_entry(cache.manifest.get("flexkd"), config.flexkd_samples, config.flexkd_output)
+    attention = (
+        attention_setup(config, student.model, teacher.model, layer_pairs, causal=True)
+        if teacher is not None and not encoder_teacher and cross is None
+        else None
+    )
     objective = TokenObjective(
         config.loss,
         layer_pairs,
@@ -412,6 +423,7 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         mode=config.mode,
         vocab=vocab,
         flexkd_basis=config.flexkd_basis,
+        loss_options=attention.options if attention is not None else None,
     ).to(runtime.device)
     place_models(student, teacher, runtime.device)
     student_head = decoder_lib.output_head(student.model)
@@ -424,6 +436,18 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
     def step(batch: dict[str, torch.Tensor]) -> LossOutput:
         positions, targets = response_positions(batch["labels"])
         response_mask = batch["labels"] != -100
+        if attention is not None:  # attention losses: queries at the response tokens, causal keys
+            key_mask = batch["attention_mask"].bool()
+            with runtime.autocast(), attention.student.recording() as captured:
+                out = _base_forward(student.model, batch, False)
+            s_feats = attention.student.rows(captured, student_layers, response_mask, key_mask)
+            del captured
+            with torch.no_grad(), runtime.autocast(), attention.teacher.recording() as captured:
+                t_out = _base_forward(teacher.model, batch, False)  # type: ignore[union-attr]
+            t_feats = attention.teacher.rows(captured, teacher_layers, response_mask, key_mask)
+            s_hidden = out.last_hidden_state[:, :-1][positions]
+            t_hidden = t_out.last_hidden_state[:, :-1][positions] if config.alpha < 1.0 else None
+            return objective(s_hidden, student_head, targets, t_hidden, teacher_head, s_feats, t_feats)
         with runtime.autocast():
             out = _base_forward(student.model, batch, bool(layer_pairs))
         s_hidden = out.last_hidden_state[:, :-1][positions]
@@ -565,4 +589,5 @@ def decoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         extra_results=extra_results,
         score_flexkd=score_flexkd if (teacher is not None and teacher_head is not None) or cache is not None else None,
         teacher_model=teacher.model if teacher is not None else None,
+        attention_note=attention.notes if attention is not None else [],
     )

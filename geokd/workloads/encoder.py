@@ -11,6 +11,7 @@ weighs its number of examples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -20,7 +21,7 @@ from geokd.errors import GeokdError
 from geokd.evaluate import check_max_length
 from geokd.losses.objective import LossOutput, Objective
 from geokd.runtime import Runtime
-from geokd.workloads import Workload, cached_teacher_summary, place_models, teacher_summary
+from geokd.workloads import Workload, attention_setup, cached_teacher_summary, place_models, teacher_summary
 
 
 def distill_step(
@@ -31,16 +32,22 @@ def distill_step(
     teacher_outputs: Callable[
         [dict[str, torch.Tensor]], tuple[torch.Tensor | None, list[torch.Tensor] | None]
     ],
-    student_features: Callable[[tuple[torch.Tensor, ...], torch.Tensor], list[torch.Tensor]],
+    student_features: Callable[[object, torch.Tensor], list],
+    record: Callable[[], AbstractContextManager] = nullcontext,
 ) -> LossOutput:
     """Forward the student (and the teacher source) on one micro-batch and evaluate the objective.
-    No backward, no optimizer: the caller owns those."""
+    No backward, no optimizer: the caller owns those. `student_features(hidden states or what
+    `record()` captured, attention mask)` gives the student's rows per layer pair (attention losses:
+    `record` is the student's `AttentionTap.recording`)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
-    needs_hidden = bool(objective.layer_pairs)
-    with runtime.autocast():
+    features = bool(objective.layer_pairs)
+    needs_hidden = features and objective.batch_level
+    with runtime.autocast(), record() as captured:
         out = student(**inputs, output_hidden_states=needs_hidden)
     teacher_logits, teacher_feats = teacher_outputs(batch)
-    student_feats = student_features(out.hidden_states, batch["attention_mask"]) if needs_hidden else None
+    student_feats = (
+        student_features(out.hidden_states if needs_hidden else captured, batch["attention_mask"]) if features else None
+    )
     return objective(out.logits.float(), batch["labels"], teacher_logits, student_feats, teacher_feats)
 
 
@@ -142,6 +149,7 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         from geokd.flexkd import check_cache_entry
 
         check_cache_entry(cache.manifest.get("flexkd"), config.flexkd_samples, config.flexkd_output)
+    attention = attention_setup(config, student.model, teacher.model, layer_pairs, causal=False) if teacher else None
     objective = Objective(
         config.loss,
         layer_pairs,
@@ -152,6 +160,7 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         temperature=config.temperature,
         mode=config.mode,
         flexkd_basis=config.flexkd_basis,
+        loss_options=attention.options if attention is not None else None,
     ).to(runtime.device)
     place_models(student, teacher, runtime.device)
 
@@ -175,6 +184,11 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         if teacher is None:
             return None, None
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_id")}
+        if attention is not None:
+            with torch.no_grad(), runtime.autocast(), attention.teacher.recording() as captured:
+                out = teacher.model(**inputs)
+            mask = batch["attention_mask"].bool()
+            return out.logits.float(), attention.teacher.rows(captured, teacher_layers, mask, mask)
         with torch.no_grad(), runtime.autocast():
             out = teacher.model(**inputs, output_hidden_states=bool(layer_pairs))
         feats = (
@@ -187,10 +201,15 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         return out.logits.float(), feats
 
     def student_features(hidden_states, attention_mask):
+        if attention is not None:  # what the student's tap recorded
+            mask = attention_mask.bool()
+            return attention.student.rows(hidden_states, student_layers, mask, mask)
         return models_lib.extract_features(hidden_states, attention_mask, student_layers, config.features)
 
+    record = attention.student.recording if attention is not None else nullcontext
+
     def step(batch: dict[str, torch.Tensor]) -> LossOutput:
-        return distill_step(student.model, objective, batch, runtime, teacher_outputs, student_features)
+        return distill_step(student.model, objective, batch, runtime, teacher_outputs, student_features, record)
 
     def dev_metrics() -> dict[str, float]:
         return evaluate(student.model, dev_features, collate, runtime, task, config.batch_size)
@@ -238,4 +257,5 @@ def encoder_workload(config: RunConfig, runtime: Runtime, warn: Callable[[str], 
         final_evaluate=final_evaluate,
         score_flexkd=score_flexkd if teacher is not None or cache is not None else None,
         teacher_model=teacher.model if teacher is not None else None,
+        attention_note=attention.notes if attention is not None else [],
     )
