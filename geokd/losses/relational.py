@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from geokd.errors import GeokdError
-from geokd.losses._core import check_pair, finish, use_row_gram
+from geokd.losses._core import check_pair, finish, safe_sqrt, use_row_gram
 
 RKD_DISTANCE_WEIGHT = 1.0  # λ_D (Park et al. 2019, §4.1)
 RKD_ANGLE_WEIGHT = 2.0  # λ_A
@@ -131,7 +131,7 @@ def rkd(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = R
 
 def _unit_row_scale(norm_sq: torch.Tensor) -> torch.Tensor:
     """1/‖row‖ from squared row norms, exactly 0 (zero gradient) for rows at rounding noise."""
-    norm = norm_sq.clamp_min(0.0).sqrt()
+    norm = safe_sqrt(norm_sq)  # a zero row: 0 with a zero (not NaN) gradient
     with torch.no_grad():
         ok = norm > _floor(norm.max(), norm.dtype)
     return torch.where(ok, 1.0 / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
