@@ -19,6 +19,12 @@ What it measures (CPU, float32, all in one run so that the ratios share the mach
    large is it, how far from the default's.
 4. The issue's targets: each geometry loss under 1% of the training step at n = 32, (384, 768),
    and under 15% at n = 8192, (384, 768).
+5. The attention losses (issue #15), forward + backward for one mapped layer pair from captured
+   tensors: `attn` (scores and probs) and `attn-relation` at an encoder shape (32 x 128 tokens,
+   12 heads; student width 384, teacher 768, the relation over 12 heads) and a decoder shape
+   (8 x 512 tokens, causal, 9 heads; student 288, teacher 576, 3 key/value heads). `rkd` and
+   `spkd` run in the row grid of 2.; `rkd` refuses the token-level shapes (its angle term compares
+   n³ triplets; at most `RKD_MAX_ROWS` rows) and is recorded as n/a there.
 
 Run from the repository root:
 
@@ -68,6 +74,8 @@ from geokd.losses import (  # noqa: E402
     procrustes,
 )
 from geokd.losses._core import cross_nuclear_norm, nuclear_norm  # noqa: E402
+from geokd.losses.attention import AttentionRows  # noqa: E402
+from geokd.losses.registry import ATTENTION_LOSSES  # noqa: E402
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Widths = tuple[int, int]  # (d_s, d_t)
@@ -235,6 +243,10 @@ def time_loss(case: Case, budget_s: float, repeats: int | None) -> Case:
     except GeokdError:
         return replace(case, note="n/a: needs equal widths")
     student, teacher = make_pair(case.n, case.d_s, case.d_t)
+    try:
+        module(student, teacher)
+    except GeokdError as refused:  # rkd above RKD_MAX_ROWS rows
+        return replace(case, note=f"n/a: {str(refused).split(';')[0]}")
     run = forward_backward_fn(partial(module, student, teacher), [student, *module.parameters()])
     return replace(case, **asdict(measure(run, budget_s, repeats)))
 
@@ -244,8 +256,56 @@ def time_all_losses(grid: Grid, repeats: int | None, console: Console) -> list[C
     for level, n, d_s, d_t in case_shapes(grid):
         console.log(f"losses: {level} n={n} ({d_s}, {d_t})")
         for name in feature_loss_names():
+            if name in ATTENTION_LOSSES:  # they read attention, not rows: time_attention_losses
+                continue
             cases.append(time_loss(Case(level, n, d_s, d_t, name), grid.budget_s, repeats))
     return cases
+
+
+# (name, batch, tokens, heads, key/value heads, student head width, teacher head width, causal)
+ATTENTION_SHAPES = (
+    ("encoder", 32, 128, 12, 12, 32, 64, False),
+    ("decoder", 8, 512, 9, 3, 32, 64, True),
+)
+
+
+def _attention_rows(kind: str, b: int, t: int, heads: int, kv: int, dh: int, causal: bool, grad: bool) -> AttentionRows:
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=torch.Generator().manual_seed(SEED))
+    mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    if kind == "scores":
+        q, k = torch.randn(b, heads, t, dh).requires_grad_(grad), torch.randn(b, kv, t, dh).requires_grad_(grad)
+        return AttentionRows("scores", q, k, mask, mask, causal, scaling=dh**-0.5)
+    q, k, v = (torch.randn(b, t, heads * dh).requires_grad_(grad) for _ in range(3))
+    return AttentionRows("qkv", q, k, mask, mask, causal, value=v)
+
+
+def time_attention_losses(grid: Grid, repeats: int | None) -> list[Row]:
+    """Forward + backward of each attention loss for one layer pair (module docstring, 5.)."""
+    rows = []
+    for shape, b, t, heads, kv, dh_s, dh_t, causal in ATTENTION_SHAPES:
+        torch.manual_seed(SEED)
+        for name, options in (("attn", {"map": "scores"}), ("attn", {"map": "probs"}), ("attn-relation", {"heads": heads})):
+            kind = "scores" if name == "attn" else "qkv"
+            student = _attention_rows(kind, b, t, heads, kv if kind == "scores" else heads, dh_s, causal, True)
+            teacher = _attention_rows(kind, b, t, heads, kv if kind == "scores" else heads, dh_t if kind == "qkv" else dh_s,
+                                      causal, False)  # fmt: skip
+            module = build_feature_loss(name, 0, 0, **options)
+            leaves = [x for x in (student.query, student.key, student.value) if x is not None]
+            timing = measure(forward_backward_fn(partial(module, student, teacher), leaves), grid.budget_s, repeats)
+            rows.append(dict(shape=shape, loss=name, options=options, batch=b, tokens=t, heads=heads, kv_heads=kv,
+                             student_width=heads * dh_s, teacher_width=heads * dh_t, causal=causal, **asdict(timing)))  # fmt: skip
+    return rows
+
+
+def attention_table(rows: list[Row], step_ms: float) -> Table:
+    return _table(
+        f"Attention losses, one layer pair, forward+backward: ms (% of the {step_ms:.0f} ms training step)",
+        ["shape", "loss", "B x T", "heads", "widths s → t", "median ms", "% of step"],
+        [[r["shape"], r["loss"] + (f" ({r['options']['map']})" if "map" in r["options"] else
+                                   f" (R={r['options']['heads']})"),
+          f"{r['batch']} x {r['tokens']}", f"{r['heads']}" + (f" (kv {r['kv_heads']})" if r["kv_heads"] != r["heads"] else ""),
+          f"{r['student_width']} → {r['teacher_width']}", f"{r['ms']:.1f}", _num(r["pct_of_step"])] for r in rows],
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     step_fn = training_step_fn()
     step_before = measure(step_fn, grid.step_budget_s, args.repeats)
     cases = time_all_losses(grid, args.repeats, console)
+    console.log("attention losses")
+    attention = time_attention_losses(grid, args.repeats)
     console.log("procrustes formulations")
     formulations = dict(
         loss=time_formulations(grid, args.repeats),
@@ -625,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step_ms = (step_before.ms + step_after.ms) / 2
     cases = [replace(c, pct_of_step=pct(c.ms, step_ms)) for c in cases]
-    for row in formulations["loss"]:
+    for row in [*formulations["loss"], *attention]:
         row["pct_of_step"] = pct(row["ms"], step_ms)
     targets = check_targets(cases)
     load_after = load_average()
@@ -651,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer="AdamW(lr=1e-4)",
         ),
         cases=[asdict(c) for c in cases],
+        attention=attention,
         formulations=formulations,
         targets=targets,
         all_targets_passed=all(c["passed"] for c in targets if c["passed"] is not None),
@@ -658,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json_atomic(args.out, payload)
 
-    for table in (cases_table(cases, step_ms), *formulation_tables(formulations), targets_table(targets)):
+    tables = (cases_table(cases, step_ms), attention_table(attention, step_ms), *formulation_tables(formulations),
+              targets_table(targets))  # fmt: skip
+    for table in tables:
         console.print(table)
     for warning in warnings:
         console.print(f"[yellow]noisy: {warning}")

@@ -85,13 +85,16 @@ def attention_scores(rows: AttentionRows) -> torch.Tensor:
     return (query @ key.transpose(-1, -2)) * scaling
 
 
+# A finite stand-in for −inf at the (query, key) pairs that do not count: exp() of it is exactly 0 in
+# float32, and 0 · (log p_t − log p_s) stays 0 (with −inf it would be NaN).
+_MASKED = -1.0e4
+
+
 def _masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the last dim restricted to `valid` (broadcast over heads); invalid entries
-    are 0 (never −inf, so 0·(−inf) never appears), rows without a valid key are all 0."""
-    masked = logits.masked_fill(~valid, float("-inf"))
-    any_valid = valid.any(dim=-1, keepdim=True)
-    masked = torch.where(any_valid, masked, torch.zeros_like(masked))
-    return torch.where(valid, F.log_softmax(masked, dim=-1), torch.zeros_like(masked))
+    """log-softmax over the last dim restricted to `valid` (broadcast over heads): invalid entries
+    get probability exactly 0 (log-probability about −1e4, finite). A row without any valid key
+    comes out uniform; callers leave such rows out."""
+    return F.log_softmax(logits.masked_fill(~valid, _MASKED), dim=-1)
 
 
 def attention_map_loss(student: AttentionRows, teacher: AttentionRows, map: str = "scores") -> torch.Tensor:
@@ -109,7 +112,8 @@ def attention_map_loss(student: AttentionRows, teacher: AttentionRows, map: str 
     s, t = attention_scores(student), attention_scores(teacher)  # [B, H, T, T]
     if map == "probs":
         s, t = _masked_log_softmax(s, valid).exp(), _masked_log_softmax(t, valid).exp()
-    squared = torch.where(valid, (s - t).square(), torch.zeros_like(s)).double().sum()
+    # summed in the compute dtype (a float64 copy of [B, H, T, T] would cost more than the loss)
+    squared = torch.where(valid, (s - t).square(), torch.zeros_like(s)).sum().double()
     count = valid.sum() * s.shape[1]
     return (squared / count.clamp_min(1)).to(s.dtype)
 
@@ -154,7 +158,9 @@ def attention_relation_loss(student: AttentionRows, teacher: AttentionRows, head
                 raise GeokdError(f"attn-relation: {heads} relation heads do not divide the {side}'s width {x.shape[-1]}")
         log_s = _relation_log_probs(s_x, heads, valid)
         log_t = _relation_log_probs(t_x, heads, valid)
-        kl = torch.where(valid, log_t.exp() * (log_t - log_s), torch.zeros_like(log_s)).double().sum()
+        # KL per query row (invalid keys carry p_t = 0 exactly), then only the rows that count
+        rows = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # [B, R, T]
+        kl = torch.where(queries, rows, torch.zeros_like(rows)).sum().double()
         total = kl if total is None else total + kl
     dtype = torch.float64 if student.query.dtype == torch.float64 else torch.float32
     return (total / count.clamp_min(1)).to(dtype)  # type: ignore[operator]
