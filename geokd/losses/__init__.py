@@ -23,6 +23,7 @@ from geokd.losses.registry import (
     ProjectionLoss,
     build_feature_loss,
     feature_loss_names,
+    row_loss_names,
 )
 from geokd.losses.token_kd import KD_KINDS, chunked_token_kd, token_divergence
 from geokd.losses.topk_kd import chunked_topk_kd, topk_targets, topk_token_divergence
@@ -44,6 +45,7 @@ __all__ = [
     "mse",
     "procrustes",
     "proj",
+    "row_loss_names",
     "task_loss",
     "token_divergence",
     "topk_targets",

@@ -121,6 +121,11 @@ def feature_loss_names() -> list[str]:
     return list(FEATURE_LOSSES)
 
 
+def row_loss_names() -> list[str]:
+    """The losses that compare `[n, d]` row matrices (every loss but the attention losses)."""
+    return [name for name in FEATURE_LOSSES if name not in ATTENTION_LOSSES]
+
+
 def build_feature_loss(name: str, student_dim: int, teacher_dim: int, **options) -> nn.Module:
     """Build the feature loss `name` for the given widths (`options`: flexkd's `basis`, attn's
     `map`, attn-relation's `heads`); unknown

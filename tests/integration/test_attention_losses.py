@@ -137,3 +137,19 @@ def test_decoder_relational_losses_on_token_and_mean_rows(instruct_dir, tmp_path
                                student="shrink:layers=2,hidden=16,heads=2,kv_heads=1")  # fmt: skip
         terms = [k for k in records[0] if k.startswith(f"feature/{loss}/")]
         assert len(terms) == 2 and all(torch.isfinite(torch.tensor([r[k] for r in records for k in terms])))
+
+
+def test_decoder_attn_relation_accumulates_exactly(instruct_dir, tmp_path):
+    """attn-relation is a mean over response-token queries, and a decoder micro-batch weighs its
+    response tokens: 2 micro-batches of 4 give the term (and step) of one batch of 8."""
+    from tinylm import save_causal_lm
+
+    teacher = save_causal_lm(tmp_path / "teacher", "llama", initializer_range=0.3, attention_dropout=0.0)
+    common = dict(loss="attn-relation", student="shrink:layers=2,hidden=16,heads=4,kv_heads=2", max_steps=2,
+                  alpha=0.8)  # fmt: skip
+    big = _decoder_run(teacher, instruct_dir, tmp_path / "big", batch_size=8, **common)
+    acc = _decoder_run(teacher, instruct_dir, tmp_path / "acc", batch_size=4, grad_accum=2, **common)
+    for one, two in zip(big, acc, strict=True):
+        for name in one:
+            if name.startswith(("feature/", "sft", "kd", "loss")):
+                assert two[name] == pytest.approx(one[name], rel=1e-5), name

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from geokd.config import resolve_config
 from geokd.engine import train
-from geokd.losses.registry import FEATURE_LOSSES
+from geokd.losses.registry import row_loss_names
 
 
 def _records(run: Path) -> list[dict]:
@@ -40,7 +40,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("loss", sorted(FEATURE_LOSSES))
+@pytest.mark.parametrize("loss", sorted(row_loss_names()))
 def test_global_geometry_batch_equals_one_big_batch(loss, quiet_teacher, glue_dir, tmp_path):
     big, big_weights = _run(quiet_teacher, glue_dir, tmp_path / "big", loss=loss, batch_size=32)
     acc, acc_weights = _run(quiet_teacher, glue_dir, tmp_path / "acc", loss=loss, batch_size=8, grad_accum=4)

@@ -21,7 +21,7 @@ from toyglue import options
 
 from geokd.config import resolve_config
 from geokd.engine import train
-from geokd.losses.registry import FEATURE_LOSSES
+from geokd.losses.registry import row_loss_names
 
 pytestmark = pytest.mark.distributed
 
@@ -75,7 +75,7 @@ def _compare(one: Path, two: Path) -> None:
 # The runs compared with one process, all trained by ONE torchrun launch (a driver calling the
 # engine once per configuration): starting two Python processes costs more than a tiny run.
 INVARIANCE_CASES = {
-    **{f"ddp-{loss}": {"loss": loss} for loss in ["none", *sorted(FEATURE_LOSSES)]},
+    **{f"ddp-{loss}": {"loss": loss} for loss in ["none", *sorted(row_loss_names())]},
     # 2 ranks x --grad-accum 2 x global micro-batches of 8 against one process with batches of 16:
     # the rows are gathered over ranks and micro-batches alike (--geometry-batch global)
     "ddp-accumulation": {"loss": "procrustes", "batch_size": 8, "grad_accum": 2},

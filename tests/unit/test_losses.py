@@ -28,6 +28,7 @@ from geokd.losses import (
     mse,
     procrustes,
     proj,
+    row_loss_names,
     task_loss,
 )
 from geokd.losses._core import cross_nuclear_norm, nuclear_norm, nuclear_norm_and_polar
@@ -305,7 +306,7 @@ def _degenerate_students(n: int, d: int, teacher: torch.Tensor) -> dict[str, tor
     return cases
 
 
-@pytest.mark.parametrize("name", feature_loss_names())
+@pytest.mark.parametrize("name", row_loss_names())
 @pytest.mark.parametrize("n,d", [(8, 16), (64, 16)])
 def test_gradients_finite_and_bounded_on_degenerate_inputs(name, n, d):
     gen = torch.Generator().manual_seed(22)
@@ -321,7 +322,7 @@ def test_gradients_finite_and_bounded_on_degenerate_inputs(name, n, d):
             assert x.grad.abs().max().item() < 1e3, (name, case, x.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("name", feature_loss_names())
+@pytest.mark.parametrize("name", row_loss_names())
 def test_single_row_is_finite_with_zero_geometry(name):
     student = torch.randn(1, 8, requires_grad=True)
     teacher = torch.randn(1, 8)
@@ -360,7 +361,7 @@ def test_repeated_singular_values_gradient_matches_float64_polar_factor():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", feature_loss_names())
+@pytest.mark.parametrize("name", row_loss_names())
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [16, 300])
 def test_half_precision_inputs_are_upcast(name, low, n):
@@ -430,7 +431,9 @@ def test_task_loss_classification_and_regression():
 
 
 def test_registry_names_and_modules():
-    assert feature_loss_names() == ["procrustes", "gram", "cka", "proj", "mse", "cosine", "flexkd"]
+    assert feature_loss_names() == ["procrustes", "gram", "cka", "proj", "mse", "cosine", "flexkd", "rkd", "spkd",
+                                    "attn", "attn-relation"]
+    assert row_loss_names() == feature_loss_names()[:-2]
     s, t = _pair(12, 8, 16, seed=19)
     for name in ("procrustes", "gram", "cka"):
         assert build_feature_loss(name, 8, 16)(s, t).item() == pytest.approx(GEOMETRY[name](s, t).item())
