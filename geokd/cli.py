@@ -1019,6 +1019,65 @@ def demo(
 
 
 # ---------------------------------------------------------------------------------------------
+# study
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def study(
+    file: Path = typer.Argument(None, help="The study file (YAML): tasks, students, losses, seeds, settings."),
+    out: Path = _O(None, help="The study folder (default runs/study-NAME); finished runs in it are skipped."),
+    dry_run: bool = _O(False, "--dry-run", help="Print the plan (runs, estimated time and disk) and stop."),
+    report: Path = _O(None, "--report", help="Rebuild STUDY/report.md and report.json from the finished runs of this folder."),
+    jobs: int = _O(1, "--jobs", help="Student runs side by side in worker processes (the CPU threads split between them)."),
+    quick: bool = _O(False, "--quick", help="The first task and student, two losses, two seeds, 4 steps each: the plumbing."),
+    quiet: bool = _QUIET,
+) -> None:
+    """Run a grid of distillations (teachers, caches, students), resumably, and report statistics (issue #16)."""
+    from rich.progress import Progress
+
+    from geokd.study import build_report, load_study, run_study
+    from geokd.study import dry_run as plan_dry_run
+
+    with user_errors():
+        if report is not None:
+            result = build_report(report)
+            console.print(f"wrote {report / 'report.md'} ({sum(len(t['rows']) for t in result['tasks'].values())} rows)")
+            return
+        if file is None:
+            raise GeokdError("study: pass a study file (e.g. examples/studies/glue.yaml) or --report STUDY")
+        if jobs > 1 and os.environ.get("WORLD_SIZE", "1") != "1":
+            raise GeokdError("--jobs: under torchrun every run uses the whole process group; run with --jobs 1")
+        spec = load_study(file, quick=quick)
+        root = out or Path("runs") / f"study-{spec.name}"
+        if dry_run:
+            plan = plan_dry_run(spec, root)
+            seconds = plan["estimated_seconds"]
+            hours = "unknown" if seconds != seconds else f"{seconds / 3600:.1f} h"
+            console.print(
+                f"study {plan['study']}: {plan['steps']} steps ({plan['runs']} runs), {plan['done']} done; to do: "
+                + ", ".join(f"{n} {kind}(s)" for kind, n in plan["to_do"].items())
+                + f"; about {hours} at {plan['seconds_per_optimizer_step']:.2f} s per optimizer step "
+                f"({plan['throughput_source']}); at most {plan['estimated_disk_bytes'] / 2**30:.1f} GiB on disk",
+                highlight=False,
+            )
+            return
+        with Progress(*_progress_columns("study"), console=err_console, disable=quiet or not err_console.is_terminal) as bar:
+            task = bar.add_task("study", total=None, info="")
+
+            def on_step(index: int, total: int, step, skipped: bool) -> None:  # noqa: ANN001
+                label = step.label or {}
+                what = f"{step.kind} {step.task}" + (f" {label.get('student')} {label.get('loss')} seed {label.get('seed')}"
+                                                     if label else "")  # fmt: skip
+                bar.update(task, total=total, completed=index, info=("skip " if skipped else "") + what)
+                if not quiet and not skipped:
+                    console.print(f"[{index + 1}/{total}] {what}", highlight=False)
+
+            result = run_study(spec, root, on_step=on_step, jobs=jobs)
+        console.print(f"wrote {root / 'report.md'}: {', '.join(result['tasks'])}")
+
+
+# ---------------------------------------------------------------------------------------------
 # eval / compare
 # ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,675 @@
+"""`geokd study STUDY.yaml` (issue #16): a grid of distillation runs, executed in order and resumable,
+then one report with honest statistics.
+
+A study file declares tasks × students × losses × seeds (and optional sweeps of any run option, such
+as `alpha` or `temperature`), the settings every run shares, and the baselines. `run_study` runs, in
+order:
+
+1. each task's teacher `finetune` once, unless the task names a `teacher`;
+2. `cache` once per task (encoder tasks with `cache: true`), holding every teacher layer and the
+   Flex-KD scores when a loss needs them; losses a cache cannot serve (the attention losses) and
+   decoder tasks read the live teacher;
+3. every student run (`distill`, from the cache where possible), plus with `finetune_baseline: true`
+   the student trained on the task loss alone (`--loss none --alpha 1`);
+4. the report (`build_report`): `STUDY/report.md` and `report.json`, one plot per task.
+
+Every run is an ordinary run directory under `STUDY/`; one whose `results.json` exists is skipped,
+and one that was interrupted resumes from its last checkpoint (`--resume auto`), so a study
+continues where it stopped, across interruptions and machines. Each finished run's wall time is
+kept in `RUN/study.json`.
+
+Statistics per task (`build_report`): mean ± sample std over seeds of the task's primary metric for
+each (student, loss, sweep point); against each baseline loss of the same student and sweep point,
+the paired t-test when the seeds match (else Welch's), Holm-corrected over all the comparisons of
+the task's table (Holm 1979: the k-th smallest of m p-values is multiplied by m − k + 1, then made
+monotone; `holm`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geokd.errors import GeokdError
+
+STUDY_KEYS = ("name", "tasks", "teacher_model", "teacher_settings", "students", "losses", "seeds", "sweep", "settings",
+              "baselines", "finetune_baseline", "cache", "metric")  # fmt: skip
+TASK_KEYS = ("data", "teacher", "settings", "metric")
+# Run options a study may not set: where runs go and how they resume are the study's business.
+RESERVED = ("out", "resume", "teacher", "student", "task", "data", "loss", "seed", "cache", "mode")
+ATTENTION = ("attn", "attn-relation")
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    data: str
+    teacher: str | None = None  # a fine-tuned teacher; None: fine-tune `teacher_model` first
+    settings: dict[str, Any] = field(default_factory=dict)  # per-task run options (e.g. epochs)
+    metric: str | None = None  # the metric the report ranks by (None: the task's primary)
+
+
+@dataclass
+class Study:
+    name: str
+    tasks: list[TaskSpec]
+    students: list[str]
+    losses: list[str]
+    seeds: list[int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=lambda: ["none", "cka"])
+    teacher_model: str | None = None
+    teacher_settings: dict[str, Any] = field(default_factory=dict)
+    finetune_baseline: bool = True
+    cache: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a study file
+# --------------------------------------------------------------------------------------------
+
+
+def _expand(value: Any) -> Any:
+    """`${VAR}` and `~` in strings (data folders are machine-specific)."""
+    if isinstance(value, str):
+        return os.path.expanduser(os.path.expandvars(value))
+    return value
+
+
+def load_study(path: str | Path, quick: bool = False) -> Study:
+    """Read and check a study file; every problem is reported at once in one GeokdError line."""
+    import yaml
+
+    from geokd.config import resolve_config
+    from geokd.losses import feature_loss_names
+
+    file = Path(path)
+    if not file.is_file():
+        raise GeokdError(f"study: no study file at {str(file)!r}; pass a YAML file such as examples/studies/glue.yaml")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise GeokdError(f"study: {str(file)!r} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise GeokdError(f"study: {str(file)!r} must hold a mapping of study keys ({', '.join(STUDY_KEYS)})")
+    problems = [f"unknown key {key!r}" for key in raw if key not in STUDY_KEYS]
+    tasks = []
+    for name, entry in (raw.get("tasks") or {}).items():
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            problems.append(f"tasks.{name}: expected a mapping with data (and teacher, settings), got {entry!r}")
+            continue
+        problems += [f"tasks.{name}: unknown key {key!r}" for key in entry if key not in TASK_KEYS]
+        if not entry.get("data"):
+            problems.append(f"tasks.{name}: no data folder")
+        tasks.append(TaskSpec(str(name), _expand(entry.get("data", "")), _expand(entry.get("teacher")),
+                              dict(entry.get("settings") or {}), entry.get("metric")))  # fmt: skip
+    if not tasks:
+        problems.append("tasks: none declared")
+    losses = [str(x) for x in raw.get("losses") or []]
+    known = [*feature_loss_names(), "none"]
+    problems += [f"losses: unknown loss {loss!r} (choose from {', '.join(known)})" for loss in losses if loss not in known]
+    if not losses:
+        problems.append("losses: none declared")
+    students = [str(x) for x in raw.get("students") or []]
+    if not students:
+        problems.append("students: none declared")
+    seeds = raw.get("seeds") or [1]
+    if not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        problems.append(f"seeds: expected distinct integers, got {seeds!r}")
+    sweep = raw.get("sweep") or {}
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        problems.append(f"sweep: expected option: [values, ...], got {sweep!r}")
+        sweep = {}
+    settings = dict(raw.get("settings") or {})
+    for where, options in (("settings", settings), ("sweep", sweep), ("teacher_settings", raw.get("teacher_settings") or {}),
+                           *((f"tasks.{t.name}.settings", t.settings) for t in tasks)):  # fmt: skip
+        reserved = [k for k in RESERVED if k != "seed"] if where == "teacher_settings" else RESERVED
+        problems += [f"{where}: {key!r} is set by the study itself" for key in options if key in reserved]
+    baselines = [str(x) for x in raw.get("baselines", ["none", "cka"]) or []]
+    problems += [f"baselines: {b!r} is not one of the study's losses" for b in baselines if b not in losses]
+    if any(t.teacher is None for t in tasks) and not raw.get("teacher_model"):
+        problems.append("teacher_model: needed to fine-tune the teachers of tasks that name none")
+    if problems:
+        raise GeokdError(f"study {str(file)!r}: {'; '.join(problems)}")
+    study = Study(name=str(raw.get("name") or file.stem), tasks=tasks, students=students, losses=losses,
+                  seeds=[int(s) for s in seeds], settings=settings, sweep={k: list(v) for k, v in sweep.items()},
+                  baselines=baselines, teacher_model=raw.get("teacher_model"),
+                  teacher_settings=dict(raw.get("teacher_settings") or {}),
+                  finetune_baseline=bool(raw.get("finetune_baseline", True)), cache=bool(raw.get("cache", True)))  # fmt: skip
+    if quick:
+        study = quick_variant(study)
+    # Every run's options must be valid run options: check one resolved config per task and sweep point.
+    for task in study.tasks:
+        for point in sweep_points(study):
+            try:
+                resolve_config("distill", flags=_distill_flags(study, task, study.students[0], study.losses[0], point,
+                                                               study.seeds[0], "teacher", Path("x"))).validate()  # fmt: skip
+                if task.teacher is None:
+                    resolve_config("finetune", flags={**study.teacher_settings, "student": study.teacher_model,
+                                                      "task": task.name, "data": task.data, "out": "x"}).validate()  # fmt: skip
+            except GeokdError as error:
+                raise GeokdError(f"study {str(file)!r}: tasks.{task.name}: {error}") from None
+    return study
+
+
+def quick_variant(study: Study) -> Study:
+    """`--quick`: the first task, the first student, two losses (the first baseline and the first
+    other loss), two seeds, a few steps: the plumbing in CI time."""
+    losses = [study.baselines[0] if study.baselines else study.losses[0]]
+    losses += [loss for loss in study.losses if loss not in losses][:1]
+    return Study(name=f"{study.name}-quick", tasks=study.tasks[:1], students=study.students[:1], losses=losses,
+                 seeds=study.seeds[:2] if len(study.seeds) >= 2 else [*study.seeds, study.seeds[0] + 1],
+                 settings={**study.settings, "max_steps": 4, "eval_every": None},
+                 sweep={}, baselines=[b for b in study.baselines if b in losses], teacher_model=study.teacher_model,
+                 teacher_settings={**study.teacher_settings, "max_steps": 4}, finetune_baseline=False,
+                 cache=study.cache)  # fmt: skip
+
+
+def sweep_points(study: Study) -> list[dict[str, Any]]:
+    """Every combination of the sweep's values ([{}] without a sweep)."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in study.sweep.items():
+        points = [{**point, key: value} for point in points for value in values]
+    return points
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    """A folder name for a student spec or sweep point: `prune:hidden=192,heads=6` ->
+    `prune-hidden192-heads6`."""
+    out = re.sub(r"[=]", "", text)
+    out = re.sub(r"[^A-Za-z0-9_.+-]+", "-", out).strip("-")
+    return out or "x"
+
+
+def _point_name(point: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+@dataclass
+class Step:
+    """One thing the study does: fine-tune a teacher, build a cache, or train one run."""
+
+    kind: str  # "teacher", "cache" or "run"
+    task: str
+    path: Path  # the run directory or cache folder
+    flags: dict[str, Any] = field(default_factory=dict)
+    label: dict[str, Any] = field(default_factory=dict)  # student, loss, point, seed (runs)
+
+    @property
+    def done(self) -> bool:
+        if self.kind == "cache":
+            return (self.path / "manifest.json").is_file()
+        return (self.path / "results.json").is_file()
+
+
+def _uses_cache(study: Study, loss: str) -> bool:
+    return study.cache and loss not in ATTENTION
+
+
+def _teacher_path(study: Study, task: TaskSpec, root: Path) -> str:
+    return task.teacher if task.teacher else str(root / "teachers" / task.name / "final")
+
+
+def _distill_flags(study: Study, task: TaskSpec, student: str, loss: str, point: dict[str, Any], seed: int,
+                   teacher: str, out: Path, cache: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    flags = {**study.settings, **task.settings, **point, "teacher": teacher, "student": student, "task": task.name,
+             "data": task.data, "loss": loss, "seed": seed, "out": str(out)}  # fmt: skip
+    if cache is not None:
+        flags["cache"] = str(cache)
+    return flags
+
+
+def plan_study(study: Study, root: Path) -> list[Step]:
+    """Every step of the study in execution order (teachers, caches, runs)."""
+    from geokd.tasks import is_instruct_task
+
+    steps: list[Step] = []
+    for task in study.tasks:
+        if task.teacher is None:
+            flags = {**study.teacher_settings, "student": study.teacher_model, "task": task.name, "data": task.data,
+                     "out": str(root / "teachers" / task.name)}  # fmt: skip
+            steps.append(Step("teacher", task.name, root / "teachers" / task.name, flags))
+    for task in study.tasks:
+        teacher = _teacher_path(study, task, root)
+        encoder = not is_instruct_task(task.name)
+        cache = None
+        if encoder and any(_uses_cache(study, loss) for loss in study.losses):
+            cache = root / "caches" / task.name
+            settings = {**study.settings, **task.settings}
+            flags = {"teacher": teacher, "task": task.name, "data": task.data, "out": str(cache), "layers": "all",
+                     "features": settings.get("features", "cls"), "max_length": int(settings.get("max_length", 128)),
+                     "flexkd_samples": (int(settings.get("flexkd_samples", 1024)) if "flexkd" in study.losses else None),
+                     "flexkd_output": settings.get("flexkd_output", "prediction")}  # fmt: skip
+            steps.append(Step("cache", task.name, cache, flags))
+        for student in study.students:
+            for point in sweep_points(study):
+                group = root / "runs" / task.name / slug(student)
+                losses = [(loss, loss) for loss in study.losses]
+                if study.finetune_baseline:
+                    losses.append(("finetune-only", "none"))
+                for name, loss in losses:
+                    folder = group / (slug(name) + (f"-{slug(_point_name(point))}" if point else ""))
+                    for seed in study.seeds:
+                        out = folder / f"seed-{seed}"
+                        use_cache = cache if _uses_cache(study, loss) and encoder else None
+                        flags = _distill_flags(study, task, student, loss, point, seed, teacher, out, use_cache)
+                        if name == "finetune-only":
+                            flags["alpha"] = 1.0  # γ·task + 0·feature + 0·KD: the task loss alone
+                        label = {"student": student, "loss": name, "point": point, "seed": seed}
+                        steps.append(Step("run", task.name, out, flags, label))
+    return steps
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _resume(path: Path) -> str | None:
+    return "auto" if path.exists() else None
+
+
+def run_step(step: Step) -> float:
+    """Execute one step (resuming it if it was interrupted); returns its wall time in seconds."""
+    from geokd.config import resolve_config
+    from geokd.engine import train
+
+    started = time.perf_counter()
+    if step.kind == "cache":
+        from geokd.cache import CacheRequest, build_cache
+
+        build_cache(CacheRequest(**step.flags))
+    else:
+        mode = "finetune" if step.kind == "teacher" else "distill"
+        train(resolve_config(mode, flags={**step.flags, "resume": _resume(step.path)}))
+    seconds = time.perf_counter() - started
+    if step.kind != "cache":
+        record = {"seconds": seconds, "resumed": False, "label": step.label}
+        (step.path / "study.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return seconds
+
+
+def _run_in_worker(step: Step, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_step(step)
+
+
+def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool], None] | None = None,
+              on_done: Callable[[Step, float], None] | None = None, jobs: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Run every step not already done, in order, then write the report. `on_step(index, total,
+    step, skipped)` is told before each step, `on_done(step, seconds)` after each one that ran.
+    `jobs > 1`: teachers and caches first, one at a time; then the student runs `jobs` at a time in
+    worker processes, the CPU threads split between them."""
+    if jobs < 1:
+        raise GeokdError(f"--jobs: must be at least 1, got {jobs}")
+    root.mkdir(parents=True, exist_ok=True)
+    _write_spec(study, root)
+    steps = plan_study(study, root)
+    pending: list[Step] = []
+    for index, step in enumerate(steps):
+        skipped = step.done
+        if on_step is not None:
+            on_step(index, len(steps), step, skipped)
+        if skipped:
+            continue
+        if jobs > 1 and step.kind == "run":
+            pending.append(step)
+            continue
+        was_started = _was_started(step)
+        _finish(step, run_step(step), was_started, on_done)
+    if pending:
+        import concurrent.futures
+        import multiprocessing
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        started = {id(step): _was_started(step) for step in pending}
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_run_in_worker, step, threads): step for step in pending}
+            for future in concurrent.futures.as_completed(futures):
+                step = futures[future]
+                _finish(step, future.result(), started[id(step)], on_done)
+    return build_report(root)
+
+
+def _was_started(step: Step) -> bool:
+    """An interrupted run (a run directory without results.json, with a checkpoint)."""
+    return any((step.path / "checkpoints").glob("step-*")) if step.path.exists() else False
+
+
+def _finish(step: Step, seconds: float, resumed: bool, on_done) -> None:  # noqa: ANN001
+    if resumed and step.kind != "cache":  # the wall time of a resumed run is partial: say so
+        record = json.loads((step.path / "study.json").read_text(encoding="utf-8"))
+        (step.path / "study.json").write_text(json.dumps({**record, "resumed": True}, indent=2), encoding="utf-8")
+    if on_done is not None:
+        on_done(step, seconds)
+
+
+def _write_spec(study: Study, root: Path) -> None:
+    """`STUDY/study.json`: the resolved study, so `--report` needs nothing else."""
+    from dataclasses import asdict
+
+    from geokd.artifacts import write_json
+
+    spec = asdict(study)
+    path = root / "study.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in ("tasks", "students", "losses", "settings", "sweep") if saved.get(k) != spec.get(k)]
+        if changed and any(root.glob("runs/*/*/*/seed-*/results.json")):
+            # finished runs stay valid (each records its own config); the report groups by config
+            spec["previous"] = {k: saved.get(k) for k in changed}
+    write_json(path, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# The dry run
+# --------------------------------------------------------------------------------------------
+
+
+def dry_run(study: Study, root: Path) -> dict[str, Any]:
+    """The plan without running it: steps (done and to do), estimated time and disk.
+
+    Time: steps × optimizer steps each, at the throughput measured by the study's finished runs
+    (their `metrics.jsonl`: examples/s or tokens/s per step); without one, by a 3-step probe run
+    of the first distill configuration (in a temporary folder, deleted after). Disk: each run's
+    final model (its parameters in float32) plus one checkpoint with AdamW state (3× that), and the
+    caches' expected bytes."""
+    steps = plan_study(study, root)
+    todo = [s for s in steps if not s.done]
+    seconds_per_step, source = _measured_step_seconds(root, steps)
+    total_seconds = 0.0
+    for step in todo:
+        total_seconds += _optimizer_steps(step) * seconds_per_step
+    return {
+        "study": study.name,
+        "steps": len(steps),
+        "done": len(steps) - len(todo),
+        "to_do": {kind: sum(1 for s in todo if s.kind == kind) for kind in ("teacher", "cache", "run")},
+        "runs": sum(1 for s in steps if s.kind == "run"),
+        "seconds_per_optimizer_step": seconds_per_step,
+        "throughput_source": source,
+        "estimated_seconds": total_seconds,
+        "estimated_disk_bytes": _disk_estimate(todo, root),
+    }
+
+
+def _optimizer_steps(step: Step) -> int:
+    flags = step.flags
+    if step.kind == "cache":
+        return 0
+    if flags.get("max_steps"):
+        return int(flags["max_steps"])
+    from geokd.config import resolve_config
+
+    config = resolve_config("finetune" if step.kind == "teacher" else "distill", flags=flags)
+    examples = _train_examples(config)
+    per_step = config.batch_size * config.grad_accum
+    return math.ceil(examples * config.epochs / per_step)
+
+
+def _train_examples(config: Any) -> int:
+    from geokd.tasks import is_instruct_task
+
+    data = Path(config.data or ".")
+    if is_instruct_task(config.task):
+        file = data / "train.jsonl"
+        return sum(1 for line in file.read_text(encoding="utf-8").splitlines() if line.strip()) if file.is_file() else 0
+    for name in ("train.tsv", "train.csv", "train.jsonl"):
+        if (data / name).is_file():
+            return max(0, len((data / name).read_text(encoding="utf-8").splitlines()) - (name != "train.jsonl"))
+    return 0
+
+
+def _measured_step_seconds(root: Path, steps: list[Step]) -> tuple[float, str]:
+    timings = []
+    for step in steps:
+        record = step.path / "study.json"
+        if step.kind == "run" and record.is_file() and step.done:
+            data = json.loads(record.read_text(encoding="utf-8"))
+            done = json.loads((step.path / "results.json").read_text(encoding="utf-8")).get("steps")
+            if done and not data.get("resumed"):
+                timings.append(data["seconds"] / done)
+    if timings:
+        return float(np.median(timings)), f"median of {len(timings)} finished run(s) of this study"
+    probe = next((s for s in steps if s.kind == "run"), None)
+    if probe is None or not all((p.done or p.kind == "run") for p in steps if p.kind in ("teacher", "cache")):
+        return float("nan"), "unknown: the teachers (and caches) must exist before a probe run can measure a step"
+    import tempfile
+
+    from geokd.config import resolve_config
+    from geokd.engine import train
+
+    with tempfile.TemporaryDirectory() as folder:
+        flags = {k: v for k, v in probe.flags.items() if k != "cache"}
+        flags.update(out=str(Path(folder) / "probe"), max_steps=3, eval_every=None, save_minutes=0)
+        started = time.perf_counter()
+        train(resolve_config("distill", flags=flags))
+        return (time.perf_counter() - started) / 3, "a 3-step probe run (includes loading the models)"
+
+
+def _disk_estimate(todo: list[Step], root: Path) -> int:
+    """Bytes the remaining steps write, an upper bound: each run's final weights plus one
+    checkpoint with the AdamW moments (4× the teacher's weights files, a student being no larger),
+    and 64 MiB per cache (a GLUE task's [CLS] rows of every layer: bench/cache.py)."""
+    total = 0
+    sizes: dict[str, int] = {}
+    for step in todo:
+        if step.kind == "cache":
+            total += 64 * 2**20
+            continue
+        name = str(step.flags.get("teacher") or step.flags.get("student") or "")
+        if name not in sizes:
+            folder = Path(name)
+            files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+            sizes[name] = sum(f.stat().st_size for f in files) or 100 * 2**20  # not there yet: 100 MiB
+        total += 4 * sizes[name]
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values (None stays None and does not count in m)."""
+    indexed = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    m = len(indexed)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(indexed)):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def _primary_metric(task: str, runs: list[Any], requested: str | None) -> str:
+    from geokd.tasks import get_task, is_instruct_task
+
+    if requested:
+        return requested
+    if is_instruct_task(task):
+        return "rouge_l" if all("rouge_l" in r.metrics for r in runs) else "loss"
+    return get_task(task).primary_metric
+
+
+def _seed_map(runs: list[Any], metric: str) -> dict[int, float]:
+    return {int(r.seed): float(r.metrics[metric]) for r in runs if metric in r.metrics and r.seed is not None}
+
+
+def _test(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    from geokd.compare import paired_test, welch_test
+
+    va, vb = np.array(list(a.values())), np.array(list(b.values()))
+    out: dict[str, Any] = {"difference": float(va.mean() - vb.mean()) if len(va) and len(vb) else None}
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2 and set(a) == set(b):
+        test = paired_test(np.array([a[s] for s in common]), np.array([b[s] for s in common]))
+        out.update(test="paired t", p=test.get("p"))
+    elif len(va) >= 2 and len(vb) >= 2:
+        out.update(test="Welch", p=welch_test(va, vb).get("p"))
+    else:
+        out.update(test=None, p=None)
+    return out
+
+
+def build_report(root: Path) -> dict[str, Any]:
+    """Rebuild `STUDY/report.md`, `report.json` and `plots/TASK.png` from the finished runs alone."""
+    from geokd.artifacts import write_json
+    from geokd.compare import load_run
+
+    root = Path(root)
+    spec_file = root / "study.json"
+    if not spec_file.is_file():
+        raise GeokdError(f"study --report: {str(root)!r} holds no study.json; pass the folder a study wrote")
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    tasks_out = {}
+    lines = [f"# Study {spec['name']}", "",
+             f"Students {', '.join(f'`{s}`' for s in spec['students'])}; losses {', '.join(spec['losses'])}; "
+             f"seeds {', '.join(map(str, spec['seeds']))}"
+             + (f"; sweep {spec['sweep']}" if spec["sweep"] else "") + f". Baselines: {', '.join(spec['baselines'])}.",
+             ""]  # fmt: skip
+    for task in spec["tasks"]:
+        name = task["name"]
+        runs_by_group: dict[tuple[str, str, str], list[Any]] = {}
+        walls: dict[tuple[str, str, str], list[float]] = {}
+        for record in sorted((root / "runs" / name).glob("*/*/seed-*/study.json")):
+            run_dir = record.parent
+            if not (run_dir / "results.json").is_file():
+                continue
+            label = json.loads(record.read_text(encoding="utf-8"))
+            key = (label["label"]["student"], label["label"]["loss"], _point_name(label["label"]["point"]))
+            runs_by_group.setdefault(key, []).append(load_run(run_dir))
+            if not label.get("resumed"):
+                walls.setdefault(key, []).append(float(label["seconds"]))
+        all_runs = [r for group in runs_by_group.values() for r in group]
+        if not all_runs:
+            lines += [f"## {name}", "", "No finished runs yet.", ""]
+            continue
+        metric = _primary_metric(name, all_runs, task.get("metric"))
+        teacher = _teacher_score(root, task, metric)
+        rows = []
+        for (student, loss, point), runs in runs_by_group.items():
+            values = _seed_map(runs, metric)
+            arr = np.array(list(values.values()))
+            row = {"student": student, "loss": loss, "point": point, "n": len(arr),
+                   "mean": float(arr.mean()) if len(arr) else None,
+                   "std": float(arr.std(ddof=1)) if len(arr) >= 2 else None, "per_seed": values,
+                   "wall_seconds": float(np.mean(walls[(student, loss, point)])) if walls.get((student, loss, point)) else None,
+                   "versus": {}}  # fmt: skip
+            for base in spec["baselines"]:
+                if base == loss or (student, base, point) not in runs_by_group:
+                    continue
+                row["versus"][base] = _test(values, _seed_map(runs_by_group[(student, base, point)], metric))
+            rows.append(row)
+        comparisons = [(row, base) for row in rows for base in row["versus"]]
+        adjusted = holm([row["versus"][base]["p"] for row, base in comparisons])
+        for (row, base), p in zip(comparisons, adjusted, strict=True):
+            row["versus"][base]["p_holm"] = p
+        order = {loss: i for i, loss in enumerate([*spec["losses"], "finetune-only"])}
+        rows.sort(key=lambda r: (spec["students"].index(r["student"]) if r["student"] in spec["students"] else 99,
+                                 r["point"], order.get(r["loss"], 99)))  # fmt: skip
+        plot = _plot_task(root, name, metric, rows, teacher)
+        tasks_out[name] = {"metric": metric, "teacher": teacher, "rows": rows, "plot": plot}
+        lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot)
+    report = {"study": spec["name"], "tasks": tasks_out, "spec": spec,
+              "statistics": {"std": "sample (ddof = 1)", "tests": "paired t-test (scipy.stats.ttest_rel) when both groups "
+                             "ran the same seeds, else Welch (scipy.stats.ttest_ind, equal_var=False); two-sided",
+                             "correction": "Holm over every comparison of a task's table"}}  # fmt: skip
+    write_json(root / "report.json", report)
+    (root / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def _teacher_score(root: Path, task: dict[str, Any], metric: str) -> float | None:
+    teacher = Path(task["teacher"]) if task.get("teacher") else root / "teachers" / task["name"] / "final"
+    for results in (teacher.parent / "results.json", teacher / "results.json"):
+        if results.is_file():
+            value = json.loads(results.read_text(encoding="utf-8")).get("metrics", {}).get(metric)
+            return float(value) if value is not None else None
+    return None
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _task_lines(name: str, metric: str, teacher: float | None, rows: list[dict[str, Any]], baselines: list[str],
+                plot: str | None) -> list[str]:  # fmt: skip
+    head = ["student", "loss", "sweep", "n", f"{metric} mean ± std"]
+    for base in baselines:
+        head += [f"Δ vs {base}", f"p vs {base} (Holm)"]
+    head.append("wall / run")
+    lines = [f"## {name} ({metric})", "", f"Teacher: {_fmt(teacher)}.", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    for row in rows:
+        cells = [f"`{row['student']}`", row["loss"], row["point"] or "", str(row["n"]),
+                 f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"]  # fmt: skip
+        for base in baselines:
+            versus = row["versus"].get(base)
+            if versus is None:
+                cells += ["", ""]
+            else:
+                cells += [_fmt(versus["difference"], "+.4f"),
+                          f"{_fmt(versus['p'], '.3f')} ({_fmt(versus.get('p_holm'), '.3f')}, {versus['test'] or 'n < 2'})"]  # fmt: skip
+        cells.append("–" if row["wall_seconds"] is None else f"{row['wall_seconds'] / 60:.1f} min")
+        lines.append("| " + " | ".join(cells) + " |")
+    if plot:
+        lines += ["", f"![{name}]({plot})"]
+    return [*lines, ""]
+
+
+def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], teacher: float | None) -> str | None:
+    """Per-seed points, the mean and its 95% t-interval for every row; the teacher as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from scipy import stats
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.6))
+    for x, row in enumerate(rows):
+        values = list(row["per_seed"].values())
+        ax.scatter([x] * len(values), values, s=14, color="0.55", zorder=2)
+        if row["mean"] is not None:
+            half = None
+            if row["std"] is not None and row["n"] >= 2:
+                half = stats.t.ppf(0.975, row["n"] - 1) * row["std"] / math.sqrt(row["n"])
+            ax.errorbar([x], [row["mean"]], yerr=None if half is None else [[half], [half]], fmt="o", color="C0",
+                        capsize=4, zorder=3)  # fmt: skip
+    if teacher is not None:
+        ax.axhline(teacher, color="C3", linestyle="--", linewidth=1, label="teacher")
+        ax.legend(loc="best", fontsize=8)
+    labels = [f"{r['loss']}\n{r['student'].split(':')[0]}" + (f"\n{r['point']}" if r["point"] else "") for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{name}: per-seed {metric}, mean and 95% t-interval", fontsize=9)
+    fig.tight_layout()
+    folder = root / "plots"
+    folder.mkdir(exist_ok=True)
+    fig.savefig(folder / f"{name}.png", dpi=120)
+    plt.close(fig)
+    return f"plots/{name}.png"

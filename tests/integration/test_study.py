@@ -1,0 +1,163 @@
+"""`geokd study` (issue #16) on the toy encoder task: the plan, a full run (teacher fine-tune, cache,
+students, report), skipping finished runs, resuming after a kill, rebuilding the report, and the
+statistics (Holm against a hand computation, paired tests against scipy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+from typer.testing import CliRunner
+
+from geokd.cli import app
+from geokd.errors import GeokdError
+from geokd.study import dry_run, holm, load_study, plan_study, run_study
+
+runner = CliRunner()
+
+
+def _write(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def study_file(base_dir, glue_dir, tmp_path) -> Path:
+    return _write(tmp_path / "toy.yaml", name="toy", teacher_model=str(base_dir),
+                  teacher_settings={"max_steps": 12, "batch_size": 16, "lr": 3e-3, "seed": 0},
+                  tasks={"sst2": {"data": str(glue_dir)}}, students=["truncate:2"], losses=["none", "procrustes", "rkd"],
+                  baselines=["none"], seeds=[1, 2],
+                  settings={"max_steps": 3, "batch_size": 16, "lr": 2e-3, "save_minutes": 0, "layers": "uniform"},
+                  finetune_baseline=True, cache=True)  # fmt: skip
+
+
+def test_holm_against_a_hand_computation():
+    # sorted p: 0.01, 0.02, 0.04, 0.30 with m = 4 -> 0.04, 0.06, 0.08, 0.30 (monotone), None untouched
+    assert holm([0.04, None, 0.01, 0.30, 0.02]) == pytest.approx([0.08, None, 0.04, 0.30, 0.06])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1, then monotone
+    assert holm([]) == []
+
+
+def test_plan_orders_teacher_cache_then_runs(study_file, tmp_path):
+    study = load_study(study_file)
+    steps = plan_study(study, tmp_path / "s")
+    kinds = [s.kind for s in steps]
+    assert kinds[:2] == ["teacher", "cache"] and set(kinds[2:]) == {"run"}
+    runs = [s for s in steps if s.kind == "run"]
+    assert len(runs) == 2 * (3 + 1)  # seeds x (losses + the fine-tune-only baseline)
+    finetune = [s for s in runs if s.label["loss"] == "finetune-only"]
+    assert all(s.flags["alpha"] == 1.0 and s.flags["loss"] == "none" for s in finetune)
+    assert all(s.flags.get("cache") == str(tmp_path / "s" / "caches" / "sst2") for s in runs)
+    assert {s.path.parent.name for s in runs} == {"none", "procrustes", "rkd", "finetune-only"}
+    plan = dry_run(study, tmp_path / "s")
+    assert plan["runs"] == 8 and plan["done"] == 0 and plan["to_do"] == {"teacher": 1, "cache": 1, "run": 8}
+    assert plan["estimated_disk_bytes"] > 0
+    assert "must exist" in plan["throughput_source"]  # no teacher yet: no probe, no invented number
+
+
+def test_a_study_runs_skips_what_is_done_and_reports(study_file, tmp_path):
+    root = tmp_path / "study"
+    seen: list[tuple[str, bool]] = []
+    report = run_study(load_study(study_file), root, on_step=lambda i, n, step, skipped: seen.append((step.kind, skipped)))
+    assert [kind for kind, _ in seen] == ["teacher", "cache", *["run"] * 8] and not any(s for _, s in seen)
+    rows = report["tasks"]["sst2"]["rows"]
+    assert [r["loss"] for r in rows] == ["none", "procrustes", "rkd", "finetune-only"]
+    assert all(r["n"] == 2 and r["std"] is not None and r["wall_seconds"] > 0 for r in rows)
+    # against none: a paired t-test (same seeds), Holm over the table's three comparisons
+    none = rows[0]["per_seed"]
+    for row in rows[1:]:
+        versus = row["versus"]["none"]
+        expected = stats.ttest_rel([row["per_seed"][s] for s in (1, 2)], [none[s] for s in (1, 2)]).pvalue
+        if np.isfinite(expected):
+            assert versus["p"] == pytest.approx(expected) and versus["test"] == "paired t"
+    ps = [r["versus"]["none"]["p"] for r in rows[1:]]
+    assert [r["versus"]["none"]["p_holm"] for r in rows[1:]] == holm(ps)
+    assert report["tasks"]["sst2"]["teacher"] is not None
+    assert (root / "report.md").read_text().count("| `truncate:2` |") == 4
+    assert (root / "plots" / "sst2.png").stat().st_size > 1000
+    # again: everything is skipped, nothing is trained
+    seen.clear()
+    run_study(load_study(study_file), root, on_step=lambda i, n, step, skipped: seen.append((step.kind, skipped)))
+    assert all(skipped for _, skipped in seen)
+    # the dry run now measures from the finished runs
+    plan = dry_run(load_study(study_file), root)
+    assert plan["done"] == plan["steps"] and "finished run" in plan["throughput_source"]
+    # --report rebuilds the same report from the runs alone
+    before = json.loads((root / "report.json").read_text())
+    (root / "report.md").unlink()
+    (root / "report.json").unlink()
+    result = runner.invoke(app, ["study", "--report", str(root)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((root / "report.json").read_text())["tasks"] == before["tasks"]
+
+
+def test_resume_after_a_kill(base_dir, glue_dir, tmp_path):
+    """SIGTERM in the middle of a student run; the next `geokd study` resumes that run from its
+    checkpoint (the engine's signal handling) and finishes the rest."""
+    spec = _write(tmp_path / "kill.yaml", name="kill", teacher_model=str(base_dir),
+                  teacher_settings={"max_steps": 4, "batch_size": 16, "lr": 3e-3, "seed": 0},
+                  tasks={"sst2": {"data": str(glue_dir)}}, students=["truncate:2"], losses=["none", "gram"],
+                  baselines=["none"], seeds=[1],
+                  settings={"max_steps": 16, "batch_size": 16, "lr": 2e-3, "save_every": 1, "save_minutes": 0},
+                  finetune_baseline=False, cache=False)  # fmt: skip
+    root = tmp_path / "study"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "geokd", "study", str(spec), "--out", str(root), "--quiet"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    target = root / "runs" / "sst2" / "truncate-2" / "none" / "seed-1" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any(target.glob("step-2*")) and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert not (target.parent / "results.json").is_file(), "the run finished before the kill: make it longer"
+    seen = []
+    report = run_study(load_study(spec), root, on_step=lambda i, n, step, skipped: seen.append((step.kind, skipped)))
+    assert seen == [("teacher", True), ("run", False), ("run", False)]
+    record = json.loads((target.parent / "study.json").read_text())
+    assert record["resumed"] is True
+    steps = [json.loads(line)["step"] for line in (target.parent / "metrics.jsonl").read_text().splitlines()
+             if '"step"' in line and '"loss"' in line]  # fmt: skip
+    assert steps == list(range(1, 17))
+    rows = report["tasks"]["sst2"]["rows"]
+    assert rows[0]["wall_seconds"] is None  # a resumed run's wall time is partial: not averaged
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"losses": ["none", "procrustez"]}, "unknown loss 'procrustez'"),
+        ({"baselines": ["cka"]}, "baselines: 'cka' is not one of the study's losses"),
+        ({"settings": {"out": "x"}}, "settings: 'out' is set by the study itself"),
+        ({"settings": {"lr": -1}}, "lr: must be > 0"),
+        ({"colour": 1}, "unknown key 'colour'"),
+    ],
+)
+def test_bad_study_files_are_one_line_exit_2(study_file, tmp_path, change, fragment):
+    spec = yaml.safe_load(study_file.read_text())
+    spec.update(change)
+    bad = _write(tmp_path / "bad.yaml", **spec)
+    result = runner.invoke(app, ["study", str(bad), "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(GeokdError):
+        load_study(bad)
+
+
+def test_quick_variant_of_the_provided_studies():
+    """The provided studies parse, and --quick cuts them to 1 task, 1 student, 2 losses, 2 seeds."""
+    root = Path(__file__).resolve().parents[2] / "examples" / "studies"
+    for name in ("glue.yaml", "instruct.yaml"):
+        study = load_study(root / name, quick=True)
+        assert len(study.tasks) == 1 and len(study.students) == 1 and len(study.losses) == 2
+        assert len(study.seeds) == 2 and study.settings["max_steps"] == 4
+        assert study.losses[0] == "none"
