@@ -161,3 +161,17 @@ def test_quick_variant_of_the_provided_studies():
         assert len(study.tasks) == 1 and len(study.students) == 1 and len(study.losses) == 2
         assert len(study.seeds) == 2 and study.settings["max_steps"] == 4
         assert study.losses[0] == "none"
+
+
+def test_jobs_run_students_side_by_side(teacher_dir, glue_dir, tmp_path):
+    """--jobs 2: the student runs go to two worker processes; a given teacher, no cache."""
+    spec = _write(tmp_path / "jobs.yaml", name="jobs", tasks={"sst2": {"data": str(glue_dir),
+                  "teacher": str(teacher_dir / "final")}}, students=["truncate:2"], losses=["none", "gram"],
+                  baselines=["none"], seeds=[1], settings={"max_steps": 2, "batch_size": 16, "save_minutes": 0},
+                  finetune_baseline=False, cache=False)  # fmt: skip
+    root = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(spec), "--out", str(root), "--jobs", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((root / "report.json").read_text())["tasks"]["sst2"]["rows"]
+    assert [r["loss"] for r in rows] == ["none", "gram"] and all(r["n"] == 1 for r in rows)
+    assert not (root / "teachers").exists() and not (root / "caches").exists()
