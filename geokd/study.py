@@ -534,8 +534,53 @@ def _test(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     return out
 
 
-def build_report(root: Path) -> dict[str, Any]:
-    """Rebuild `STUDY/report.md`, `report.json` and `plots/TASK.png` from the finished runs alone."""
+def _is_instruct(task: str) -> bool:
+    from geokd.tasks import is_instruct_task
+
+    return is_instruct_task(task)
+
+
+GEOMETRY_EXAMPLES = 512  # dev examples the median run's geometry report reads (a bound on its cost)
+
+
+def _median_geometry(root: Path, task: dict[str, Any], rows: list[dict[str, Any]],
+                     runs_by_group: dict[tuple[str, str, str], list[Any]], metric: str) -> None:  # fmt: skip
+    """`row["geometry"]`: the geometry report (`geokd eval --geometry`, the run's own layer map and
+    pooling, the first GEOMETRY_EXAMPLES dev examples) of the row's median run (the lower median
+    by metric), per mapped layer pair: Procrustes, CKA distance, the share of the teacher's
+    ε-orthogonal pairs kept. Cached in `RUN/eval/study-geometry.json`."""
+    from geokd.artifacts import write_json
+    from geokd.evaluate import evaluate_model
+
+    teacher = task["teacher"] or str(root / "teachers" / task["name"] / "final")
+    for row in rows:
+        runs = sorted(runs_by_group[(row["student"], row["loss"], row["point"])], key=lambda r: r.metrics.get(metric, 0.0))
+        median = Path(runs[(len(runs) - 1) // 2].path)
+        cached = median / "eval" / "study-geometry.json"
+        if not cached.is_file():
+            config = yaml_config(median)
+            layers = config.get("layers") if config.get("loss") not in ("none", None) else "uniform"
+            result = evaluate_model(str(median), teacher=teacher, geometry=True, limit=GEOMETRY_EXAMPLES,
+                                    layers=layers, features=config.get("features") if config.get("features") in
+                                    ("cls", "mean") else "cls")  # fmt: skip
+            pairs = [{"pair": f"{e['student_layer']}->{e['teacher_layer']}", "procrustes": e.get("procrustes"),
+                      "cka_distance": e.get("cka_distance"), "preserved_fraction": e.get("preserved_fraction")}
+                     for e in result["geometry"]["layer_pairs"]]  # fmt: skip
+            cached.parent.mkdir(exist_ok=True)
+            write_json(cached, {"seed": runs[(len(runs) - 1) // 2].seed, "examples": result["n_examples"],
+                                "layer_pairs": pairs})  # fmt: skip
+        row["geometry"] = json.loads(cached.read_text(encoding="utf-8"))
+
+
+def yaml_config(run: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+
+
+def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
+    """Rebuild `STUDY/report.md`, `report.json` and `plots/TASK.png` from the finished runs alone
+    (with `geometry`, each row's median run gets its geometry report, computed once and cached)."""
     from geokd.artifacts import write_json
     from geokd.compare import load_run
 
@@ -590,9 +635,12 @@ def build_report(root: Path) -> dict[str, Any]:
         order = {loss: i for i, loss in enumerate([*spec["losses"], "finetune-only"])}
         rows.sort(key=lambda r: (spec["students"].index(r["student"]) if r["student"] in spec["students"] else 99,
                                  r["point"], order.get(r["loss"], 99)))  # fmt: skip
+        if geometry and not _is_instruct(name):
+            _median_geometry(root, task, rows, runs_by_group, metric)
         plot = _plot_task(root, name, metric, rows, teacher)
         tasks_out[name] = {"metric": metric, "teacher": teacher, "rows": rows, "plot": plot}
         lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot)
+        lines += _geometry_lines(rows)
     report = {"study": spec["name"], "tasks": tasks_out, "spec": spec,
               "statistics": {"std": "sample (ddof = 1)", "tests": "paired t-test (scipy.stats.ttest_rel) when both groups "
                              "ran the same seeds, else Welch (scipy.stats.ttest_ind, equal_var=False); two-sided",
@@ -637,6 +685,21 @@ def _task_lines(name: str, metric: str, teacher: float | None, rows: list[dict[s
         lines.append("| " + " | ".join(cells) + " |")
     if plot:
         lines += ["", f"![{name}]({plot})"]
+    return [*lines, ""]
+
+
+def _geometry_lines(rows: list[dict[str, Any]]) -> list[str]:
+    with_geometry = [r for r in rows if r.get("geometry")]
+    if not with_geometry:
+        return []
+    lines = ["Geometry of each row's median run against the teacher (dev examples; distances: 0 = same "
+             "geometry; kept = share of the teacher's ε-orthogonal pairs, ε = 0.1, still ε-orthogonal):", "",
+             "| student | loss | seed | layer pair | procrustes | cka_distance | kept |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in with_geometry:
+        for pair in row["geometry"]["layer_pairs"]:
+            lines.append(f"| `{row['student']}` | {row['loss']} | {row['geometry']['seed']} | {pair['pair']} | "
+                         f"{_fmt(pair['procrustes'])} | {_fmt(pair['cka_distance'])} | "
+                         f"{_fmt(pair['preserved_fraction'], '.1%')} |")  # fmt: skip
     return [*lines, ""]
 
 

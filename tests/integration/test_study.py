@@ -82,7 +82,14 @@ def test_a_study_runs_skips_what_is_done_and_reports(study_file, tmp_path):
     ps = [r["versus"]["none"]["p"] for r in rows[1:]]
     assert [r["versus"]["none"]["p_holm"] for r in rows[1:]] == holm(ps)
     assert report["tasks"]["sst2"]["teacher"] is not None
-    assert (root / "report.md").read_text().count("| `truncate:2` |") == 4
+    # each row's median run: its geometry against the teacher at the mapped pairs (cached in the run)
+    for row in rows:
+        pairs = row["geometry"]["layer_pairs"]
+        assert [p["pair"] for p in pairs] == ["1->2", "2->4"]
+        assert all(0.0 <= p["procrustes"] <= 2.0 and 0.0 <= p["cka_distance"] <= 1.0 for p in pairs)
+        assert row["geometry"]["seed"] in (1, 2)
+    assert "Geometry of each row's median run" in (root / "report.md").read_text()
+    assert (root / "report.md").read_text().split("Geometry of")[0].count("| `truncate:2` |") == 4
     assert (root / "plots" / "sst2.png").stat().st_size > 1000
     # again: everything is skipped, nothing is trained
     seen.clear()
