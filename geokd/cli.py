@@ -1074,7 +1074,8 @@ def study(
                     console.print(f"[{index + 1}/{total}] {what}", highlight=False)
 
             result = run_study(spec, root, on_step=on_step, jobs=jobs)
-        console.print(f"wrote {root / 'report.md'}: {', '.join(result['tasks'])}")
+        if _rank_zero():
+            console.print(f"wrote {root / 'report.md'}: {', '.join(result['tasks'])}")
 
 
 # ---------------------------------------------------------------------------------------------

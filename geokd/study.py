@@ -299,7 +299,7 @@ def run_step(step: Step) -> float:
         mode = "finetune" if step.kind == "teacher" else "distill"
         train(resolve_config(mode, flags={**step.flags, "resume": _resume(step.path)}))
     seconds = time.perf_counter() - started
-    if step.kind != "cache":
+    if step.kind != "cache" and _rank_zero():
         record = {"seconds": seconds, "resumed": False, "label": step.label}
         (step.path / "study.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     return seconds
@@ -321,7 +321,8 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
     if jobs < 1:
         raise GeokdError(f"--jobs: must be at least 1, got {jobs}")
     root.mkdir(parents=True, exist_ok=True)
-    _write_spec(study, root)
+    if _rank_zero():
+        _write_spec(study, root)
     steps = plan_study(study, root)
     pending: list[Step] = []
     for index, step in enumerate(steps):
@@ -349,6 +350,8 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
             for future in concurrent.futures.as_completed(futures):
                 step = futures[future]
                 _finish(step, future.result(), started[id(step)], on_done)
+    if not _rank_zero():
+        return {"study": study.name, "tasks": {}}
     return build_report(root)
 
 
@@ -357,8 +360,14 @@ def _was_started(step: Step) -> bool:
     return any((step.path / "checkpoints").glob("step-*")) if step.path.exists() else False
 
 
+def _rank_zero() -> bool:
+    """Under torchrun every rank runs every step (each run uses the process group); rank 0 alone
+    writes the study's own records and the report."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _finish(step: Step, seconds: float, resumed: bool, on_done) -> None:  # noqa: ANN001
-    if resumed and step.kind != "cache":  # the wall time of a resumed run is partial: say so
+    if resumed and step.kind != "cache" and _rank_zero():  # the wall time of a resumed run is partial: say so
         record = json.loads((step.path / "study.json").read_text(encoding="utf-8"))
         (step.path / "study.json").write_text(json.dumps({**record, "resumed": True}, indent=2), encoding="utf-8")
     if on_done is not None:
