@@ -43,7 +43,7 @@ from geokd.errors import GeokdError
 
 STUDY_KEYS = ("name", "tasks", "teacher_model", "teacher_settings", "students", "losses", "seeds", "sweep", "settings",
               "baselines", "finetune_baseline", "cache", "metric")  # fmt: skip
-TASK_KEYS = ("data", "teacher", "settings", "metric")
+TASK_KEYS = ("data", "teacher", "settings", "metric", "evals", "eval_limit")
 # Run options a study may not set: where runs go and how they resume are the study's business.
 RESERVED = ("out", "resume", "teacher", "student", "task", "data", "loss", "seed", "cache", "mode")
 ATTENTION = ("attn", "attn-relation")
@@ -56,6 +56,10 @@ class TaskSpec:
     teacher: str | None = None  # a fine-tuned teacher; None: fine-tune `teacher_model` first
     settings: dict[str, Any] = field(default_factory=dict)  # per-task run options (e.g. epochs)
     metric: str | None = None  # the metric the report ranks by (None: the task's primary)
+    # --task instruct: generation evaluations of every finished run (and the teacher), name -> file,
+    # greedy ROUGE-L on the first `eval_limit` prompts of each (None: all)
+    evals: dict[str, str] = field(default_factory=dict)
+    eval_limit: int | None = None
 
 
 @dataclass
@@ -112,8 +116,12 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         problems += [f"tasks.{name}: unknown key {key!r}" for key in entry if key not in TASK_KEYS]
         if not entry.get("data"):
             problems.append(f"tasks.{name}: no data folder")
+        evals = {str(k): _expand(v) for k, v in (entry.get("evals") or {}).items()}
+        if evals and str(name) != "instruct":
+            problems.append(f"tasks.{name}: evals (generation ROUGE-L) are for the instruct task")
         tasks.append(TaskSpec(str(name), _expand(entry.get("data", "")), _expand(entry.get("teacher")),
-                              dict(entry.get("settings") or {}), entry.get("metric")))  # fmt: skip
+                              dict(entry.get("settings") or {}), entry.get("metric"), evals,
+                              entry.get("eval_limit")))  # fmt: skip
     if not tasks:
         problems.append("tasks: none declared")
     losses = [str(x) for x in raw.get("losses") or []]
@@ -352,7 +360,36 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
                 _finish(step, future.result(), started[id(step)], on_done)
     if not _rank_zero():
         return {"study": study.name, "tasks": {}}
+    generation_evals(study, root)
     return build_report(root)
+
+
+def _eval_file(run: Path, name: str) -> Path:
+    return run / "eval" / f"study-{slug(name)}.json"
+
+
+def generation_evals(study: Study, root: Path) -> None:
+    """Greedy ROUGE-L of every finished run of an instruct task (and of its teacher, in
+    `STUDY/teachers/TASK-eval/`) on each of the task's `evals` files; done once, kept in the run."""
+    from geokd.artifacts import write_json
+    from geokd.instruct_eval import evaluate_instruct_model
+
+    for task in study.tasks:
+        if not task.evals:
+            continue
+        new_tokens = int({**study.settings, **task.settings}.get("max_new_tokens", 128))
+        targets = [Path(s.path) for s in plan_study(study, root) if s.kind == "run" and s.task == task.name and s.done]
+        teacher = _teacher_path(study, task, root)
+        for name, file in task.evals.items():
+            for run in [*targets, None]:
+                out = _eval_file(run, name) if run is not None else root / "teachers" / f"{task.name}-eval" / f"{slug(name)}.json"
+                if out.is_file():
+                    continue
+                result = evaluate_instruct_model(str(run) if run is not None else teacher, file, limit=task.eval_limit,
+                                                 max_new_tokens=new_tokens)  # fmt: skip
+                result.pop("records", None)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_json(out, result)
 
 
 def _was_started(step: Step) -> bool:
@@ -381,6 +418,8 @@ def _write_spec(study: Study, root: Path) -> None:
     from geokd.artifacts import write_json
 
     spec = asdict(study)
+    for task in spec["tasks"]:  # a list of pairs: JSON objects are written with sorted keys
+        task["evals"] = [[name, file] for name, file in task["evals"].items()]
     path = root / "study.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -621,35 +660,24 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
         if not all_runs:
             lines += [f"## {name}", "", "No finished runs yet.", ""]
             continue
-        metric = _primary_metric(name, all_runs, task.get("metric"))
-        teacher = _teacher_score(root, task, metric)
-        rows = []
-        for (student, loss, point), runs in runs_by_group.items():
-            values = _seed_map(runs, metric)
-            arr = np.array(list(values.values()))
-            row = {"student": student, "loss": loss, "point": point, "n": len(arr),
-                   "mean": float(arr.mean()) if len(arr) else None,
-                   "std": float(arr.std(ddof=1)) if len(arr) >= 2 else None, "per_seed": values,
-                   "wall_seconds": float(np.mean(walls[(student, loss, point)])) if walls.get((student, loss, point)) else None,
-                   "versus": {}}  # fmt: skip
-            for base in spec["baselines"]:
-                if base == loss or (student, base, point) not in runs_by_group:
-                    continue
-                row["versus"][base] = _test(values, _seed_map(runs_by_group[(student, base, point)], metric))
-            rows.append(row)
-        comparisons = [(row, base) for row in rows for base in row["versus"]]
-        adjusted = holm([row["versus"][base]["p"] for row, base in comparisons])
-        for (row, base), p in zip(comparisons, adjusted, strict=True):
-            row["versus"][base]["p_holm"] = p
-        order = {loss: i for i, loss in enumerate([*spec["losses"], "finetune-only"])}
-        rows.sort(key=lambda r: (spec["students"].index(r["student"]) if r["student"] in spec["students"] else 99,
-                                 r["point"], order.get(r["loss"], 99)))  # fmt: skip
-        if geometry and not _is_instruct(name):
-            _median_geometry(root, task, rows, runs_by_group, metric)
-        plot = _plot_task(root, name, metric, rows, teacher)
-        tasks_out[name] = {"metric": metric, "teacher": teacher, "rows": rows, "plot": plot}
-        lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot)
-        lines += _geometry_lines(rows)
+        evals = [name for name, _ in task.get("evals") or []]
+        for run in all_runs:  # generation evaluations: `rouge_l:NAME` next to the run's own metrics
+            for eval_name in evals:
+                file = _eval_file(Path(run.path), eval_name)
+                if file.is_file():
+                    run.metrics[f"rouge_l:{eval_name}"] = json.loads(file.read_text(encoding="utf-8"))["metrics"]["rouge_l"]
+        metrics = [f"rouge_l:{e}" for e in evals] or [_primary_metric(name, all_runs, task.get("metric"))]
+        section: dict[str, Any] = {}
+        for metric in metrics:
+            teacher = _teacher_score(root, task, metric)
+            rows = _rows(runs_by_group, walls, metric, spec)
+            if geometry and not _is_instruct(name) and metric == metrics[0]:
+                _median_geometry(root, task, rows, runs_by_group, metric)
+            plot = _plot_task(root, name if metric == metrics[0] else f"{name}-{slug(metric)}", metric, rows, teacher)
+            section[metric] = {"metric": metric, "teacher": teacher, "rows": rows, "plot": plot}
+            lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot)
+            lines += _geometry_lines(rows)
+        tasks_out[name] = {**section[metrics[0]], "metrics": section}
     report = {"study": spec["name"], "tasks": tasks_out, "spec": spec,
               "statistics": {"std": "sample (ddof = 1)", "tests": "paired t-test (scipy.stats.ttest_rel) when both groups "
                              "ran the same seeds, else Welch (scipy.stats.ttest_ind, equal_var=False); two-sided",
@@ -659,7 +687,38 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
     return report
 
 
+def _rows(runs_by_group: dict[tuple[str, str, str], list[Any]], walls: dict[tuple[str, str, str], list[float]],
+          metric: str, spec: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """One table of the report: a row per (student, loss, sweep point), its tests against the
+    baselines, Holm-corrected over the table."""
+    rows = []
+    for (student, loss, point), runs in runs_by_group.items():
+        values = _seed_map(runs, metric)
+        arr = np.array(list(values.values()))
+        row = {"student": student, "loss": loss, "point": point, "n": len(arr),
+               "mean": float(arr.mean()) if len(arr) else None,
+               "std": float(arr.std(ddof=1)) if len(arr) >= 2 else None, "per_seed": values,
+               "wall_seconds": float(np.mean(walls[(student, loss, point)])) if walls.get((student, loss, point)) else None,
+               "versus": {}}  # fmt: skip
+        for base in spec["baselines"]:
+            if base == loss or (student, base, point) not in runs_by_group:
+                continue
+            row["versus"][base] = _test(values, _seed_map(runs_by_group[(student, base, point)], metric))
+        rows.append(row)
+    comparisons = [(row, base) for row in rows for base in row["versus"]]
+    adjusted = holm([row["versus"][base]["p"] for row, base in comparisons])
+    for (row, base), p in zip(comparisons, adjusted, strict=True):
+        row["versus"][base]["p_holm"] = p
+    order = {loss: i for i, loss in enumerate([*spec["losses"], "finetune-only"])}
+    rows.sort(key=lambda r: (spec["students"].index(r["student"]) if r["student"] in spec["students"] else 99,
+                             r["point"], order.get(r["loss"], 99)))  # fmt: skip
+    return rows
+
+
 def _teacher_score(root: Path, task: dict[str, Any], metric: str) -> float | None:
+    if metric.startswith("rouge_l:"):  # the teacher's generation evaluation (generation_evals)
+        file = root / "teachers" / f"{task['name']}-eval" / f"{slug(metric.split(':', 1)[1])}.json"
+        return float(json.loads(file.read_text(encoding="utf-8"))["metrics"]["rouge_l"]) if file.is_file() else None
     teacher = Path(task["teacher"]) if task.get("teacher") else root / "teachers" / task["name"] / "final"
     for results in (teacher.parent / "results.json", teacher / "results.json"):
         if results.is_file():

@@ -26,7 +26,7 @@ runner = CliRunner()
 
 
 def _write(path: Path, **spec) -> Path:
-    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -182,3 +182,32 @@ def test_jobs_run_students_side_by_side(teacher_dir, glue_dir, tmp_path):
     rows = json.loads((root / "report.json").read_text())["tasks"]["sst2"]["rows"]
     assert [r["loss"] for r in rows] == ["none", "gram"] and all(r["n"] == 1 for r in rows)
     assert not (root / "teachers").exists() and not (root / "caches").exists()
+
+
+def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_path):
+    """--task instruct: a tiny Llama teacher, greedy ROUGE-L of every run and of the teacher on
+    two eval files, one table per eval file (issue #16's DollyEval / Self-Instruct columns)."""
+    from tinylm import save_causal_lm, write_instruct_data
+
+    teacher = save_causal_lm(tmp_path / "teacher", "llama")
+    data = write_instruct_data(tmp_path / "toy", n_train=24, n_dev=6)
+    spec = _write(tmp_path / "instruct.yaml", name="dec",
+                  tasks={"instruct": {"data": str(data), "teacher": str(teacher), "eval_limit": 3,
+                                      "evals": {"dev": str(data / "dev.jsonl"), "again": str(data / "dev.jsonl")}}},
+                  students=["truncate:2"], losses=["none", "procrustes"], baselines=["none"], seeds=[1, 2],
+                  settings={"max_steps": 2, "batch_size": 4, "max_length": 64, "max_prompt_length": 48,
+                            "max_new_tokens": 4, "save_minutes": 0},
+                  finetune_baseline=False, cache=False)  # fmt: skip
+    root = tmp_path / "study"
+    report = run_study(load_study(spec), root)
+    section = report["tasks"]["instruct"]
+    assert list(section["metrics"]) == ["rouge_l:dev", "rouge_l:again"]
+    for table in section["metrics"].values():
+        assert table["teacher"] is not None and 0.0 <= table["teacher"] <= 100.0
+        assert [r["loss"] for r in table["rows"]] == ["none", "procrustes"]
+        assert all(r["n"] == 2 for r in table["rows"])
+    # the two eval files are the same file: the same scores
+    assert section["metrics"]["rouge_l:dev"]["rows"][0]["per_seed"] == section["metrics"]["rouge_l:again"]["rows"][0]["per_seed"]
+    run = root / "runs" / "instruct" / "truncate-2" / "none" / "seed-1"
+    assert json.loads((run / "eval" / "study-dev.json").read_text())["n_examples"] == 3
+    assert (root / "report.md").read_text().count("## instruct (rouge_l:") == 2
