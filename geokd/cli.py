@@ -1053,12 +1053,13 @@ def study(
         if dry_run:
             plan = plan_dry_run(spec, root)
             seconds = plan["estimated_seconds"]
-            hours = "unknown" if seconds != seconds else f"{seconds / 3600:.1f} h"
+            timing = (f"time unknown ({plan['throughput_source']})" if seconds != seconds else
+                      f"about {seconds / 3600:.1f} h at {plan['seconds_per_optimizer_step']:.2f} s per optimizer step "
+                      f"({plan['throughput_source']})")  # fmt: skip
             console.print(
                 f"study {plan['study']}: {plan['steps']} steps ({plan['runs']} runs), {plan['done']} done; to do: "
                 + ", ".join(f"{n} {kind}(s)" for kind, n in plan["to_do"].items())
-                + f"; about {hours} at {plan['seconds_per_optimizer_step']:.2f} s per optimizer step "
-                f"({plan['throughput_source']}); at most {plan['estimated_disk_bytes'] / 2**30:.1f} GiB on disk",
+                + f"; {timing}; at most {plan['estimated_disk_bytes'] / 2**30:.1f} GiB on disk",
                 highlight=False,
             )
             return

@@ -236,8 +236,9 @@ def _teacher_path(study: Study, task: TaskSpec, root: Path) -> str:
 
 def _distill_flags(study: Study, task: TaskSpec, student: str, loss: str, point: dict[str, Any], seed: int,
                    teacher: str, out: Path, cache: Path | None = None) -> dict[str, Any]:  # fmt: skip
-    flags = {**study.settings, **task.settings, **point, "teacher": teacher, "student": student, "task": task.name,
-             "data": task.data, "loss": loss, "seed": seed, "out": str(out)}  # fmt: skip
+    # keep_checkpoints 1 unless the study says otherwise: a study holds many runs
+    flags = {"keep_checkpoints": 1, **study.settings, **task.settings, **point, "teacher": teacher, "student": student,
+             "task": task.name, "data": task.data, "loss": loss, "seed": seed, "out": str(out)}  # fmt: skip
     if cache is not None:
         flags["cache"] = str(cache)
     return flags
