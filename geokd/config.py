@@ -321,24 +321,25 @@ def _check_key(name: str, source: str) -> None:
         raise GeokdError(f"{source}: unknown key {name!r}{hint}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config keys (dashes or underscores)."""
+def load_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping of config keys (dashes or underscores); `what` names the file in errors
+    (`--config`, or `study` for a study file)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise GeokdError(f"--config: file {str(path)!r} does not exist; check the path")
+        raise GeokdError(f"{what}: file {str(path)!r} does not exist; check the path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise GeokdError(f"--config: {str(path)!r} is not valid YAML{line}; fix the syntax") from None
+        raise GeokdError(f"{what}: {str(path)!r} is not valid YAML{line}; fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise GeokdError(
-            f"--config: {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}"
+            f"{what}: {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}"
         )
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 

@@ -92,20 +92,11 @@ def _expand(value: Any) -> Any:
 
 def load_study(path: str | Path, quick: bool = False) -> Study:
     """Read and check a study file; every problem is reported at once in one GeokdError line."""
-    import yaml
-
-    from geokd.config import resolve_config
+    from geokd.config import load_yaml, resolve_config
     from geokd.losses import feature_loss_names
 
     file = Path(path)
-    if not file.is_file():
-        raise GeokdError(f"study: no study file at {str(file)!r}; pass a YAML file such as examples/studies/glue.yaml")
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise GeokdError(f"study: {str(file)!r} is not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise GeokdError(f"study: {str(file)!r} must hold a mapping of study keys ({', '.join(STUDY_KEYS)})")
+    raw = load_yaml(file, what="study")
     problems = [f"unknown key {key!r}" for key in raw if key not in STUDY_KEYS]
     tasks = []
     for name, entry in (raw.get("tasks") or {}).items():
