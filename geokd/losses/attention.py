@@ -158,8 +158,9 @@ def attention_relation_loss(student: AttentionRows, teacher: AttentionRows, head
                 raise GeokdError(f"attn-relation: {heads} relation heads do not divide the {side}'s width {x.shape[-1]}")
         log_s = _relation_log_probs(s_x, heads, valid)
         log_t = _relation_log_probs(t_x, heads, valid)
-        # KL per query row (invalid keys carry p_t = 0 exactly), then only the rows that count
-        rows = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # [B, R, T]
+        # KL per query row (invalid keys carry p_t = 0 exactly), then only the rows that count;
+        # kl_div(log_target) computes exp(t)·(t − s) in one kernel
+        rows = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=-1)  # [B, R, T]
         kl = torch.where(queries, rows, torch.zeros_like(rows)).sum().double()
         total = kl if total is None else total + kl
     dtype = torch.float64 if student.query.dtype == torch.float64 else torch.float32
