@@ -28,7 +28,7 @@ import torch
 from geokd.artifacts import update_markdown_section
 from geokd.compare import compare_runs
 from geokd.config import resolve_config
-from geokd.engine import train, train_seeds
+from geokd.engine import train_seeds
 from geokd.paths import require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +40,12 @@ STUDENT = "truncate:3"
 
 
 def _teacher(task: str, glue: Path, out: Path, given: dict[str, str], quick: bool) -> Path:
+    """A given fine-tuned teacher, or the recipe of `examples/narrow_students.py` (shared)."""
     if task in given:
         return Path(given[task])
-    run = out / f"teacher-{task}"
-    if not (run / "results.json").is_file():
-        flags = {"student": "minilm", "task": task, "data": str(glue / TASKS[task]), "out": str(run), "lr": 5e-5,
-                 "epochs": 3, "batch_size": 32, "max_length": 128, "seed": 42,
-                 "resume": "auto" if run.exists() else None, **({"max_steps": 3} if quick else {})}  # fmt: skip
-        train(resolve_config("finetune", flags=flags))
-    return run / "final"
+    from narrow_students import _teacher as fine_tuned  # the same folder: on sys.path when run as a script
+
+    return fine_tuned(task, glue, out, quick)
 
 
 def run_task(task: str, args: argparse.Namespace, glue: Path, out: Path) -> list[str]:

@@ -285,8 +285,9 @@ def _resume(path: Path) -> str | None:
     return "auto" if path.exists() else None
 
 
-def run_step(step: Step) -> float:
-    """Execute one step (resuming it if it was interrupted); returns its wall time in seconds."""
+def run_step(step: Step, resumed: bool = False) -> float:
+    """Execute one step (resuming it if it was interrupted: `resumed`, then its wall time is
+    partial and recorded as such); returns its wall time in seconds."""
     from geokd.config import resolve_config
     from geokd.engine import train
 
@@ -300,16 +301,16 @@ def run_step(step: Step) -> float:
         train(resolve_config(mode, flags={**step.flags, "resume": _resume(step.path)}))
     seconds = time.perf_counter() - started
     if step.kind != "cache" and _rank_zero():
-        record = {"seconds": seconds, "resumed": False, "label": step.label}
+        record = {"seconds": seconds, "resumed": resumed, "label": step.label}
         (step.path / "study.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     return seconds
 
 
-def _run_in_worker(step: Step, threads: int) -> float:
+def _run_in_worker(step: Step, threads: int, resumed: bool) -> float:
     import torch
 
     torch.set_num_threads(threads)
-    return run_step(step)
+    return run_step(step, resumed)
 
 
 def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool], None] | None = None,
@@ -334,8 +335,9 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
         if jobs > 1 and step.kind == "run":
             pending.append(step)
             continue
-        was_started = _was_started(step)
-        _finish(step, run_step(step), was_started, on_done)
+        seconds = run_step(step, _was_started(step))
+        if on_done is not None:
+            on_done(step, seconds)
     if pending:
         import concurrent.futures
         import multiprocessing
@@ -343,13 +345,12 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
         import torch
 
         threads = max(1, torch.get_num_threads() // jobs)
-        started = {id(step): _was_started(step) for step in pending}
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_run_in_worker, step, threads): step for step in pending}
+            futures = {pool.submit(_run_in_worker, step, threads, _was_started(step)): step for step in pending}
             for future in concurrent.futures.as_completed(futures):
-                step = futures[future]
-                _finish(step, future.result(), started[id(step)], on_done)
+                if on_done is not None:
+                    on_done(futures[future], future.result())
     if not _rank_zero():
         return {"study": study.name, "tasks": {}}
     generation_evals(study, root)
@@ -393,14 +394,6 @@ def _rank_zero() -> bool:
     """Under torchrun every rank runs every step (each run uses the process group); rank 0 alone
     writes the study's own records and the report."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _finish(step: Step, seconds: float, resumed: bool, on_done) -> None:  # noqa: ANN001
-    if resumed and step.kind != "cache" and _rank_zero():  # the wall time of a resumed run is partial: say so
-        record = json.loads((step.path / "study.json").read_text(encoding="utf-8"))
-        (step.path / "study.json").write_text(json.dumps({**record, "resumed": True}, indent=2), encoding="utf-8")
-    if on_done is not None:
-        on_done(step, seconds)
 
 
 def _write_spec(study: Study, root: Path) -> None:

@@ -54,10 +54,6 @@ def _distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g, dist
 
 
-def _huber(x: torch.Tensor) -> torch.Tensor:
-    return F.smooth_l1_loss(x, torch.zeros_like(x), reduction="none", beta=1.0)
-
-
 def _distance_term(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
     n = d_s.shape[0]
     pairs = n * (n - 1)
@@ -67,7 +63,8 @@ def _distance_term(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
         ok = mu > 0
         return d * torch.where(ok, 1.0 / torch.where(ok, mu, torch.ones_like(mu)), torch.zeros_like(mu))
 
-    return _huber(normalised(d_s) - normalised(d_t)).double().sum() / pairs  # the diagonal is 0 − 0
+    # the diagonal is 0 − 0 on both sides: it adds nothing
+    return F.smooth_l1_loss(normalised(d_s), normalised(d_t), reduction="sum", beta=1.0).double() / pairs
 
 
 def _cosines(g: torch.Tensor, dist: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
