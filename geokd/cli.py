@@ -1031,12 +1031,14 @@ def study(
     report: Path = _O(None, "--report", help="Rebuild STUDY/report.md and report.json from the finished runs of this folder."),
     jobs: int = _O(1, "--jobs", help="Student runs side by side in worker processes (the CPU threads split between them)."),
     quick: bool = _O(False, "--quick", help="The first task and student, two losses, two seeds, 4 steps each: the plumbing."),
+    only: list[str] = _O(None, "--only", help="Run one part: KEY=VALUE with KEY task, student, loss or seed (repeatable; "
+                         "values of one key are alternatives). The report covers every finished run."),
     quiet: bool = _QUIET,
 ) -> None:
     """Run a grid of distillations (teachers, caches, students), resumably, and report statistics (issue #16)."""
     from rich.progress import Progress
 
-    from geokd.study import build_report, load_study, run_study
+    from geokd.study import build_report, load_study, parse_only, run_study
     from geokd.study import dry_run as plan_dry_run
 
     with user_errors():
@@ -1048,10 +1050,11 @@ def study(
             raise GeokdError("study: pass a study file (e.g. examples/studies/glue.yaml) or --report STUDY")
         if jobs > 1 and os.environ.get("WORLD_SIZE", "1") != "1":
             raise GeokdError("--jobs: under torchrun every run uses the whole process group; run with --jobs 1")
+        selection = parse_only(only)
         spec = load_study(file, quick=quick)
         root = out or Path("runs") / f"study-{spec.name}"
         if dry_run:
-            plan = plan_dry_run(spec, root)
+            plan = plan_dry_run(spec, root, selection)
             seconds = plan["estimated_seconds"]
             timing = (f"time unknown ({plan['throughput_source']})" if seconds != seconds else
                       f"about {seconds / 3600:.1f} h at {plan['seconds_per_optimizer_step']:.2f} s per optimizer step "
@@ -1074,7 +1077,7 @@ def study(
                 if not quiet and not skipped:
                     console.print(f"[{index + 1}/{total}] {what}", highlight=False)
 
-            result = run_study(spec, root, on_step=on_step, jobs=jobs)
+            result = run_study(spec, root, on_step=on_step, jobs=jobs, only=selection)
         if _rank_zero():
             console.print(f"wrote {root / 'report.md'}: {', '.join(result['tasks'])}")
 

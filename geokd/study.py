@@ -276,6 +276,58 @@ def plan_study(study: Study, root: Path) -> list[Step]:
     return steps
 
 
+ONLY_KEYS = ("task", "student", "loss", "seed")
+
+
+def parse_only(items: list[str] | None) -> dict[str, list[str]]:
+    """`--only KEY=VALUE` (repeatable; values of one key are alternatives, different keys must all
+    match): the part of a study to run. KEY is task, student, loss or seed; a student matches by its
+    spec (`prune:hidden=192,...`), its folder name, or its kind (`prune`); `loss=finetune-only`
+    selects the fine-tune-only baseline."""
+    only: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ONLY_KEYS or not value:
+            raise GeokdError(f"--only: expected KEY=VALUE with KEY one of {', '.join(ONLY_KEYS)}, got {item!r} "
+                             "(e.g. --only task=mrpc --only loss=none)")  # fmt: skip
+        only.setdefault(key, []).append(value)
+    return only
+
+
+def _matches(step: Step, only: dict[str, list[str]]) -> bool:
+    if "task" in only and step.task not in only["task"]:
+        return False
+    if step.kind != "run":
+        return True
+    label = step.label
+    if "student" in only:
+        student = str(label["student"])
+        if not any(v in (student, slug(student), student.split(":")[0]) for v in only["student"]):
+            return False
+    if "loss" in only and label["loss"] not in only["loss"]:
+        return False
+    return "seed" not in only or str(label["seed"]) in only["seed"]
+
+
+def select_steps(study: Study, steps: list[Step], only: dict[str, list[str]]) -> list[Step]:
+    """The steps of one part of a study (`--only`): its runs, and the teachers and caches they need.
+    A selection that matches no run is an error naming what the study declares."""
+    if not only:
+        return steps
+    runs = [s for s in steps if s.kind == "run" and _matches(s, only)]
+    if not runs:
+        raise GeokdError(f"--only {' '.join(f'{k}={v}' for k, vs in only.items() for v in vs)}: matches none of the "
+                         f"study's runs (tasks {', '.join(t.name for t in study.tasks)}; students "
+                         f"{', '.join(study.students)}; losses {', '.join(study.losses)}"
+                         f"{', finetune-only' if study.finetune_baseline else ''}; seeds "
+                         f"{', '.join(map(str, study.seeds))})")  # fmt: skip
+    caches = {s.flags.get("cache") for s in runs}
+    tasks = {s.task for s in runs}
+    kept = [s for s in steps if s.kind == "teacher" and s.task in tasks]
+    kept += [s for s in steps if s.kind == "cache" and str(s.path) in caches]
+    return kept + runs
+
+
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
@@ -314,17 +366,19 @@ def _run_in_worker(step: Step, threads: int, resumed: bool) -> float:
 
 
 def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool], None] | None = None,
-              on_done: Callable[[Step, float], None] | None = None, jobs: int = 1) -> dict[str, Any]:  # fmt: skip
+              on_done: Callable[[Step, float], None] | None = None, jobs: int = 1,
+              only: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run every step not already done, in order, then write the report. `on_step(index, total,
     step, skipped)` is told before each step, `on_done(step, seconds)` after each one that ran.
     `jobs > 1`: teachers and caches first, one at a time; then the student runs `jobs` at a time in
-    worker processes, the CPU threads split between them."""
+    worker processes, the CPU threads split between them. `only` (`parse_only`): run one part of the
+    study; the report still covers every finished run of the folder."""
     if jobs < 1:
         raise GeokdError(f"--jobs: must be at least 1, got {jobs}")
     root.mkdir(parents=True, exist_ok=True)
     if _rank_zero():
         _write_spec(study, root)
-    steps = plan_study(study, root)
+    steps = select_steps(study, plan_study(study, root), only or {})
     pending: list[Step] = []
     for index, step in enumerate(steps):
         skipped = step.done
@@ -420,7 +474,7 @@ def _write_spec(study: Study, root: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def dry_run(study: Study, root: Path) -> dict[str, Any]:
+def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The plan without running it: steps (done and to do), estimated time and disk.
 
     Time: steps × optimizer steps each, at the throughput measured by the study's finished runs
@@ -428,7 +482,7 @@ def dry_run(study: Study, root: Path) -> dict[str, Any]:
     of the first distill configuration (in a temporary folder, deleted after). Disk: each run's
     final model (its parameters in float32) plus one checkpoint with AdamW state (3× that), and the
     caches' expected bytes."""
-    steps = plan_study(study, root)
+    steps = select_steps(study, plan_study(study, root), only or {})
     todo = [s for s in steps if not s.done]
     seconds_per_step, source = _measured_step_seconds(root, steps)
     total_seconds = 0.0

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from geokd.cli import app
 from geokd.errors import GeokdError
-from geokd.study import dry_run, holm, load_study, plan_study, run_study
+from geokd.study import dry_run, holm, load_study, parse_only, plan_study, run_study, select_steps
 
 runner = CliRunner()
 
@@ -62,6 +62,47 @@ def test_plan_orders_teacher_cache_then_runs(study_file, tmp_path):
     assert plan["runs"] == 8 and plan["done"] == 0 and plan["to_do"] == {"teacher": 1, "cache": 1, "run": 8}
     assert plan["estimated_disk_bytes"] > 0
     assert "must exist" in plan["throughput_source"]  # no teacher yet: no probe, no invented number
+
+
+def test_only_selects_a_part_with_what_it_needs(study_file, tmp_path):
+    spec = yaml.safe_load(study_file.read_text())
+    spec["students"] = ["truncate:2", "prune:hidden=16,heads=2,intermediate=32"]
+    study = load_study(_write(tmp_path / "two.yaml", **spec))
+    steps = plan_study(study, tmp_path / "s")
+    part = select_steps(study, steps, parse_only(["loss=procrustes", "loss=finetune-only", "seed=2", "student=prune"]))
+    assert [s.kind for s in part] == ["teacher", "cache", "run", "run"]
+    assert {(s.label["student"], s.label["loss"], s.label["seed"]) for s in part[2:]} == {
+        ("prune:hidden=16,heads=2,intermediate=32", "procrustes", 2),
+        ("prune:hidden=16,heads=2,intermediate=32", "finetune-only", 2)}
+    # a student by its full spec or its folder name; no selection: the whole plan
+    assert len(select_steps(study, steps, parse_only(["student=truncate:2"]))) == 2 + 8
+    assert len(select_steps(study, steps, parse_only(["student=prune-hidden16-heads2-intermediate32"]))) == 2 + 8
+    assert select_steps(study, steps, {}) == steps
+    with pytest.raises(GeokdError, match="matches none of the study's runs.*losses none, procrustes, rkd, finetune-only"):
+        select_steps(study, steps, parse_only(["loss=cka"]))
+    with pytest.raises(GeokdError, match="KEY one of task, student, loss, seed, got 'epochs=3'"):
+        parse_only(["epochs=3"])
+    plan = dry_run(study, tmp_path / "s", parse_only(["seed=1"]))
+    assert plan["runs"] == 8 and plan["to_do"] == {"teacher": 1, "cache": 1, "run": 8}
+
+
+def test_parts_run_separately_and_report_together(study_file, tmp_path):
+    root = tmp_path / "study"
+    first = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "loss=none", "--only", "seed=1",
+                                "--quiet"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    finished = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("runs/*/*/*/*/results.json"))
+    assert finished == ["runs/sst2/truncate-2/none/seed-1"]
+    rows = json.loads((root / "report.json").read_text())["tasks"]["sst2"]["rows"]
+    assert [(r["loss"], r["n"]) for r in rows] == [("none", 1)]
+    second = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "loss=procrustes",
+                                 "--only", "seed=1", "--quiet"])  # fmt: skip
+    assert second.exit_code == 0, second.output
+    rows = json.loads((root / "report.json").read_text())["tasks"]["sst2"]["rows"]
+    assert [(r["loss"], r["n"]) for r in rows] == [("none", 1), ("procrustes", 1)]
+    bad = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "loss=cka"])
+    assert bad.exit_code == 2 and "matches none of the study's runs" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
 
 
 def test_a_study_runs_skips_what_is_done_and_reports(study_file, tmp_path):
