@@ -43,7 +43,7 @@ from geokd.errors import GeokdError
 
 STUDY_KEYS = ("name", "tasks", "teacher_model", "teacher_settings", "students", "losses", "seeds", "sweep", "settings",
               "baselines", "finetune_baseline", "cache", "metric")  # fmt: skip
-TASK_KEYS = ("data", "teacher", "settings", "metric", "evals", "eval_limit")
+TASK_KEYS = ("data", "teacher", "settings", "teacher_settings", "metric", "evals", "eval_limit")
 # Run options a study may not set: where runs go and how they resume are the study's business.
 RESERVED = ("out", "resume", "teacher", "student", "task", "data", "loss", "seed", "cache", "mode")
 ATTENTION = ("attn", "attn-relation")
@@ -60,6 +60,7 @@ class TaskSpec:
     # greedy ROUGE-L on the first `eval_limit` prompts of each (None: all)
     evals: dict[str, str] = field(default_factory=dict)
     eval_limit: int | None = None
+    teacher_settings: dict[str, Any] = field(default_factory=dict)  # this task's teacher fine-tune (over the study's)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
             problems.append(f"tasks.{name}: evals (generation ROUGE-L) are for the instruct task")
         tasks.append(TaskSpec(str(name), _expand(entry.get("data", "")), _expand(entry.get("teacher")),
                               dict(entry.get("settings") or {}), entry.get("metric"), evals,
-                              entry.get("eval_limit")))  # fmt: skip
+                              entry.get("eval_limit"), dict(entry.get("teacher_settings") or {})))  # fmt: skip
     if not tasks:
         problems.append("tasks: none declared")
     losses = [str(x) for x in raw.get("losses") or []]
@@ -132,8 +133,9 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         sweep = {}
     settings = dict(raw.get("settings") or {})
     for where, options in (("settings", settings), ("sweep", sweep), ("teacher_settings", raw.get("teacher_settings") or {}),
-                           *((f"tasks.{t.name}.settings", t.settings) for t in tasks)):  # fmt: skip
-        reserved = [k for k in RESERVED if k != "seed"] if where == "teacher_settings" else RESERVED
+                           *((f"tasks.{t.name}.settings", t.settings) for t in tasks),
+                           *((f"tasks.{t.name}.teacher_settings", t.teacher_settings) for t in tasks)):  # fmt: skip
+        reserved = [k for k in RESERVED if k != "seed"] if where.endswith("teacher_settings") else RESERVED
         problems += [f"{where}: {key!r} is set by the study itself" for key in options if key in reserved]
     baselines = [str(x) for x in raw.get("baselines", ["none", "cka"]) or []]
     problems += [f"baselines: {b!r} is not one of the study's losses" for b in baselines if b not in losses]
@@ -155,7 +157,8 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
                 resolve_config("distill", flags=_distill_flags(study, task, study.students[0], study.losses[0], point,
                                                                study.seeds[0], "teacher", Path("x"))).validate()  # fmt: skip
                 if task.teacher is None:
-                    resolve_config("finetune", flags={**study.teacher_settings, "student": study.teacher_model,
+                    resolve_config("finetune", flags={**study.teacher_settings, **task.teacher_settings,
+                                                      "student": study.teacher_model,
                                                       "task": task.name, "data": task.data, "out": "x"}).validate()  # fmt: skip
             except GeokdError as error:
                 raise GeokdError(f"study {str(file)!r}: tasks.{task.name}: {error}") from None
@@ -167,7 +170,12 @@ def quick_variant(study: Study) -> Study:
     other loss), two seeds, a few steps: the plumbing in CI time."""
     losses = [study.baselines[0] if study.baselines else study.losses[0]]
     losses += [loss for loss in study.losses if loss not in losses][:1]
-    return Study(name=f"{study.name}-quick", tasks=study.tasks[:1], students=study.students[:1], losses=losses,
+    from dataclasses import replace
+
+    quick = {"max_steps": 4, "eval_every": None}  # over every level: a task's own settings must not undo it
+    tasks = [replace(t, settings={**t.settings, **quick}, teacher_settings={**t.teacher_settings, "max_steps": 4})
+             for t in study.tasks[:1]]  # fmt: skip
+    return Study(name=f"{study.name}-quick", tasks=tasks, students=study.students[:1], losses=losses,
                  seeds=study.seeds[:2] if len(study.seeds) >= 2 else [*study.seeds, study.seeds[0] + 1],
                  settings={**study.settings, "max_steps": 4, "eval_every": None},
                  sweep={}, baselines=[b for b in study.baselines if b in losses], teacher_model=study.teacher_model,
@@ -242,7 +250,8 @@ def plan_study(study: Study, root: Path) -> list[Step]:
     steps: list[Step] = []
     for task in study.tasks:
         if task.teacher is None:
-            flags = {**study.teacher_settings, "student": study.teacher_model, "task": task.name, "data": task.data,
+            flags = {**study.teacher_settings, **task.teacher_settings, "student": study.teacher_model,
+                     "task": task.name, "data": task.data,
                      "out": str(root / "teachers" / task.name)}  # fmt: skip
             steps.append(Step("teacher", task.name, root / "teachers" / task.name, flags))
     for task in study.tasks:

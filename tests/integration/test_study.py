@@ -209,6 +209,21 @@ def test_quick_variant_of_the_provided_studies():
         assert len(study.tasks) == 1 and len(study.students) == 1 and len(study.losses) == 2
         assert len(study.seeds) == 2 and study.settings["max_steps"] == 4
         assert study.losses[0] == "none"
+    # a task's own settings (eval_every, epochs) cannot undo --quick: every run stops after 4 steps
+    study = load_study(root / "glue-schedule.yaml", quick=True)
+    runs = [s for s in plan_study(study, Path("unused")) if s.kind == "run"]
+    assert runs and all(s.flags["max_steps"] == 4 and s.flags["eval_every"] is None for s in runs)
+
+
+def test_a_task_may_set_its_own_teacher_schedule(study_file, tmp_path):
+    spec = yaml.safe_load(study_file.read_text())
+    spec["tasks"]["sst2"]["teacher_settings"] = {"max_steps": 30, "lr": 1e-3}
+    teacher = plan_study(load_study(_write(tmp_path / "t.yaml", **spec)), tmp_path / "s")[0]
+    assert teacher.kind == "teacher" and teacher.flags["max_steps"] == 30 and teacher.flags["lr"] == 1e-3
+    assert teacher.flags["batch_size"] == 16  # the study's teacher_settings still apply
+    spec["tasks"]["sst2"]["teacher_settings"] = {"out": "elsewhere"}
+    with pytest.raises(GeokdError, match="tasks.sst2.teacher_settings: 'out' is set by the study itself"):
+        load_study(_write(tmp_path / "t.yaml", **spec))
 
 
 def test_jobs_run_students_side_by_side(teacher_dir, glue_dir, tmp_path):
