@@ -718,12 +718,16 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
         section: dict[str, Any] = {}
         for metric in metrics:
             teacher = _teacher_score(root, task, metric)
+            trivial = _trivial_score(task, metric)
             rows = _rows(runs_by_group, walls, metric, spec)
             if geometry and not _is_instruct(name) and metric == metrics[0]:
                 _median_geometry(root, task, rows, runs_by_group, metric)
             plot = _plot_task(root, name if metric == metrics[0] else f"{name}-{slug(metric)}", metric, rows, teacher)
-            section[metric] = {"metric": metric, "teacher": teacher, "rows": rows, "plot": plot}
-            lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot)
+            curves = _curves(root, name, metric, rows, runs_by_group, teacher, trivial)
+            section[metric] = {"metric": metric, "teacher": teacher, "trivial": trivial, "rows": rows, "plot": plot,
+                               "curves_plot": curves}  # fmt: skip
+            lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot, trivial)
+            lines += _curve_lines(name, metric, rows, curves)
             lines += _geometry_lines(rows)
         tasks_out[name] = {**section[metrics[0]], "metrics": section}
     report = {"study": spec["name"], "tasks": tasks_out, "spec": spec,
@@ -775,17 +779,119 @@ def _teacher_score(root: Path, task: dict[str, Any], metric: str) -> float | Non
     return None
 
 
+def _trivial_score(task: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """What a predictor that ignores its input scores on the dev split: the training split's
+    majority class (classification), or the training mean (regression, whose correlations are 0
+    by `compute_metrics`' convention). None for instruct tasks or data that cannot be read here."""
+    from collections import Counter
+
+    from geokd.data import load_split
+    from geokd.tasks import compute_metrics, get_task
+
+    if _is_instruct(task["name"]):
+        return None
+    try:
+        spec = get_task(task["name"])
+        train = load_split(spec, task["data"], "train")
+        dev = load_split(spec, task["data"], spec.dev_split)
+    except (GeokdError, OSError, ValueError):
+        return None
+    labels = np.array([example.label for example in dev.examples])
+    train_labels = [example.label for example in train.examples]
+    if spec.is_regression:
+        predictions, what = np.full(len(labels), float(np.mean(train_labels))), "a constant (the training mean)"
+    else:
+        majority = Counter(train_labels).most_common(1)[0][0]
+        predictions, what = np.full(len(labels), majority), f"the majority class ({spec.label_names[majority]})"
+    value = compute_metrics(spec, predictions, labels).get(metric)
+    return None if value is None else {"value": float(value), "predictor": what}
+
+
+def _curve(run: Any, metric: str) -> list[tuple[float, float]]:
+    """(epoch, dev metric) of every evaluation during a run (`eval_every`, from its metrics.jsonl),
+    then the final one (results.json) at the last logged epoch."""
+    file = Path(run.path) / "metrics.jsonl"
+    points: list[tuple[float, float]] = []
+    last = None
+    if file.is_file():
+        for line in file.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("epoch") is None:
+                continue
+            last = round(float(record["epoch"]), 2)
+            value = (record.get("eval") or {}).get(metric)
+            if value is not None:
+                points.append((last, float(value)))
+    final = run.metrics.get(metric)
+    if final is not None and last is not None and (not points or points[-1][0] < last):
+        points.append((last, float(final)))
+    return points
+
+
+def _curves(root: Path, name: str, metric: str, rows: list[dict[str, Any]],
+            runs_by_group: dict[tuple[str, str, str], list[Any]], teacher: float | None,
+            trivial: dict[str, Any] | None) -> str | None:  # fmt: skip
+    """Each row's dev metric during training, averaged over its seeds at each evaluated epoch
+    (`row["curve"]`: [[epoch, mean, n], ...]); with any row evaluated more than once, a plot
+    `plots/TASK-curves.png`."""
+    for row in rows:
+        by_epoch: dict[float, list[float]] = {}
+        for run in runs_by_group[(row["student"], row["loss"], row["point"])]:
+            for epoch, value in _curve(run, metric):
+                by_epoch.setdefault(epoch, []).append(value)
+        row["curve"] = [[epoch, float(np.mean(v)), len(v)] for epoch, v in sorted(by_epoch.items())]
+    if not any(len(row["curve"]) >= 2 for row in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for row in rows:
+        if row["curve"]:
+            label = f"{row['loss']} {row['student'].split(':')[0]}" + (f" {row['point']}" if row["point"] else "")
+            ax.plot([c[0] for c in row["curve"]], [c[1] for c in row["curve"]], marker="o", markersize=3, label=label)
+    if teacher is not None:
+        ax.axhline(teacher, color="C3", linestyle="--", linewidth=1, label="teacher")
+    if trivial is not None:
+        ax.axhline(trivial["value"], color="0.4", linestyle=":", linewidth=1, label="trivial")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(f"{name}: dev {metric} during training (mean over seeds)", fontsize=9)
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    (root / "plots").mkdir(exist_ok=True)
+    fig.savefig(root / "plots" / f"{name}-curves.png", dpi=120)
+    plt.close(fig)
+    return f"plots/{name}-curves.png"
+
+
+def _curve_lines(name: str, metric: str, rows: list[dict[str, Any]], plot: str | None) -> list[str]:
+    if plot is None:
+        return []
+    epochs = sorted({c[0] for row in rows for c in row["curve"]})
+    lines = [f"Dev {metric} during training (mean over seeds, by epoch):", "",
+             "| student | loss | sweep | " + " | ".join(f"{e:g}" for e in epochs) + " |", "|" + "---|" * (3 + len(epochs))]  # fmt: skip
+    for row in rows:
+        values = {c[0]: c[1] for c in row["curve"]}
+        lines.append(f"| `{row['student']}` | {row['loss']} | {row['point'] or ''} | "
+                     + " | ".join(_fmt(values.get(e)) for e in epochs) + " |")  # fmt: skip
+    return [*lines, "", f"![{name} curves]({plot})", ""]
+
+
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def _task_lines(name: str, metric: str, teacher: float | None, rows: list[dict[str, Any]], baselines: list[str],
-                plot: str | None) -> list[str]:  # fmt: skip
+                plot: str | None, trivial: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
     head = ["student", "loss", "sweep", "n", f"{metric} mean ± std"]
     for base in baselines:
         head += [f"Δ vs {base}", f"p vs {base} (Holm)"]
     head.append("wall / run")
-    lines = [f"## {name} ({metric})", "", f"Teacher: {_fmt(teacher)}.", "", "| " + " | ".join(head) + " |",
+    floor = "" if trivial is None else f" Trivial predictor ({trivial['predictor']}): {_fmt(trivial['value'])}."
+    lines = [f"## {name} ({metric})", "", f"Teacher: {_fmt(teacher)}.{floor}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]  # fmt: skip
     for row in rows:
         cells = [f"`{row['student']}`", row["loss"], row["point"] or "", str(row["n"]),

@@ -240,6 +240,46 @@ def test_jobs_run_students_side_by_side(teacher_dir, glue_dir, tmp_path):
     assert not (root / "teachers").exists() and not (root / "caches").exists()
 
 
+def test_report_shows_the_trivial_predictor_and_the_curves_during_training(teacher_dir, glue_dir, tmp_path):
+    """The report's floor (the training split's majority class, scored on dev) against sklearn, and
+    each row's dev metric at every evaluation during training, read back from the runs."""
+    from sklearn.metrics import accuracy_score
+
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    for split, drop in (("train", 40), ("dev", 12)):  # drop label-0 lines: 1 is the majority
+        lines = (glue_dir / f"{split}.tsv").read_text().splitlines()
+        zeros = [i for i, line in enumerate(lines[1:], 1) if line.endswith("\t0")][:drop]
+        (data / f"{split}.tsv").write_text("\n".join(x for i, x in enumerate(lines) if i not in zeros) + "\n")
+    dev_labels = [int(line.rsplit("\t", 1)[1]) for line in (data / "dev.tsv").read_text().splitlines()[1:]]
+    spec = _write(tmp_path / "curves.yaml", name="curves", tasks={"sst2": {"data": str(data),
+                  "teacher": str(teacher_dir / "final")}}, students=["truncate:2"], losses=["none"], baselines=["none"],
+                  seeds=[1, 2], settings={"max_steps": 6, "eval_every": 2, "batch_size": 16, "save_minutes": 0},
+                  finetune_baseline=False, cache=False)  # fmt: skip
+    root = tmp_path / "study"
+    report = run_study(load_study(spec), root)
+    task = report["tasks"]["sst2"]
+    expected = accuracy_score(dev_labels, [1] * len(dev_labels))
+    assert expected == pytest.approx(24 / 36)
+    assert task["trivial"]["value"] == pytest.approx(expected) and "majority class" in task["trivial"]["predictor"]
+    [row] = task["rows"]
+    evals = {}
+    for seed in (1, 2):  # evaluations during training, then the final one (results.json) at the last epoch
+        run = root / "runs/sst2/truncate-2/none" / f"seed-{seed}"
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for record in records:
+            if "eval" in record:
+                evals.setdefault(round(record["epoch"], 2), []).append(record["eval"]["accuracy"])
+        final = json.loads((run / "results.json").read_text())["metrics"]["accuracy"]
+        evals.setdefault(round(records[-1]["epoch"], 2), []).append(final)
+    assert len(evals) == 3 and [c[0] for c in row["curve"]] == sorted(evals)
+    for epoch, mean, n in row["curve"]:
+        assert mean == pytest.approx(np.mean(evals[epoch])) and n == len(evals[epoch]) == 2
+    text = (root / "report.md").read_text()
+    assert "Trivial predictor (the majority class (positive)): 0.6667" in text
+    assert "during training" in text and (root / "plots" / "sst2-curves.png").stat().st_size > 1000
+
+
 def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_path):
     """--task instruct: a tiny Llama teacher, greedy ROUGE-L of every run and of the teacher on
     two eval files, one table per eval file (issue #16's DollyEval / Self-Instruct columns)."""
