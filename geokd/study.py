@@ -342,6 +342,40 @@ def select_steps(study: Study, steps: list[Step], only: dict[str, list[str]]) ->
 # --------------------------------------------------------------------------------------------
 
 
+# Options that say where things are or how a run keeps its books: they may differ between the study
+# file and a finished run (the study moved machines, a data folder moved) without changing the run.
+BOOKKEEPING = ("out", "resume", "teacher", "data", "cache", "keep_checkpoints", "save_minutes", "save_every", "device")
+
+
+def _drift(step: Step) -> list[str]:
+    """What a finished (or started) run or teacher recorded in its config.yaml that the study now
+    plans differently: `option: recorded -> planned`. Empty when they agree or nothing is recorded."""
+    import yaml
+
+    from geokd.config import resolve_config
+
+    saved_file = step.path / "config.yaml"
+    if step.kind == "cache" or not saved_file.is_file():
+        return []
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    mode = "finetune" if step.kind == "teacher" else "distill"
+    planned = resolve_config(mode, flags=step.flags).to_dict()
+    return [f"{key}: {saved.get(key)!r} -> {planned[key]!r}" for key in step.flags
+            if key not in BOOKKEEPING and key in planned and saved.get(key) != planned[key]]  # fmt: skip
+
+
+def check_recorded(steps: list[Step], root: Path) -> None:
+    """Refuse to skip (or resume) a run whose recorded options differ from what the study now asks:
+    its results would be reported under settings it was not trained with. One line naming the first
+    few, and what to do."""
+    stale = [(step, drift) for step in steps if (drift := _drift(step))]
+    if stale:
+        shown = "; ".join(f"{step.path.relative_to(root) if step.path.is_relative_to(root) else step.path} "
+                          f"({', '.join(drift[:3])})" for step, drift in stale[:3])  # fmt: skip
+        raise GeokdError(f"study: {len(stale)} run(s) in {str(root)!r} were trained with other options than the study "
+                         f"file now asks: {shown}; restore the study file, or move those runs away to train them again")  # fmt: skip
+
+
 def _resume(path: Path) -> str | None:
     return "auto" if path.exists() else None
 
@@ -384,10 +418,11 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
     study; the report still covers every finished run of the folder."""
     if jobs < 1:
         raise GeokdError(f"--jobs: must be at least 1, got {jobs}")
+    steps = select_steps(study, plan_study(study, root), only or {})
+    check_recorded(steps, root)  # before anything is written
     root.mkdir(parents=True, exist_ok=True)
     if _rank_zero():
         _write_spec(study, root)
-    steps = select_steps(study, plan_study(study, root), only or {})
     pending: list[Step] = []
     for index, step in enumerate(steps):
         skipped = step.done
@@ -492,6 +527,7 @@ def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) 
     final model (its parameters in float32) plus one checkpoint with AdamW state (3× that), and the
     caches' expected bytes."""
     steps = select_steps(study, plan_study(study, root), only or {})
+    check_recorded(steps, root)
     todo = [s for s in steps if not s.done]
     seconds_per_step, source = _measured_step_seconds(root, steps)
     total_seconds = 0.0

@@ -103,6 +103,22 @@ def test_parts_run_separately_and_report_together(study_file, tmp_path):
     bad = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "loss=cka"])
     assert bad.exit_code == 2 and "matches none of the study's runs" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+    # a finished run is not skipped under options it was not trained with: one line, exit 2, nothing run
+    spec = yaml.safe_load(study_file.read_text())
+    spec["settings"]["save_minutes"] = 5  # bookkeeping: may differ
+    _write(study_file, **spec)
+    again = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "seed=1", "--only", "loss=none",
+                                "--quiet"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    spec["settings"]["lr"] = 1e-3
+    _write(study_file, **spec)
+    before = sorted(p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.name)
+    stale = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "seed=1", "--quiet"])
+    assert stale.exit_code == 2 and len(stale.output.strip().splitlines()) == 1
+    assert "2 run(s)" in stale.output and "lr: 0.002 -> 0.001" in stale.output, stale.output
+    dry = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--dry-run"])
+    assert dry.exit_code == 2 and "trained with other options" in dry.output
+    assert sorted(p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.name) == before
 
 
 def test_a_study_runs_skips_what_is_done_and_reports(study_file, tmp_path):
