@@ -952,10 +952,10 @@ def _geometry_lines(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["Geometry of each row's median run against the teacher (dev examples; distances: 0 = same "
              "geometry; kept = share of the teacher's ε-orthogonal pairs, ε = 0.1, still ε-orthogonal):", "",
-             "| student | loss | seed | layer pair | procrustes | cka_distance | kept |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| student | loss | sweep | seed | layer pair | procrustes | cka_distance | kept |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in with_geometry:
         for pair in row["geometry"]["layer_pairs"]:
-            lines.append(f"| `{row['student']}` | {row['loss']} | {row['geometry']['seed']} | {pair['pair']} | "
+            lines.append(f"| `{row['student']}` | {row['loss']} | {row['point'] or ''} | {row['geometry']['seed']} | {pair['pair']} | "
                          f"{_fmt(pair['procrustes'])} | {_fmt(pair['cka_distance'])} | "
                          f"{_fmt(pair['preserved_fraction'], '.1%')} |")  # fmt: skip
     return [*lines, ""]
