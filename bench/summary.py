@@ -48,7 +48,7 @@ def run_sitting(python: str) -> dict:
     if torch.cuda.is_available():
         plan.append(("throughput", ["bench/throughput.py", "--scale", "cuda"], ["throughput.json"]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    sitting = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmarks": {}}
+    sitting = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": _cpu_model(), "benchmarks": {}}
     for name, args, _ in plan:
         print(f"== {name}: {' '.join(args)}", flush=True)
         started = time.perf_counter()
@@ -57,6 +57,16 @@ def run_sitting(python: str) -> dict:
                                        "returncode": done.returncode}  # fmt: skip
     sitting["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return sitting
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load(name: str) -> dict | None:
@@ -108,7 +118,7 @@ def summarise(sitting: dict | None = None) -> dict:
         cache = _load(name)
         if cache:
             ratio = cache["training"]["distill --cache"]["vs_finetune"]
-            add(f"encoder epoch, distill --cache / finetune ({label} rows)", f"{ratio:.2f}×",
+            add(f"encoder epoch, distill --cache / finetune ({label} rows)", f"{ratio:.3f}×",
                 f"≤ {cache['targets']['from_cache_vs_finetune']}×: {'met' if ratio <= cache['targets']['from_cache_vs_finetune'] else 'missed'}",
                 name, cache)  # fmt: skip
             add(f"encoder cache bytes / minimum ({label} rows)",
@@ -117,7 +127,7 @@ def summarise(sitting: dict | None = None) -> dict:
     decoder = _load("decoder_cache.json")
     if decoder:
         ratio = decoder["epoch_ratio_cache_to_floor"]
-        add("decoder epoch, distill --cache / SFT alone", f"{ratio:.2f}×", f"≤ 1.10×: {'met' if ratio <= 1.10 else 'missed'}",
+        add("decoder epoch, distill --cache / SFT alone", f"{ratio:.3f}×", f"≤ 1.10×: {'met' if ratio <= 1.10 else 'missed'}",
             "decoder_cache.json", decoder)  # fmt: skip
         size = decoder["size"]["ratio_to_minimum"]
         add("decoder cache bytes / minimum (top-64 + tail)", f"{size:.3f}×", f"≤ 1.05×: {'met' if size <= 1.05 else 'missed'}",
@@ -173,7 +183,7 @@ def main() -> None:
     print(markdown(summary))
     if sitting:
         failed = [n for n, b in sitting["benchmarks"].items() if b["returncode"] != 0]
-        print(f"\nsitting {sitting['started']} → {sitting['ended']}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        print(f"\nsitting {sitting['started']} → {sitting['ended']}" + (f" on {sitting['cpu']}" if sitting.get("cpu") else "") + (f"; FAILED: {', '.join(failed)}" if failed else ""))
 
 
 if __name__ == "__main__":
