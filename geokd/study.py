@@ -364,6 +364,14 @@ def _drift(step: Step) -> list[str]:
             if key not in BOOKKEEPING and key in planned and saved.get(key) != planned[key]]  # fmt: skip
 
 
+def planned_steps(study: Study, root: Path, only: dict[str, list[str]] | None = None) -> list[Step]:
+    """The steps `run_study` and `dry_run` work on: the plan, cut to the `only` part, checked
+    against the options finished runs recorded (`check_recorded`)."""
+    steps = select_steps(study, plan_study(study, root), only or {})
+    check_recorded(steps, root)
+    return steps
+
+
 def check_recorded(steps: list[Step], root: Path) -> None:
     """Refuse to skip (or resume) a run whose recorded options differ from what the study now asks:
     its results would be reported under settings it was not trained with. One line naming the first
@@ -418,8 +426,7 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
     study; the report still covers every finished run of the folder."""
     if jobs < 1:
         raise GeokdError(f"--jobs: must be at least 1, got {jobs}")
-    steps = select_steps(study, plan_study(study, root), only or {})
-    check_recorded(steps, root)  # before anything is written
+    steps = planned_steps(study, root, only)  # before anything is written
     root.mkdir(parents=True, exist_ok=True)
     if _rank_zero():
         _write_spec(study, root)
@@ -526,8 +533,7 @@ def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) 
     of the first distill configuration (in a temporary folder, deleted after). Disk: each run's
     final model (its parameters in float32) plus one checkpoint with AdamW state (3× that), and the
     caches' expected bytes."""
-    steps = select_steps(study, plan_study(study, root), only or {})
-    check_recorded(steps, root)
+    steps = planned_steps(study, root, only)
     todo = [s for s in steps if not s.done]
     seconds_per_step, source = _measured_step_seconds(root, steps)
     total_seconds = 0.0
@@ -896,11 +902,7 @@ def _curves(root: Path, name: str, metric: str, rows: list[dict[str, Any]],
     ax.set_ylabel(f"dev {metric}")
     ax.set_title(f"{name}: dev {metric} during training (mean over seeds)", fontsize=9)
     ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
-    (root / "plots").mkdir(exist_ok=True)
-    fig.savefig(root / "plots" / f"{name}-curves.png", dpi=120)
-    plt.close(fig)
-    return f"plots/{name}-curves.png"
+    return _save_figure(fig, root, f"{name}-curves")
 
 
 def _curve_lines(name: str, metric: str, rows: list[dict[str, Any]], plot: str | None) -> list[str]:
@@ -988,9 +990,15 @@ def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], t
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(f"{name}: per-seed {metric}, mean and 95% t-interval", fontsize=9)
+    return _save_figure(fig, root, name)
+
+
+def _save_figure(fig: Any, root: Path, name: str) -> str:
+    """`STUDY/plots/NAME.png`; returns its path relative to the study, as report.md links it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    folder = root / "plots"
-    folder.mkdir(exist_ok=True)
-    fig.savefig(folder / f"{name}.png", dpi=120)
+    (root / "plots").mkdir(exist_ok=True)
+    fig.savefig(root / "plots" / f"{name}.png", dpi=120)
     plt.close(fig)
     return f"plots/{name}.png"
