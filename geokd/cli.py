@@ -1415,7 +1415,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point. Usage errors from option parsing also become one line and exit 2."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="geokd", standalone_mode=False)
+        try:
+            code = command.main(args=argv, prog_name="geokd", standalone_mode=False)
+        finally:
+            from geokd import distributed
+
+            distributed.shutdown()  # torchrun: leave the process group before the interpreter exits
     except _USAGE_ERRORS as exc:
         where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "geokd"
         _fail(f"{exc.format_message()} (see {where} --help)")

@@ -22,6 +22,7 @@ The semantics are those of one process reading the global batch:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -77,6 +78,19 @@ def init(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+    atexit.register(shutdown)  # library callers too: never leave the group to interpreter teardown
+
+
+def shutdown() -> None:
+    """Leave the process group (idempotent; a no-op for one process). Every command calls it on
+    its way out (`geokd.cli.main`), and `init` registers it to run at exit: a gloo group left to the
+    interpreter's teardown can still hold worker threads, and their destructors abort the process
+    ("terminate called without an active exception", SIGABRT) after all the work was done."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer that already left; nothing more to release here
+            pass
 
 
 def barrier() -> None:
