@@ -1057,8 +1057,10 @@ def study(
             plan = plan_dry_run(spec, root, selection)
             seconds = plan["estimated_seconds"]
             timing = (f"time unknown ({plan['throughput_source']})" if seconds != seconds else
-                      f"about {seconds / 3600:.1f} h at {plan['seconds_per_optimizer_step']:.2f} s per optimizer step "
-                      f"({plan['throughput_source']})")  # fmt: skip
+                      f"about {seconds / 3600:.1f} h at {plan['seconds_per_optimizer_step']:.2f} s per optimizer step"
+                      + (f" plus {plan['seconds_per_run_overhead']:.0f} s per run (loading, final evaluation)"
+                         if plan["seconds_per_run_overhead"] else "")
+                      + f" ({plan['throughput_source']})")  # fmt: skip
             console.print(
                 f"study {plan['study']}: {plan['steps']} steps ({plan['runs']} runs), {plan['done']} done; to do: "
                 + ", ".join(f"{n} {kind}(s)" for kind, n in plan["to_do"].items())

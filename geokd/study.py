@@ -528,17 +528,20 @@ def _write_spec(study: Study, root: Path) -> None:
 def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The plan without running it: steps (done and to do), estimated time and disk.
 
-    Time: steps × optimizer steps each, at the throughput measured by the study's finished runs
-    (their `metrics.jsonl`: examples/s or tokens/s per step); without one, by a 3-step probe run
-    of the first distill configuration (in a temporary folder, deleted after). Disk: each run's
+    Time: for each run to do, its optimizer steps at the seconds per step measured by the study's
+    finished runs (their wall time over their steps, loading and evaluation included); without one,
+    by a 3-step probe run of the first distill configuration (in a temporary folder, deleted after):
+    its steps' own times (`metrics.jsonl`) give the seconds per step, and the rest of its wall time
+    (loading the models and data, the final evaluation) is added once per run. Disk: each run's
     final model (its parameters in float32) plus one checkpoint with AdamW state (3× that), and the
     caches' expected bytes."""
     steps = planned_steps(study, root, only)
     todo = [s for s in steps if not s.done]
-    seconds_per_step, source = _measured_step_seconds(root, steps)
+    seconds_per_step, seconds_per_run, source = _measured_step_seconds(root, steps)
     total_seconds = 0.0
     for step in todo:
-        total_seconds += _optimizer_steps(step) * seconds_per_step
+        if step.kind == "run":
+            total_seconds += seconds_per_run + _optimizer_steps(step) * seconds_per_step
     return {
         "study": study.name,
         "steps": len(steps),
@@ -546,6 +549,7 @@ def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) 
         "to_do": {kind: sum(1 for s in todo if s.kind == kind) for kind in ("teacher", "cache", "run")},
         "runs": sum(1 for s in steps if s.kind == "run"),
         "seconds_per_optimizer_step": seconds_per_step,
+        "seconds_per_run_overhead": seconds_per_run,
         "throughput_source": source,
         "estimated_seconds": total_seconds,
         "estimated_disk_bytes": _disk_estimate(todo, root),
@@ -579,7 +583,8 @@ def _train_examples(config: Any) -> int:
     return 0
 
 
-def _measured_step_seconds(root: Path, steps: list[Step]) -> tuple[float, str]:
+def _measured_step_seconds(root: Path, steps: list[Step]) -> tuple[float, float, str]:
+    """(seconds per optimizer step, seconds per run besides its steps, where they come from)."""
     timings = []
     for step in steps:
         record = step.path / "study.json"
@@ -589,10 +594,10 @@ def _measured_step_seconds(root: Path, steps: list[Step]) -> tuple[float, str]:
             if done and not data.get("resumed"):
                 timings.append(data["seconds"] / done)
     if timings:
-        return float(np.median(timings)), f"median of {len(timings)} finished run(s) of this study"
+        return float(np.median(timings)), 0.0, f"median of {len(timings)} finished run(s) of this study"
     probe = next((s for s in steps if s.kind == "run"), None)
     if probe is None or not all((p.done or p.kind == "run") for p in steps if p.kind in ("teacher", "cache")):
-        return float("nan"), "unknown: the teachers (and caches) must exist before a probe run can measure a step"
+        return float("nan"), float("nan"), "unknown: the teachers (and caches) must exist before a probe run can measure a step"
     import tempfile
 
     from geokd.config import resolve_config
@@ -601,9 +606,20 @@ def _measured_step_seconds(root: Path, steps: list[Step]) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as folder:
         flags = {k: v for k, v in probe.flags.items() if k != "cache"}
         flags.update(out=str(Path(folder) / "probe"), max_steps=3, eval_every=None, save_minutes=0)
+        config = resolve_config("distill", flags=flags)
         started = time.perf_counter()
-        train(resolve_config("distill", flags=flags))
-        return (time.perf_counter() - started) / 3, "a 3-step probe run (includes loading the models)"
+        train(config)
+        wall = time.perf_counter() - started
+        step_seconds = probe_step_seconds(Path(folder) / "probe" / "metrics.jsonl", config.batch_size * config.grad_accum)
+        per_step = float(np.median(step_seconds[1:] or step_seconds))  # the first step also warms up
+        return per_step, max(0.0, wall - sum(step_seconds)), "a 3-step probe run"
+
+
+def probe_step_seconds(metrics: Path, examples_per_step: int) -> list[float]:
+    """Each optimizer step's wall seconds, from a run's `metrics.jsonl` (its examples over the
+    examples/s logged for the step)."""
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [examples_per_step / r["examples_per_s"] for r in records if r.get("examples_per_s")]
 
 
 def _disk_estimate(todo: list[Step], root: Path) -> int:

@@ -256,6 +256,34 @@ def test_jobs_run_students_side_by_side(teacher_dir, glue_dir, tmp_path):
     assert not (root / "teachers").exists() and not (root / "caches").exists()
 
 
+def test_dry_run_probe_separates_step_time_from_per_run_overhead(teacher_dir, glue_dir, tmp_path):
+    """Without finished runs the dry run trains 3 steps in a temporary folder: the steps' own times
+    (metrics.jsonl) give the seconds per step, the rest of the probe's wall time (loading, the final
+    evaluation) counts once per run, not once per step."""
+    spec = _write(tmp_path / "probe.yaml", name="probe", tasks={"sst2": {"data": str(glue_dir),
+                  "teacher": str(teacher_dir / "final")}}, students=["truncate:2"], losses=["none", "gram"],
+                  baselines=["none"], seeds=[1, 2], settings={"max_steps": 40, "batch_size": 16, "save_minutes": 0},
+                  finetune_baseline=False, cache=False)  # fmt: skip
+    root = tmp_path / "study"
+    plan = dry_run(load_study(spec), root)
+    assert plan["throughput_source"] == "a 3-step probe run" and not root.exists()
+    per_step, per_run = plan["seconds_per_optimizer_step"], plan["seconds_per_run_overhead"]
+    assert per_step > 0 and per_run > 0
+    assert plan["estimated_seconds"] == pytest.approx(4 * (per_run + 40 * per_step))
+    result = runner.invoke(app, ["study", str(spec), "--out", str(root), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "s per run (loading, final evaluation)" in " ".join(result.output.split())
+
+
+def test_probe_step_seconds_reads_each_steps_time(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "examples_per_s": 4.0},
+                       {"step": 2, "examples_per_s": 16.0, "eval": {}}, {"step": 3, "examples_per_s": 32.0}]) + "\n")  # fmt: skip
+    from geokd.study import probe_step_seconds
+
+    assert probe_step_seconds(metrics, 16) == pytest.approx([4.0, 1.0, 0.5])
+
+
 def test_report_shows_the_trivial_predictor_and_the_curves_during_training(teacher_dir, glue_dir, tmp_path):
     """The report's floor (the training split's majority class, scored on dev) against sklearn, and
     each row's dev metric at every evaluation during training, read back from the runs."""
