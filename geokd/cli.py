@@ -1061,6 +1061,11 @@ def study(
                       + (f" plus {plan['seconds_per_run_overhead']:.0f} s per run (loading, final evaluation)"
                          if plan["seconds_per_run_overhead"] else "")
                       + f" ({plan['throughput_source']})")  # fmt: skip
+            if plan["generation_evals_to_do"]:
+                generation = plan["generation_seconds"]
+                timing += (f"; then {plan['generation_evals_to_do']} generation evaluation(s), "
+                           + (f"time unknown ({plan['generation_source']})" if generation != generation else
+                              f"about {generation / 3600:.1f} h ({plan['generation_source']})"))  # fmt: skip
             console.print(
                 f"study {plan['study']}: {plan['steps']} steps ({plan['runs']} runs), {plan['done']} done; to do: "
                 + ", ".join(f"{n} {kind}(s)" for kind, n in plan["to_do"].items())

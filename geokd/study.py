@@ -540,8 +540,8 @@ def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) 
     seconds_per_step, seconds_per_run, source = _measured_step_seconds(root, steps)
     total_seconds = 0.0
     for step in todo:
-        if step.kind == "run":
-            total_seconds += seconds_per_run + _optimizer_steps(step) * seconds_per_step
+        total_seconds += _optimizer_steps(step) * seconds_per_step + (seconds_per_run if step.kind == "run" else 0.0)
+    generation_seconds, generation_pending, generation_source = _generation_estimate(study, root, steps)
     return {
         "study": study.name,
         "steps": len(steps),
@@ -552,8 +552,41 @@ def dry_run(study: Study, root: Path, only: dict[str, list[str]] | None = None) 
         "seconds_per_run_overhead": seconds_per_run,
         "throughput_source": source,
         "estimated_seconds": total_seconds,
+        # instruct tasks: greedy generation of every run (and the teacher) on each eval set, after the runs
+        "generation_evals_to_do": generation_pending,
+        "generation_seconds": generation_seconds,
+        "generation_source": generation_source,
         "estimated_disk_bytes": _disk_estimate(todo, root),
     }
+
+
+def _generation_estimate(study: Study, root: Path, steps: list[Step]) -> tuple[float, int, str]:
+    """(seconds, evaluations to do, where the time comes from) for the generation evaluations of the
+    selected runs and their teachers: each evaluation to do at the median time of this study's
+    finished ones (the teacher's own when it has one, a larger model than its students)."""
+    pending: list[tuple[str, bool]] = []  # (task, is the teacher)
+    for task in study.tasks:
+        if not task.evals:
+            continue
+        runs = [s for s in steps if s.kind == "run" and s.task == task.name]
+        for name in task.evals:
+            pending += [(task.name, False) for s in runs if not _eval_file(s.path, name).is_file()]
+            if runs and not (root / "teachers" / f"{task.name}-eval" / f"{slug(name)}.json").is_file():
+                pending.append((task.name, True))
+    if not pending:
+        return 0.0, 0, "none to do"
+
+    def elapsed(files: list[Path]) -> list[float]:
+        return [float(json.loads(f.read_text(encoding="utf-8"))["elapsed_s"]) for f in files]
+
+    students = elapsed(sorted(root.glob("runs/*/*/*/seed-*/eval/study-*.json")))
+    teachers = elapsed(sorted(root.glob("teachers/*-eval/*.json")))
+    if not students:
+        return float("nan"), len(pending), "unknown until one run of this study has been scored"
+    student_s = float(np.median(students))
+    teacher_s = float(np.median(teachers)) if teachers else student_s
+    seconds = sum(teacher_s if is_teacher else student_s for _, is_teacher in pending)
+    return seconds, len(pending), f"median of {len(students)} finished evaluation(s) of this study"
 
 
 def _optimizer_steps(step: Step) -> int:

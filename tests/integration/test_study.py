@@ -339,7 +339,22 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
                             "max_new_tokens": 4, "save_minutes": 0},
                   finetune_baseline=False, cache=False)  # fmt: skip
     root = tmp_path / "study"
+    before = dry_run(load_study(spec), root)  # nothing scored yet: the generation time is not invented
+    assert before["generation_evals_to_do"] == 2 * (4 + 1) and before["generation_seconds"] != before["generation_seconds"]
     report = run_study(load_study(spec), root)
+    after = dry_run(load_study(spec), root)
+    assert after["generation_evals_to_do"] == 0 and after["generation_seconds"] == 0.0
+    # one run's evaluations gone: one per eval file at the median of the finished students' times
+    run = root / "runs" / "instruct" / "truncate-2" / "none" / "seed-1"
+    timed = sorted(root.glob("runs/*/*/*/seed-*/eval/study-*.json"))
+    elapsed = [json.loads(f.read_text())["elapsed_s"] for f in timed]
+    for name in ("dev", "again"):
+        (run / "eval" / f"study-{name}.json").rename(tmp_path / f"{name}.json")
+    redo = dry_run(load_study(spec), root)
+    remaining = [e for f, e in zip(timed, elapsed, strict=True) if f.parent.parent != run]
+    assert redo["generation_evals_to_do"] == 2 and redo["generation_seconds"] == pytest.approx(2 * np.median(remaining))
+    for name in ("dev", "again"):
+        (tmp_path / f"{name}.json").rename(run / "eval" / f"study-{name}.json")
     section = report["tasks"]["instruct"]
     assert list(section["metrics"]) == ["rouge_l:dev", "rouge_l:again"]
     for table in section["metrics"].values():
@@ -348,7 +363,6 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
         assert all(r["n"] == 2 for r in table["rows"])
     # the two eval files are the same file: the same scores
     assert section["metrics"]["rouge_l:dev"]["rows"][0]["per_seed"] == section["metrics"]["rouge_l:again"]["rows"][0]["per_seed"]
-    run = root / "runs" / "instruct" / "truncate-2" / "none" / "seed-1"
     assert json.loads((run / "eval" / "study-dev.json").read_text())["n_examples"] == 3
     assert (root / "report.md").read_text().count("## instruct (rouge_l:") == 2
 
