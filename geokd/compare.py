@@ -292,8 +292,6 @@ def compare_generations(model: str | Path, baseline: str | Path, metric: str = "
     the prompts both scored (greedy: one row per example): n, the mean of model − baseline, its
     percentile-bootstrap 95% CI, the paired t-test p and the Wilcoxon signed-rank p. None when a
     file is missing or fewer than two prompts are shared."""
-    from scipy import stats
-
     scores = []
     for path in (Path(model), Path(baseline)):
         if not path.is_file():
@@ -303,10 +301,16 @@ def compare_generations(model: str | Path, baseline: str | Path, metric: str = "
     shared = sorted(set(scores[0]) & set(scores[1]), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     if len(shared) < 2:
         return None
-    a = np.array([scores[0][key] for key in shared])
-    b = np.array([scores[1][key] for key in shared])
+    return paired_items(np.array([scores[0][key] for key in shared]), np.array([scores[1][key] for key in shared]))
+
+
+def paired_items(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Two scores of the same items (prompts): n, the mean of a − b, its percentile-bootstrap 95% CI,
+    the paired t-test p and the Wilcoxon signed-rank p (None when every pair is equal)."""
+    from scipy import stats
+
     wilcoxon = float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else None
-    return {"n": len(shared), "difference": float(np.mean(a - b)), "ci95": bootstrap_ci(a, b, paired=True),
+    return {"n": len(a), "difference": float(np.mean(a - b)), "ci95": bootstrap_ci(a, b, paired=True),
             "p_paired_t": paired_test(a, b)["p"], "p_wilcoxon": wilcoxon}  # fmt: skip
 
 

@@ -466,10 +466,15 @@ def _eval_file(run: Path, name: str) -> Path:
     return run / "eval" / f"study-{slug(name)}.json"
 
 
+def _generations_file(eval_file: Path) -> Path:
+    return eval_file.with_name(eval_file.stem + ".generations.jsonl")
+
+
 def generation_evals(study: Study, root: Path) -> None:
     """Greedy ROUGE-L of every finished run of an instruct task (and of its teacher, in
     `STUDY/teachers/TASK-eval/`) on each of the task's `evals` files; done once, kept in the run."""
     from geokd.artifacts import write_json
+    from geokd.generation import write_generations_jsonl
     from geokd.instruct_eval import evaluate_instruct_model
 
     for task in study.tasks:
@@ -485,8 +490,10 @@ def generation_evals(study: Study, root: Path) -> None:
                     continue
                 result = evaluate_instruct_model(str(run) if run is not None else teacher, file, limit=task.eval_limit,
                                                  max_new_tokens=new_tokens)  # fmt: skip
-                result.pop("records", None)
+                records = result.pop("records", [])
                 out.parent.mkdir(parents=True, exist_ok=True)
+                # each prompt's generation and ROUGE-L first: the report pairs runs over prompts
+                write_generations_jsonl(_generations_file(out), records)
                 write_json(out, result)
 
 
@@ -818,6 +825,8 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
             section[metric] = {"metric": metric, "teacher": teacher, "trivial": trivial, "rows": rows, "plot": plot,
                                "curves_plot": curves}  # fmt: skip
             lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot, trivial)
+            if metric.startswith("rouge_l:"):
+                lines += _prompt_lines(_prompt_tests(rows, runs_by_group, metric.split(":", 1)[1]))
             lines += _curve_lines(name, metric, rows, curves)
             lines += _geometry_lines(rows)
         tasks_out[name] = {**section[metrics[0]], "metrics": section}
@@ -856,6 +865,61 @@ def _rows(runs_by_group: dict[tuple[str, str, str], list[Any]], walls: dict[tupl
     rows.sort(key=lambda r: (spec["students"].index(r["student"]) if r["student"] in spec["students"] else 99,
                              r["point"], order.get(r["loss"], 99)))  # fmt: skip
     return rows
+
+
+def _prompt_scores(run: Any, eval_name: str) -> dict[Any, float] | None:
+    file = _generations_file(_eval_file(Path(run.path), eval_name))
+    if not file.is_file():
+        return None
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["example_id"]: float(r["rouge_l"]) for r in rows}
+
+
+def _prompt_tests(rows: list[dict[str, Any]], runs_by_group: dict[tuple[str, str, str], list[Any]],
+                  eval_name: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Each row against each of its baselines, paired over prompts: every prompt's ROUGE-L averaged
+    over the seeds both rows ran, then the mean difference, its bootstrap 95% CI, the paired t and
+    Wilcoxon p (`geokd.compare.paired_items`), Holm over the table (on the paired t p). Seeds are
+    few and runs are noisy, prompts many: this asks whether the two training recipes, averaged over
+    their seeds, answer the same prompts differently well. `row["versus_prompts"]` holds each."""
+    from geokd.compare import paired_items
+
+    tests = []
+    for row in rows:
+        row["versus_prompts"] = {}
+        mine = {r.seed: _prompt_scores(r, eval_name) for r in runs_by_group[(row["student"], row["loss"], row["point"])]}
+        for base in row["versus"]:
+            theirs = {r.seed: _prompt_scores(r, eval_name) for r in runs_by_group[(row["student"], base, row["point"])]}
+            seeds = sorted(s for s in set(mine) & set(theirs) if mine[s] is not None and theirs[s] is not None)
+            if not seeds:
+                continue
+            prompts = sorted(set.intersection(*(set(mine[s]) & set(theirs[s]) for s in seeds)))
+            if len(prompts) < 2:
+                continue
+            a = np.array([np.mean([mine[s][p] for s in seeds]) for p in prompts])
+            b = np.array([np.mean([theirs[s][p] for s in seeds]) for p in prompts])
+            test = {**paired_items(a, b), "seeds": seeds}
+            row["versus_prompts"][base] = test
+            tests.append({"row": row, "base": base, **test})
+    for test, p in zip(tests, holm([t["p_paired_t"] for t in tests]), strict=True):
+        test["row"]["versus_prompts"][test["base"]]["p_holm"] = test["p_holm"] = p
+    return tests
+
+
+def _prompt_lines(tests: list[dict[str, Any]]) -> list[str]:
+    if not tests:
+        return []
+    lines = ["Paired over prompts (each prompt's ROUGE-L averaged over the seeds both rows ran; bootstrap 95% CI "
+             "of the mean difference; paired t, Holm over this table; Wilcoxon signed-rank):", "",
+             "| student | loss | vs | seeds | prompts | Δ | 95% CI | p (t) | p Holm | p (Wilcoxon) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for t in tests:
+        row, ci = t["row"], t["ci95"]
+        label = row["loss"] + (f" {row['point']}" if row["point"] else "")
+        lines.append(f"| `{row['student']}` | {label} | {t['base']} | {len(t['seeds'])} | {t['n']} | "
+                     f"{t['difference']:+.2f} | " + (f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-")
+                     + f" | {_fmt(t['p_paired_t'], '.3g')} | {_fmt(t['p_holm'], '.3g')} | {_fmt(t['p_wilcoxon'], '.3g')} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _teacher_score(root: Path, task: dict[str, Any], metric: str) -> float | None:

@@ -364,7 +364,64 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
     # the two eval files are the same file: the same scores
     assert section["metrics"]["rouge_l:dev"]["rows"][0]["per_seed"] == section["metrics"]["rouge_l:again"]["rows"][0]["per_seed"]
     assert json.loads((run / "eval" / "study-dev.json").read_text())["n_examples"] == 3
+    # paired over prompts: each prompt's ROUGE-L averaged over the two seeds, against scipy
+    def prompt_means(loss: str) -> list[float]:
+        per_seed = []
+        for seed in (1, 2):
+            file = root / "runs/instruct/truncate-2" / loss / f"seed-{seed}" / "eval" / "study-dev.generations.jsonl"
+            records = sorted((json.loads(line) for line in file.read_text().splitlines()), key=lambda r: r["example_id"])
+            per_seed.append([r["rouge_l"] for r in records])
+        assert len(per_seed[0]) == 3
+        return list(np.mean(per_seed, axis=0))
+
+    a, b = np.array(prompt_means("procrustes")), np.array(prompt_means("none"))
+    [procrustes] = [r for r in section["metrics"]["rouge_l:dev"]["rows"] if r["loss"] == "procrustes"]
+    versus = procrustes["versus_prompts"]["none"]
+    assert versus["n"] == 3 and versus["seeds"] == [1, 2] and versus["difference"] == pytest.approx(np.mean(a - b))
+    if np.any(a != b):
+        assert versus["p_paired_t"] == pytest.approx(stats.ttest_rel(a, b).pvalue, nan_ok=True)
+        assert versus["p_holm"] == pytest.approx(min(1.0, versus["p_paired_t"]), nan_ok=True)  # one test per table
+    assert "Paired over prompts" in (root / "report.md").read_text()
     assert (root / "report.md").read_text().count("## instruct (rouge_l:") == 2
+
+
+def test_prompt_level_comparison_averages_common_seeds_against_scipy(tmp_path):
+    """`_prompt_tests`: per prompt, the mean over the seeds both rows ran (seed 3 of one row has no
+    partner and is left out), then paired t and Wilcoxon over prompts (scipy), Holm over the table."""
+    from types import SimpleNamespace
+
+    from geokd.study import _prompt_tests
+
+    rng = np.random.default_rng(0)
+    groups, scores = {}, {}
+    for loss, seeds, shift in (("none", (1, 2), 0.0), ("procrustes", (1, 2, 3), 2.0), ("gram", (1, 2), -1.0)):
+        groups[("s", loss, "")] = []
+        for seed in seeds:
+            run = tmp_path / loss / f"seed-{seed}"
+            (run / "eval").mkdir(parents=True)
+            values = rng.normal(20 + shift, 5, size=12)
+            scores[(loss, seed)] = values
+            (run / "eval" / "study-dolly.generations.jsonl").write_text(
+                "".join(json.dumps({"example_id": i, "rouge_l": float(v)}) + "\n" for i, v in enumerate(values)))
+            groups[("s", loss, "")].append(SimpleNamespace(path=str(run), seed=seed))
+    rows = [{"student": "s", "loss": loss, "point": "", "versus": {} if loss == "none" else {"none": {}}}
+            for loss in ("none", "procrustes", "gram")]
+    tests = _prompt_tests(rows, groups, "dolly")
+    assert len(tests) == 2
+    base = (scores[("none", 1)] + scores[("none", 2)]) / 2
+    raw = []
+    for row, loss in zip(rows[1:], ("procrustes", "gram"), strict=True):
+        mine = (scores[(loss, 1)] + scores[(loss, 2)]) / 2
+        versus = row["versus_prompts"]["none"]
+        assert versus["seeds"] == [1, 2] and versus["n"] == 12
+        assert versus["difference"] == pytest.approx(np.mean(mine - base))
+        assert versus["p_paired_t"] == pytest.approx(stats.ttest_rel(mine, base).pvalue)
+        assert versus["p_wilcoxon"] == pytest.approx(stats.wilcoxon(mine, base).pvalue)
+        low, high = versus["ci95"]
+        assert low < versus["difference"] < high
+        raw.append(versus["p_paired_t"])
+    adjusted = [min(1.0, max(p * (2 - i) for i, p in enumerate(sorted(raw)) if p <= q)) for q in raw]
+    assert [row["versus_prompts"]["none"]["p_holm"] for row in rows[1:]] == pytest.approx(adjusted)
 
 
 @pytest.mark.slow  # about 1.5 min on 2 cores (and skipped without the data)
