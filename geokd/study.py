@@ -486,8 +486,8 @@ def generation_evals(study: Study, root: Path) -> None:
         for name, file in task.evals.items():
             for run in [*targets, None]:
                 out = _eval_file(run, name) if run is not None else root / "teachers" / f"{task.name}-eval" / f"{slug(name)}.json"
-                if out.is_file():
-                    continue
+                if out.is_file() and _generations_file(out).is_file():
+                    continue  # (one without its per-prompt file, from an older geokd, is scored again)
                 result = evaluate_instruct_model(str(run) if run is not None else teacher, file, limit=task.eval_limit,
                                                  max_new_tokens=new_tokens)  # fmt: skip
                 records = result.pop("records", [])
