@@ -1420,6 +1420,10 @@ def _render_comparison(comparison: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Usage errors from option parsing also become one line and exit 2."""
+    _exit(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         try:
@@ -1431,13 +1435,13 @@ def main(argv: list[str] | None = None) -> None:
     except _USAGE_ERRORS as exc:
         where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "geokd"
         _fail(f"{exc.format_message()} (see {where} --help)")
-        sys.exit(2)
+        return 2
     except _ABORTS:
         _fail("aborted")
-        sys.exit(130)
+        return 130
     except GeokdError as exc:  # raised outside a command's own handler
         _fail(str(exc))
-        sys.exit(2)
+        return 2
     except RuntimeError as exc:
         from geokd import distributed
 
@@ -1447,5 +1451,22 @@ def main(argv: list[str] | None = None) -> None:
         first = str(exc).strip().splitlines()[0][:200]
         _fail(f"rank {os.environ.get('RANK', '?')}: another rank of this torchrun job stopped or stopped answering "
               f"({first}); its error is the one to read; nothing more was written by this rank")  # fmt: skip
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A torchrun rank (WORLD_SIZE > 1) flushes its streams and leaves with
+    `os._exit`, after its process group was destroyed: the interpreter's teardown runs C++ static
+    destructors, and gloo's transport threads torn down there abort the rank now and then
+    ("terminate called without an active exception", SIGABRT) once all its work is done, so that
+    torchrun reports a finished job as failed. Every file geokd writes is complete (atomically
+    renamed) before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe; nothing left to say on it
+                pass
+        os._exit(code)
+    sys.exit(code)
