@@ -129,19 +129,10 @@ def evaluate_instruct_model(
     metrics = {name: result["metrics"][name]["mean"] for name in METRIC_ORDER if name in result["metrics"]}
     geometry = None
     if teacher is not None:
-        from geokd.flexkd import read_selections
-
-        geometry = decoder_geometry_report(
-            loaded, teacher, eval_split,
-            layers=layers or (run_config.layers if run_config is not None else "uniform"),
-            features=features or (run_config.features if run_config is not None else "tokens"),
-            epsilon=epsilon, template=template, max_prompt_length=max_prompt_length,
-            max_length=max_length or (run_config.max_length if run_config is not None else 512),
-            batch_size=batch_size, runtime=runtime, trust_remote_code=trust_remote_code,
-            student_spec=run_config.student if run_config is not None else None,
-            flexkd_selections=read_selections(located.run_dir),
-            teacher_blocks=(located.record or {}).get("teacher_blocks"),
-        )  # fmt: skip
+        geometry = _run_geometry(loaded, located, run_config, teacher, eval_split, layers=layers, features=features,
+                                 epsilon=epsilon, template=template, max_prompt_length=max_prompt_length,
+                                 max_length=max_length, batch_size=batch_size, runtime=runtime,
+                                 trust_remote_code=trust_remote_code)  # fmt: skip
     folder = Path(located.load)
     return {
         "task": "instruct",
@@ -171,6 +162,62 @@ def evaluate_instruct_model(
         "elapsed_s": time.perf_counter() - started,
         "records": result["records"],
     }
+
+
+def _run_geometry(
+    loaded: Any, located: Any, run_config: Any, teacher: str, split: Any, *, layers: str | None,
+    features: str | None, epsilon: float, template: str, max_prompt_length: int, max_length: int | None,
+    batch_size: int, runtime: Any, trust_remote_code: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """`decoder_geometry_report` of a loaded model, its layer map, rows and max length defaulting to
+    its run's (a run directory) or uniform / tokens / 512 (anything else)."""
+    from geokd.flexkd import read_selections
+
+    return decoder_geometry_report(
+        loaded, teacher, split,
+        layers=layers or (run_config.layers if run_config is not None else "uniform"),
+        features=features or (run_config.features if run_config is not None else "tokens"),
+        epsilon=epsilon, template=template, max_prompt_length=max_prompt_length,
+        max_length=max_length or (run_config.max_length if run_config is not None else 512),
+        batch_size=batch_size, runtime=runtime, trust_remote_code=trust_remote_code,
+        student_spec=run_config.student if run_config is not None else None,
+        flexkd_selections=read_selections(located.run_dir),
+        teacher_blocks=(located.record or {}).get("teacher_blocks"),
+    )  # fmt: skip
+
+
+def instruct_geometry(
+    model: str, teacher: str, data: str, *, split: str = "dev", limit: int | None = None,
+    layers: str | None = None, features: str | None = None, epsilon: float = 0.1, batch_size: int = 16,
+    device: str = "auto", trust_remote_code: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """The geometry report of a causal-LM model (a run, its final/, an export or a model folder)
+    against its teacher on the first `limit` examples of an instruction split (prompt + reference
+    response), without generating: what `geokd study` reports for each row's median run."""
+    from geokd.config import read_config
+    from geokd.evaluate import _quiet_transformers, locate_model
+    from geokd.models.decoder import load_causal_lm
+    from geokd.runtime import resolve_runtime
+    from geokd.tasks import instruct
+
+    if limit is not None and limit < 1:
+        raise GeokdError(f"--limit: must be at least 1, got {limit}")
+    _quiet_transformers()
+    located = locate_model(model)
+    run_config = read_config(located.run_dir / "config.yaml") if located.run_dir is not None else None
+    template = run_config.template if run_config is not None else "alpaca"
+    max_prompt_length = run_config.max_prompt_length if run_config is not None else 256
+    examples = instruct.load_instruct_split(data, split)
+    if limit is not None:
+        examples = dataclasses.replace(examples, examples=examples.examples[:limit])
+    runtime = resolve_runtime(device)
+    loaded = load_causal_lm(located.load, trust_remote_code=trust_remote_code)
+    report = _run_geometry(loaded, located, run_config, teacher, examples, layers=layers, features=features,
+                           epsilon=epsilon, template=template, max_prompt_length=max_prompt_length,
+                           max_length=None, batch_size=batch_size, runtime=runtime,
+                           trust_remote_code=trust_remote_code)  # fmt: skip
+    return {"split": examples.split + (f"-first{limit}" if limit is not None else ""), "n_examples": len(examples.examples),
+            "geometry": report}  # fmt: skip
 
 
 def _decoder_rows(

@@ -111,6 +111,8 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         evals = {str(k): _expand(v) for k, v in (entry.get("evals") or {}).items()}
         if evals and str(name) != "instruct":
             problems.append(f"tasks.{name}: evals (generation ROUGE-L) are for the instruct task")
+        for clash in [e for e in evals if slug(e).lower() == "geometry"]:  # RUN/eval/study-geometry.json is the geometry report
+            problems.append(f"tasks.{name}.evals: the name {clash!r} is taken by the geometry report; rename it")
         tasks.append(TaskSpec(str(name), _expand(entry.get("data", "")), _expand(entry.get("teacher")),
                               dict(entry.get("settings") or {}), entry.get("metric"), evals,
                               entry.get("eval_limit"), dict(entry.get("teacher_settings") or {})))  # fmt: skip
@@ -586,7 +588,8 @@ def _generation_estimate(study: Study, root: Path, steps: list[Step]) -> tuple[f
     def elapsed(files: list[Path]) -> list[float]:
         return [float(json.loads(f.read_text(encoding="utf-8"))["elapsed_s"]) for f in files]
 
-    students = elapsed(sorted(root.glob("runs/*/*/*/seed-*/eval/study-*.json")))
+    students = elapsed(sorted(f for f in root.glob("runs/*/*/*/seed-*/eval/study-*.json")
+                              if _generations_file(f).is_file()))  # (not study-geometry.json)
     teachers = elapsed(sorted(root.glob("teachers/*-eval/*.json")))
     if not students:
         return float("nan"), len(pending), "unknown until one run of this study has been scored"
@@ -735,18 +738,22 @@ def _is_instruct(task: str) -> bool:
 
 
 GEOMETRY_EXAMPLES = 512  # dev examples the median run's geometry report reads (a bound on its cost)
+DECODER_GEOMETRY_EXAMPLES = 128  # the same for instruct tasks (each example is a prompt + response)
 
 
 def _median_geometry(root: Path, task: dict[str, Any], rows: list[dict[str, Any]],
                      runs_by_group: dict[tuple[str, str, str], list[Any]], metric: str) -> None:  # fmt: skip
-    """`row["geometry"]`: the geometry report (`geokd eval --geometry`, the run's own layer map and
-    pooling, the first GEOMETRY_EXAMPLES dev examples) of the row's median run (the lower median
-    by metric), per mapped layer pair: Procrustes, CKA distance, the share of the teacher's
-    ε-orthogonal pairs kept. Cached in `RUN/eval/study-geometry.json`."""
+    """`row["geometry"]`: the geometry report (`geokd eval --geometry`, the run's own layer map,
+    one row per dev example) of the row's median run (the lower median by metric), per mapped layer
+    pair: Procrustes, CKA distance, the share of the teacher's ε-orthogonal pairs kept. Encoders:
+    the run's pooling (`cls` for `tokens` runs) on the first GEOMETRY_EXAMPLES dev examples;
+    instruct tasks: the run's `mean` or `last` rows (`mean` over response tokens for `tokens` runs)
+    on the first DECODER_GEOMETRY_EXAMPLES dev examples, read with their reference responses.
+    Cached in `RUN/eval/study-geometry.json`."""
     from geokd.artifacts import write_json
-    from geokd.evaluate import evaluate_model
 
     teacher = task["teacher"] or str(root / "teachers" / task["name"] / "final")
+    instruct = _is_instruct(task["name"])
     for row in rows:
         runs = sorted(runs_by_group[(row["student"], row["loss"], row["point"])], key=lambda r: r.metrics.get(metric, 0.0))
         median = Path(runs[(len(runs) - 1) // 2].path)
@@ -754,15 +761,24 @@ def _median_geometry(root: Path, task: dict[str, Any], rows: list[dict[str, Any]
         if not cached.is_file():
             config = yaml_config(median)
             layers = config.get("layers") if config.get("loss") not in ("none", None) else "uniform"
-            result = evaluate_model(str(median), teacher=teacher, geometry=True, limit=GEOMETRY_EXAMPLES,
-                                    layers=layers, features=config.get("features") if config.get("features") in
-                                    ("cls", "mean") else "cls")  # fmt: skip
+            if instruct:
+                from geokd.instruct_eval import instruct_geometry
+
+                features = config.get("features") if config.get("features") in ("mean", "last") else "mean"
+                result = instruct_geometry(str(median), teacher, task["data"], limit=DECODER_GEOMETRY_EXAMPLES,
+                                           layers=layers, features=features)  # fmt: skip
+            else:
+                from geokd.evaluate import evaluate_model
+
+                features = config.get("features") if config.get("features") in ("cls", "mean") else "cls"
+                result = evaluate_model(str(median), teacher=teacher, geometry=True, limit=GEOMETRY_EXAMPLES,
+                                        layers=layers, features=features)  # fmt: skip
             pairs = [{"pair": f"{e['student_layer']}->{e['teacher_layer']}", "procrustes": e.get("procrustes"),
                       "cka_distance": e.get("cka_distance"), "preserved_fraction": e.get("preserved_fraction")}
                      for e in result["geometry"]["layer_pairs"]]  # fmt: skip
             cached.parent.mkdir(exist_ok=True)
             write_json(cached, {"seed": runs[(len(runs) - 1) // 2].seed, "examples": result["n_examples"],
-                                "layer_pairs": pairs})  # fmt: skip
+                                "features": features, "layer_pairs": pairs})  # fmt: skip
         row["geometry"] = json.loads(cached.read_text(encoding="utf-8"))
 
 
@@ -813,12 +829,14 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
                 if file.is_file():
                     run.metrics[f"rouge_l:{eval_name}"] = json.loads(file.read_text(encoding="utf-8"))["metrics"]["rouge_l"]
         metrics = [f"rouge_l:{e}" for e in evals] or [_primary_metric(name, all_runs, task.get("metric"))]
+        if evals and all("loss" in r.metrics for r in all_runs):
+            metrics.append("loss")  # instruct tasks: the dev response loss (nats per token, lower is better) too
         section: dict[str, Any] = {}
         for metric in metrics:
             teacher = _teacher_score(root, task, metric)
             trivial = _trivial_score(task, metric)
             rows = _rows(runs_by_group, walls, metric, spec)
-            if geometry and not _is_instruct(name) and metric == metrics[0]:
+            if geometry and metric == metrics[0]:
                 _median_geometry(root, task, rows, runs_by_group, metric)
             plot = _plot_task(root, name if metric == metrics[0] else f"{name}-{slug(metric)}", metric, rows, teacher)
             curves = _curves(root, name, metric, rows, runs_by_group, teacher, trivial)
@@ -927,6 +945,8 @@ def _teacher_score(root: Path, task: dict[str, Any], metric: str) -> float | Non
         file = root / "teachers" / f"{task['name']}-eval" / f"{slug(metric.split(':', 1)[1])}.json"
         return float(json.loads(file.read_text(encoding="utf-8"))["metrics"]["rouge_l"]) if file.is_file() else None
     teacher = Path(task["teacher"]) if task.get("teacher") else root / "teachers" / task["name"] / "final"
+    if not teacher.is_dir():  # a hub id or package alias: no results of its own
+        return None
     for results in (teacher.parent / "results.json", teacher / "results.json"):
         if results.is_file():
             value = json.loads(results.read_text(encoding="utf-8")).get("metrics", {}).get(metric)
@@ -1042,7 +1062,8 @@ def _task_lines(name: str, metric: str, teacher: float | None, rows: list[dict[s
         head += [f"Δ vs {base}", f"p vs {base} (Holm)"]
     head.append("wall / run")
     floor = "" if trivial is None else f" Trivial predictor ({trivial['predictor']}): {_fmt(trivial['value'])}."
-    lines = [f"## {name} ({metric})", "", f"Teacher: {_fmt(teacher)}.{floor}", "", "| " + " | ".join(head) + " |",
+    what = " Dev response loss, nats per token: lower is better." if metric == "loss" else ""
+    lines = [f"## {name} ({metric})", "", f"Teacher: {_fmt(teacher)}.{floor}{what}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]  # fmt: skip
     for row in rows:
         cells = [f"`{row['student']}`", row["loss"], row["point"] or "", str(row["n"]),
@@ -1065,8 +1086,11 @@ def _geometry_lines(rows: list[dict[str, Any]]) -> list[str]:
     with_geometry = [r for r in rows if r.get("geometry")]
     if not with_geometry:
         return []
-    lines = ["Geometry of each row's median run against the teacher (dev examples; distances: 0 = same "
-             "geometry; kept = share of the teacher's ε-orthogonal pairs, ε = 0.1, still ε-orthogonal):", "",
+    first = with_geometry[0]["geometry"]
+    rows_are = f", {first['features']} rows" if first.get("features") else ""
+    lines = [f"Geometry of each row's median run against the teacher ({first['examples']} dev examples{rows_are}; "
+             "distances: 0 = same geometry; kept = share of the teacher's ε-orthogonal pairs, ε = 0.1, still "
+             "ε-orthogonal):", "",
              "| student | loss | sweep | seed | layer pair | procrustes | cka_distance | kept |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in with_geometry:
         for pair in row["geometry"]["layer_pairs"]:

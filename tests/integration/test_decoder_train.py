@@ -155,7 +155,7 @@ def test_micro_batches_weigh_their_response_tokens(llama_dir, instruct_dir, tmp_
     train(_config(llama_dir, instruct_dir, acc, batch_size=4, grad_accum=2, **common))
     one, two = _records(big)[0], _records(acc)[0]
     for key in ("loss", "sft", "kd", "grad_norm"):
-        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key  # (kd: a KL near 0, cancellation)
 
 
 @pytest.mark.parametrize("loss", ["procrustes", "cka", "flexkd"])
@@ -171,7 +171,7 @@ def test_global_geometry_batch_over_response_token_rows(loss, llama_dir, instruc
     features = [key for key in one if key.startswith("feature/")]
     assert len(features) == 2
     for key in ("loss", "sft", "kd", "grad_norm", *features):
-        assert two[key] == pytest.approx(one[key], rel=2e-5), key
+        assert two[key] == pytest.approx(one[key], rel=2e-5, abs=1e-7), key  # (kd: a KL near 0, cancellation)
     assert max(abs(micro[key] - one[key]) for key in features) > 1e-4
 
 

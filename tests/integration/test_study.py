@@ -204,6 +204,8 @@ def test_resume_after_a_kill(base_dir, glue_dir, tmp_path):
         ({"settings": {"out": "x"}}, "settings: 'out' is set by the study itself"),
         ({"settings": {"lr": -1}}, "lr: must be > 0"),
         ({"colour": 1}, "unknown key 'colour'"),
+        ({"tasks": {"instruct": {"data": "d", "teacher": "t", "evals": {"Geometry": "e.jsonl"}}}},
+         "the name 'Geometry' is taken by the geometry report"),
     ],
 )
 def test_bad_study_files_are_one_line_exit_2(study_file, tmp_path, change, fragment):
@@ -346,7 +348,8 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
     assert after["generation_evals_to_do"] == 0 and after["generation_seconds"] == 0.0
     # one run's evaluations gone: one per eval file at the median of the finished students' times
     run = root / "runs" / "instruct" / "truncate-2" / "none" / "seed-1"
-    timed = sorted(root.glob("runs/*/*/*/seed-*/eval/study-*.json"))
+    timed = sorted(root.glob("runs/*/*/*/seed-*/eval/study-*[!y].json"))  # not the geometry report's file
+    assert len(timed) == 2 * 4
     elapsed = [json.loads(f.read_text())["elapsed_s"] for f in timed]
     for name in ("dev", "again"):
         (run / "eval" / f"study-{name}.json").rename(tmp_path / f"{name}.json")
@@ -356,11 +359,41 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
     for name in ("dev", "again"):
         (tmp_path / f"{name}.json").rename(run / "eval" / f"study-{name}.json")
     section = report["tasks"]["instruct"]
-    assert list(section["metrics"]) == ["rouge_l:dev", "rouge_l:again"]
-    for table in section["metrics"].values():
-        assert table["teacher"] is not None and 0.0 <= table["teacher"] <= 100.0
+    assert list(section["metrics"]) == ["rouge_l:dev", "rouge_l:again", "loss"]
+    for metric, table in section["metrics"].items():
         assert [r["loss"] for r in table["rows"]] == ["none", "procrustes"]
         assert all(r["n"] == 2 for r in table["rows"])
+        if metric != "loss":
+            assert table["teacher"] is not None and 0.0 <= table["teacher"] <= 100.0
+    # the dev response loss of every run, from its results.json (the teacher has none of its own)
+    loss_table = section["metrics"]["loss"]
+    assert loss_table["teacher"] is None
+    for row in loss_table["rows"]:
+        for seed in (1, 2):
+            results = root / "runs/instruct/truncate-2" / row["loss"] / f"seed-{seed}" / "results.json"
+            assert row["per_seed"][seed] == pytest.approx(json.loads(results.read_text())["metrics"]["loss"])
+    # each row's median run (by the first table's ROUGE-L): its geometry against the teacher, one row
+    # per dev example (the mean over its response tokens), the same as `instruct_geometry` gives
+    from geokd.instruct_eval import evaluate_instruct_model, instruct_geometry
+
+    for row in section["metrics"]["rouge_l:dev"]["rows"]:
+        geometry = row["geometry"]
+        assert geometry["features"] == "mean" and geometry["examples"] == 6 and geometry["seed"] in (1, 2)
+        median = root / "runs/instruct/truncate-2" / row["loss"] / f"seed-{geometry['seed']}"
+        direct = instruct_geometry(str(median), str(teacher), str(data), features="mean",
+                                   layers="uniform" if row["loss"] == "none" else None)["geometry"]  # fmt: skip
+        assert [p["pair"] for p in geometry["layer_pairs"]] == [f"{e['student_layer']}->{e['teacher_layer']}"
+                                                               for e in direct["layer_pairs"]]  # fmt: skip
+        for mine, theirs in zip(geometry["layer_pairs"], direct["layer_pairs"], strict=True):
+            assert mine["procrustes"] == pytest.approx(theirs["procrustes"])
+            assert mine["cka_distance"] == pytest.approx(theirs["cka_distance"], nan_ok=True)
+            assert 0.0 <= mine["procrustes"] <= 2.0
+    # and `instruct_geometry` is what `geokd eval --teacher` reports next to its generations
+    with_generation = evaluate_instruct_model(str(median), str(data / "dev.jsonl"), teacher=str(teacher), features="mean",
+                                              max_new_tokens=2)["geometry"]  # fmt: skip
+    alone = instruct_geometry(str(median), str(teacher), str(data), features="mean")["geometry"]
+    assert [e["procrustes"] for e in alone["layer_pairs"]] == pytest.approx([e["procrustes"] for e in with_generation["layer_pairs"]])
+    assert "Geometry of each row's median run against the teacher (6 dev examples, mean rows" in (root / "report.md").read_text()
     # the two eval files are the same file: the same scores
     assert section["metrics"]["rouge_l:dev"]["rows"][0]["per_seed"] == section["metrics"]["rouge_l:again"]["rows"][0]["per_seed"]
     assert json.loads((run / "eval" / "study-dev.json").read_text())["n_examples"] == 3
@@ -383,6 +416,7 @@ def test_an_instruct_study_scores_generations_of_every_run_and_the_teacher(tmp_p
         assert versus["p_holm"] == pytest.approx(min(1.0, versus["p_paired_t"]), nan_ok=True)  # one test per table
     assert "Paired over prompts" in (root / "report.md").read_text()
     assert (root / "report.md").read_text().count("## instruct (rouge_l:") == 2
+    assert "## instruct (loss)" in (root / "report.md").read_text()
 
 
 def test_prompt_level_comparison_averages_common_seeds_against_scipy(tmp_path):
