@@ -1110,7 +1110,7 @@ def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], t
         from scipy import stats
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return None
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(rows) + 1.5), 3.6))
     for x, row in enumerate(rows):
         values = list(row["per_seed"].values())
         ax.scatter([x] * len(values), values, s=14, color="0.55", zorder=2)
