@@ -61,8 +61,6 @@ def evaluate_instruct_model(
     the metrics JSON; `geokd.generation.write_generations_jsonl` writes them). With `teacher`, the
     result also holds the geometry report against it (`decoder_geometry_report`; layer map, rows
     and max length default to the run's)."""
-    from geokd.config import read_config
-    from geokd.evaluate import _quiet_transformers, locate_model
     from geokd.generation import evaluate_generations
     from geokd.models import count_parameters, weights_sha256
     from geokd.models.decoder import load_causal_lm
@@ -78,11 +76,7 @@ def evaluate_instruct_model(
     if max_new_tokens < 1:
         raise GeokdError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     started = time.perf_counter()
-    _quiet_transformers()
-    located = locate_model(model)
-    run_config = read_config(located.run_dir / "config.yaml") if located.run_dir is not None else None
-    template = template or (run_config.template if run_config is not None else "alpaca")
-    max_prompt_length = max_prompt_length or (run_config.max_prompt_length if run_config is not None else 256)
+    located, run_config, template, max_prompt_length = _locate(model, template, max_prompt_length)
     if data is None:
         if run_config is None or run_config.data is None:
             raise GeokdError("--data: pass the instruction file to evaluate on (e.g. dolly/eval.jsonl)")
@@ -164,6 +158,20 @@ def evaluate_instruct_model(
     }
 
 
+def _locate(model: str, template: str | None, max_prompt_length: int | None) -> tuple[Any, Any, str, int]:
+    """(located model, its run's config or None, prompt template, max prompt length): the given
+    values, else the run's, else alpaca / 256."""
+    from geokd.config import read_config
+    from geokd.evaluate import _quiet_transformers, locate_model
+
+    _quiet_transformers()
+    located = locate_model(model)
+    run_config = read_config(located.run_dir / "config.yaml") if located.run_dir is not None else None
+    template = template or (run_config.template if run_config is not None else "alpaca")
+    max_prompt_length = max_prompt_length or (run_config.max_prompt_length if run_config is not None else 256)
+    return located, run_config, template, max_prompt_length
+
+
 def _run_geometry(
     loaded: Any, located: Any, run_config: Any, teacher: str, split: Any, *, layers: str | None,
     features: str | None, epsilon: float, template: str, max_prompt_length: int, max_length: int | None,
@@ -194,19 +202,13 @@ def instruct_geometry(
     """The geometry report of a causal-LM model (a run, its final/, an export or a model folder)
     against its teacher on the first `limit` examples of an instruction split (prompt + reference
     response), without generating: what `geokd study` reports for each row's median run."""
-    from geokd.config import read_config
-    from geokd.evaluate import _quiet_transformers, locate_model
     from geokd.models.decoder import load_causal_lm
     from geokd.runtime import resolve_runtime
     from geokd.tasks import instruct
 
     if limit is not None and limit < 1:
         raise GeokdError(f"--limit: must be at least 1, got {limit}")
-    _quiet_transformers()
-    located = locate_model(model)
-    run_config = read_config(located.run_dir / "config.yaml") if located.run_dir is not None else None
-    template = run_config.template if run_config is not None else "alpaca"
-    max_prompt_length = run_config.max_prompt_length if run_config is not None else 256
+    located, run_config, template, max_prompt_length = _locate(model, None, None)
     examples = instruct.load_instruct_split(data, split)
     if limit is not None:
         examples = dataclasses.replace(examples, examples=examples.examples[:limit])
