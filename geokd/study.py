@@ -870,8 +870,8 @@ def _rows(runs_by_group: dict[tuple[str, str, str], list[Any]], walls: dict[tupl
                "std": float(arr.std(ddof=1)) if len(arr) >= 2 else None, "per_seed": values,
                "wall_seconds": float(np.mean(walls[(student, loss, point)])) if walls.get((student, loss, point)) else None,
                "versus": {}}  # fmt: skip
-        for base in spec["baselines"]:
-            if base == loss or (student, base, point) not in runs_by_group:
+        for base in _bases(loss, spec["baselines"]):
+            if (student, base, point) not in runs_by_group:
                 continue
             row["versus"][base] = _test(values, _seed_map(runs_by_group[(student, base, point)], metric))
         rows.append(row)
@@ -883,6 +883,15 @@ def _rows(runs_by_group: dict[tuple[str, str, str], list[Any]], walls: dict[tupl
     rows.sort(key=lambda r: (spec["students"].index(r["student"]) if r["student"] in spec["students"] else 99,
                              r["point"], order.get(r["loss"], 99)))  # fmt: skip
     return rows
+
+
+def _bases(loss: str, baselines: list[str]) -> list[str]:
+    """The baselines a row is tested against: all of them for a non-baseline loss; for a baseline
+    itself only the baselines listed before it, so that each pair of baselines is one comparison
+    (cka against none), not two (and not counted twice in Holm's family)."""
+    if loss in baselines:
+        return baselines[: baselines.index(loss)]
+    return list(baselines)
 
 
 def _prompt_scores(run: Any, eval_name: str) -> dict[Any, float] | None:

@@ -477,3 +477,27 @@ def test_quick_glue_study_on_the_real_data(tmp_path, monkeypatch):
     assert [(r["student"], r["loss"], r["n"]) for r in rows] == [("truncate:3", "none", 2), ("truncate:3", "proj", 2)]
     assert report["tasks"]["rte"]["metric"] == "accuracy" and report["tasks"]["rte"]["teacher"] is not None
     assert not (root / "caches").exists()
+
+
+def test_each_pair_of_baselines_is_one_comparison_in_the_holm_family():
+    """With baselines none and cka, the cka row is tested against none and the none row is not
+    tested against cka again (the same pair twice would make Holm's family one test too large)."""
+    from types import SimpleNamespace
+
+    from geokd.study import _rows
+
+    per_seed = {"none": (0.70, 0.72, 0.71), "cka": (0.74, 0.73, 0.77), "gram": (0.76, 0.79, 0.75)}
+    groups = {("s", loss, ""): [SimpleNamespace(seed=i + 1, metrics={"f1": v}) for i, v in enumerate(values)]
+              for loss, values in per_seed.items()}  # fmt: skip
+    spec = {"baselines": ["none", "cka"], "losses": ["none", "cka", "gram"], "students": ["s"]}
+    rows = {row["loss"]: row for row in _rows(groups, {}, "f1", spec)}
+    assert set(rows["none"]["versus"]) == set()
+    assert set(rows["cka"]["versus"]) == {"none"}
+    assert set(rows["gram"]["versus"]) == {"none", "cka"}
+    family = [("cka", "none"), ("gram", "none"), ("gram", "cka")]
+    raw = [stats.ttest_rel(per_seed[a], per_seed[b]).pvalue for a, b in family]
+    assert [rows[a]["versus"][b]["p"] for a, b in family] == pytest.approx(raw)
+    assert [rows[a]["versus"][b]["p_holm"] for a, b in family] == pytest.approx(holm(raw))
+    order = np.argsort(raw)
+    by_hand = np.maximum.accumulate([min(1.0, (3 - k) * raw[i]) for k, i in enumerate(order)])
+    assert sorted(holm(raw)) == pytest.approx(sorted(by_hand))
