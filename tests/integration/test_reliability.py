@@ -253,8 +253,24 @@ def test_resume_auto_without_a_checkpoint_says_so(teacher_dir, glue_dir, tmp_pat
 def _spawn(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "geokd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+        [sys.executable, "-m", "geokd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_sigint_default,  # a shell's background job (`cmd &`) inherits SIGINT ignored, and geokd keeps
+    )  # an ignored signal ignored (test_an_ignored_signal_stays_ignored): give the child a terminal's SIGINT
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_handled():
+    """The test process handles SIGINT as under a terminal (KeyboardInterrupt), even when the suite
+    was started as a background job with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_for_steps(run: Path, proc: subprocess.Popen, steps: int, timeout: float = 180) -> None:
@@ -602,7 +618,7 @@ def test_a_stop_in_the_teacher_phase_resumes_the_whole_command(base_dir, glue_di
     assert result.steps == 4 and (out / "teacher" / "final").is_dir() and (out / "final").is_dir()
 
 
-def test_a_stop_inside_seeds_names_the_root(teacher_dir, glue_dir, tmp_path):
+def test_a_stop_inside_seeds_names_the_root(teacher_dir, glue_dir, tmp_path, sigint_handled):
     from geokd.engine import RunInterrupted, train_seeds
 
     out = tmp_path / "seeds"
