@@ -295,23 +295,28 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(teacher_dir
     run = tmp_path / "run"
     long_run = _args(teacher_dir, glue_dir, run, max_steps=100_000, save_every=None)
     proc = _spawn(long_run)
-    _wait_for_steps(run, proc, 3)
-    # While it runs, the directory belongs to it: a second writer fails naming its PID.
-    second = subprocess.run(  # a timeout, not a hang, if the lock ever stops working
-        [sys.executable, "-m", "geokd", *long_run, "--resume", "auto"], capture_output=True, text=True, timeout=120
-    )
-    lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
-    assert second.returncode == 2 and len(lines) == 1, lines
-    assert f"PID {proc.pid}" in lines[0] and "in use" in lines[0]
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == code, (stdout, stderr)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("stopped: ") and "--resume auto" in lines[0], stderr
-    last = _steps(run)[-1]["step"]
-    checkpoint = run / "checkpoints" / f"step-{last}"
-    assert str(checkpoint) in lines[0]
-    verify_checkpoint(checkpoint)
+    try:
+        _wait_for_steps(run, proc, 3)
+        # While it runs, the directory belongs to it: a second writer fails naming its PID.
+        second = subprocess.run(  # a timeout, not a hang, if the lock ever stops working
+            [sys.executable, "-m", "geokd", *long_run, "--resume", "auto"], capture_output=True, text=True, timeout=120
+        )
+        lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, lines
+        assert f"PID {proc.pid}" in lines[0] and "in use" in lines[0]
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == code, (stdout, stderr)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("stopped: ") and "--resume auto" in lines[0], stderr
+        last = _steps(run)[-1]["step"]
+        checkpoint = run / "checkpoints" / f"step-{last}"
+        assert str(checkpoint) in lines[0]
+        verify_checkpoint(checkpoint)
+    finally:  # a failed assertion or timeout must not leave a 100,000-step run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     # The checkpoint is the state of an uninterrupted run at that step.
     reference = tmp_path / "reference"
     with pytest.raises(_Stop):
