@@ -254,11 +254,13 @@ def _spawn(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-m", "geokd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        preexec_fn=_sigint_default,  # a shell's background job (`cmd &`) inherits SIGINT ignored, and geokd keeps
-    )  # an ignored signal ignored (test_an_ignored_signal_stays_ignored): give the child a terminal's SIGINT
+        preexec_fn=_sigint_default,
+    )
 
 
 def _sigint_default() -> None:
+    """Give the child a terminal's SIGINT: a shell's background job (`cmd &`) inherits it ignored,
+    and geokd keeps an ignored signal ignored (test_an_ignored_signal_stays_ignored)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
