@@ -1456,17 +1456,7 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _exit(code: int) -> None:
-    """Exit with `code`. A torchrun rank (WORLD_SIZE > 1) flushes its streams and leaves with
-    `os._exit`, after its process group was destroyed: the interpreter's teardown runs C++ static
-    destructors, and gloo's transport threads torn down there abort the rank now and then
-    ("terminate called without an active exception", SIGABRT) once all its work is done, so that
-    torchrun reports a finished job as failed. Every file geokd writes is complete (atomically
-    renamed) before this point."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed pipe; nothing left to say on it
-                pass
-        os._exit(code)
-    sys.exit(code)
+    """Exit with `code` (`geokd.distributed.leave`: a torchrun rank leaves with `os._exit`)."""
+    from geokd import distributed
+
+    distributed.leave(code)

@@ -26,7 +26,8 @@ import atexit
 import datetime
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,25 @@ def shutdown() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a peer that already left; nothing more to release here
             pass
+
+
+def leave(code: int = 0) -> NoReturn:
+    """End this process with exit status `code`, the way every geokd command ends. A torchrun rank
+    (WORLD_SIZE > 1) leaves its process group, flushes its streams and exits with `os._exit`: the
+    interpreter's teardown runs C++ static destructors, and gloo's transport threads torn down there
+    abort the rank now and then ("terminate called without an active exception", SIGABRT) after all
+    its work was done, so that torchrun reports a finished job as failed. Scripts that call the
+    library under torchrun (`geokd.engine.train` in a loop, say) should end with `leave(0)` too.
+    Every file geokd writes is complete (atomically renamed) before this point."""
+    shutdown()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe; nothing left to say on it
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def barrier() -> None:

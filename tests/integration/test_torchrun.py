@@ -97,8 +97,10 @@ def two_rank_runs(quiet_teacher, glue_dir, tmp_path_factory) -> Path:
         "import json, sys\n"
         "from geokd.config import resolve_config\n"
         "from geokd.engine import train\n"
+        "from geokd.distributed import leave\n"
         "for flags in json.load(open(sys.argv[1])):\n"
         "    train(resolve_config('distill', flags=flags))\n"
+        "leave(0)\n"  # as every geokd command ends: no gloo teardown abort once the work is done
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GEOKD_DIST_TIMEOUT": "120"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

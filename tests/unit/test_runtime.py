@@ -39,3 +39,17 @@ def test_cuda_runtime_uses_bf16_autocast_when_supported():
     assert runtime.device.type == "cuda"
     if torch.cuda.is_bf16_supported():
         assert runtime.autocast_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_leave_flushes_and_exits_with_the_code(world):
+    """`distributed.leave` ends a torchrun rank with os._exit (no interpreter teardown): what was
+    printed still reaches the pipe, and the exit status is the one asked for."""
+    import os
+    import subprocess
+    import sys
+
+    script = "import sys\nfrom geokd.distributed import leave\nprint('work done')\nsys.stderr.write('bye')\nleave(3)\n"
+    env = {**os.environ, "WORLD_SIZE": world}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "work done\n", "bye")
