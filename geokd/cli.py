@@ -1419,8 +1419,11 @@ def _render_comparison(comparison: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point. Usage errors from option parsing also become one line and exit 2."""
-    _exit(_run(argv))
+    """Console entry point. Usage errors from option parsing also become one line and exit 2. It
+    ends through `geokd.distributed.leave` (a torchrun rank leaves with `os._exit`)."""
+    from geokd import distributed
+
+    distributed.leave(_run(argv))
 
 
 def _run(argv: list[str] | None) -> int:
@@ -1454,9 +1457,3 @@ def _run(argv: list[str] | None) -> int:
         return 1
     return code if isinstance(code, int) else 0
 
-
-def _exit(code: int) -> None:
-    """Exit with `code` (`geokd.distributed.leave`: a torchrun rank leaves with `os._exit`)."""
-    from geokd import distributed
-
-    distributed.leave(code)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -45,10 +49,6 @@ def test_cuda_runtime_uses_bf16_autocast_when_supported():
 def test_leave_flushes_and_exits_with_the_code(world):
     """`distributed.leave` ends a torchrun rank with os._exit (no interpreter teardown): what was
     printed still reaches the pipe, and the exit status is the one asked for."""
-    import os
-    import subprocess
-    import sys
-
     script = "import sys\nfrom geokd.distributed import leave\nprint('work done')\nsys.stderr.write('bye')\nleave(3)\n"
     env = {**os.environ, "WORLD_SIZE": world}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
