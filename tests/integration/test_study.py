@@ -233,6 +233,19 @@ def test_quick_variant_of_the_provided_studies():
     assert runs and all(s.flags["max_steps"] == 4 and s.flags["eval_every"] is None for s in runs)
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples" / "studies").glob("*.yaml")))
+def test_every_provided_study_file_loads_and_plans(name, monkeypatch):
+    """Each file in examples/studies/ is a valid study whose plan covers its whole grid."""
+    monkeypatch.setenv("GEOKD_DATA", "/data")
+    study = load_study(Path(__file__).resolve().parents[2] / "examples" / "studies" / name)
+    runs = [s for s in plan_study(study, Path("unused")) if s.kind == "run"]
+    points = 1
+    for values in study.sweep.values():
+        points *= len(values)
+    per_task = len(study.students) * points * len(study.seeds) * (len(study.losses) + study.finetune_baseline)
+    assert len(runs) == len(study.tasks) * per_task
+
+
 def test_a_task_may_set_its_own_teacher_schedule(study_file, tmp_path):
     spec = yaml.safe_load(study_file.read_text())
     spec["tasks"]["sst2"]["teacher_settings"] = {"max_steps": 30, "lr": 1e-3}
