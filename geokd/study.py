@@ -838,7 +838,8 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
             rows = _rows(runs_by_group, walls, metric, spec)
             if geometry and metric == metrics[0]:
                 _median_geometry(root, task, rows, runs_by_group, metric)
-            plot = _plot_task(root, name if metric == metrics[0] else f"{name}-{slug(metric)}", metric, rows, teacher)
+            plot = _plot_task(root, name if metric == metrics[0] else f"{name}-{slug(metric)}", metric, rows, teacher,
+                              trivial)  # fmt: skip
             curves = _curves(root, name, metric, rows, runs_by_group, teacher, trivial)
             section[metric] = {"metric": metric, "teacher": teacher, "trivial": trivial, "rows": rows, "plot": plot,
                                "curves_plot": curves}  # fmt: skip
@@ -1109,8 +1110,10 @@ def _geometry_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], teacher: float | None) -> str | None:
-    """Per-seed points, the mean and its 95% t-interval for every row; the teacher as a line."""
+def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], teacher: float | None,
+               trivial: dict[str, Any] | None = None) -> str | None:  # fmt: skip
+    """Per-seed points, the mean and its 95% t-interval for every row; the teacher and the trivial predictor as
+    lines. A sweep point's settings go one per line under its row, so a two-key sweep stays readable."""
     try:
         import matplotlib
 
@@ -1131,8 +1134,12 @@ def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], t
                         capsize=4, zorder=3)  # fmt: skip
     if teacher is not None:
         ax.axhline(teacher, color="C3", linestyle="--", linewidth=1, label="teacher")
+    if trivial is not None:
+        ax.axhline(trivial["value"], color="0.4", linestyle=":", linewidth=1, label="trivial")
+    if teacher is not None or trivial is not None:
         ax.legend(loc="best", fontsize=8)
-    labels = [f"{r['loss']}\n{r['student'].split(':')[0]}" + (f"\n{r['point']}" if r["point"] else "") for r in rows]
+    labels = [f"{r['loss']}\n{r['student'].split(':')[0]}" + ("".join(f"\n{p}" for p in r["point"].split(",")) if r["point"] else "")
+              for r in rows]  # fmt: skip
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(f"{name}: per-seed {metric}, mean and 95% t-interval", fontsize=9)

@@ -514,3 +514,25 @@ def test_each_pair_of_baselines_is_one_comparison_in_the_holm_family():
     order = np.argsort(raw)
     by_hand = np.maximum.accumulate([min(1.0, (3 - k) * raw[i]) for k, i in enumerate(order)])
     assert sorted(holm(raw)) == pytest.approx(sorted(by_hand))
+
+
+def test_plot_marks_teacher_and_floor_and_splits_sweep_labels(tmp_path, monkeypatch):
+    """The per-task plot draws the teacher and the trivial predictor as lines, and a two-key sweep point's
+    settings one per line (one run-on label per row made the τ × γ plot unreadable)."""
+    from geokd import study
+
+    rows = [{"loss": loss, "student": "truncate:3", "point": f"temperature={t},gamma=0.5", "per_seed": {1: v},
+             "mean": v, "std": None, "n": 1} for loss, t, v in [("none", 1.0, 0.79), ("cka", 4.0, 0.81)]]  # fmt: skip
+    captured = {}
+    original = study._save_figure
+
+    def keep(fig, root, name):
+        captured["lines"] = {line.get_label(): line.get_ydata()[0] for line in fig.axes[0].get_lines()}
+        captured["ticks"] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        return original(fig, root, name)
+
+    monkeypatch.setattr(study, "_save_figure", keep)
+    path = study._plot_task(tmp_path, "mrpc", "f1", rows, 0.858, {"predictor": "majority", "value": 0.812})
+    assert (tmp_path / path).stat().st_size > 1000
+    assert captured["lines"]["teacher"] == pytest.approx(0.858) and captured["lines"]["trivial"] == pytest.approx(0.812)
+    assert captured["ticks"][1] == "cka\ntruncate\ntemperature=4.0\ngamma=0.5"
