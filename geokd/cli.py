@@ -260,6 +260,7 @@ def _render_run_summary(summary: dict) -> None:
     if flexkd and flexkd.get("pairs"):
         how = "read back from flexkd.safetensors" if flexkd["reused"] else f"scored on {flexkd['rows']} teacher rows"
         kept = "; ".join(f"{pair}: {p['width']} of {p['of']} dims, {p['score_kept']:.0%} of the gradient score"
+                         + (f", {p['own_channel']} paired with the channel they were cut from" if "own_channel" in p else "")
                          for pair, p in flexkd["pairs"].items())  # fmt: skip
         console.print(f"flexkd ({cfg['flexkd_basis']}, {cfg['flexkd_output']}): {how} in {flexkd['seconds']:.1f} s; {kept}",
                       highlight=False)  # fmt: skip

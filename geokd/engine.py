@@ -724,7 +724,8 @@ def _prepare_flexkd(config: RunConfig, work: Any, run_dir: Path, resumed: bool,
             "examples": len(indices), "seed": config.seed, "teacher_sha256": work.teacher_sha256,
             "data_fingerprint": work.data_fingerprint, "features": config.features, "max_length": config.max_length,
             "teacher_layers": sorted({t for _, t in work.layer_pairs})}  # fmt: skip
-    return flexkd_lib.prepare(work.objective, run_dir, meta, lambda: work.score_flexkd(indices), warn, write)
+    origin = getattr(work.student, "hidden_channels", None)  # a prune: student: pair each channel with its own
+    return flexkd_lib.prepare(work.objective, run_dir, meta, lambda: work.score_flexkd(indices), warn, write, origin)
 
 
 def _train(
@@ -1032,6 +1033,8 @@ def _train(
                 # `--layers copied` pairs with when the model is read back (a prune: student's
                 # blocks depend on its calibration, so the spec alone cannot say)
                 "teacher_blocks": list(getattr(student, "teacher_blocks", None) or []) or None,
+                # a prune: student's teacher channel per hidden channel (its calibration chose them)
+                "hidden_channels": list(getattr(student, "hidden_channels", None) or []) or None,
             },
             full_weights,
         )

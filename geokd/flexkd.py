@@ -102,13 +102,35 @@ def selections(objective: torch.nn.Module) -> list[tuple[tuple[int, int], FlexKD
     return [(pair, loss) for pair, loss in zip(objective.layer_pairs, losses, strict=True) if isinstance(loss, FlexKDLoss)]
 
 
-def install(objective: torch.nn.Module, scores: dict[int, DimensionScores]) -> dict[str, Any]:
-    """Set each FlexKDLoss's selection from the scores of its teacher layer; a summary for logs."""
+def pair_with_origin(chosen: torch.Tensor, origin: Sequence[int]) -> torch.Tensor:
+    """Order the selected teacher dimensions `chosen` (ascending, one per student channel) so that
+    student channel i pairs with `origin[i]`, the teacher channel it was cut from, wherever that
+    channel is selected; the selected dimensions no student channel was cut from go, ascending, to
+    the remaining student channels in their order. The result is a permutation of `chosen` (the same
+    teacher subspace); it is `chosen` itself when `origin` selects the same channels."""
+    picked = [int(c) for c in chosen.tolist()]
+    if len(origin) != len(picked):
+        raise GeokdError(f"flexkd: {len(picked)} selected teacher dimensions for {len(origin)} pruned student channels")
+    selected, cut_from = set(picked), {int(o) for o in origin}
+    leftover = iter([c for c in picked if c not in cut_from])
+    paired = [int(o) if int(o) in selected else next(leftover) for o in origin]
+    return torch.tensor(paired, dtype=chosen.dtype)
+
+
+def install(objective: torch.nn.Module, scores: dict[int, DimensionScores],
+            origin: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Set each FlexKDLoss's selection from the scores of its teacher layer; a summary for logs.
+    `origin`: a `prune:` student's teacher channel per student channel (`pair_with_origin`)."""
     summary = {}
     for (s_layer, t_layer), loss in selections(objective):
         state = scores[t_layer]
+        entry: dict[str, Any] = {"width": loss.width, "of": state.dim}
         if loss.basis_kind == "dims":
             chosen = state.select(loss.width)
+            if origin is not None and len(origin) == loss.width:
+                chosen = pair_with_origin(chosen, origin)
+                # how many student channels are paired with the teacher channel they were cut from
+                entry["own_channel"] = sum(int(c) == int(o) for c, o in zip(chosen.tolist(), origin, strict=True))
             loss.set_selection(chosen)
             kept = state.abs_sum[chosen].sum() / state.abs_sum.sum().clamp_min(1e-300)
         else:
@@ -116,7 +138,7 @@ def install(objective: torch.nn.Module, scores: dict[int, DimensionScores]) -> d
             loss.set_selection(basis)
             cov = state.covariance()
             kept = torch.trace(basis.T @ cov @ basis) / torch.trace(cov).clamp_min(1e-300)
-        summary[f"{s_layer}->{t_layer}"] = {"width": loss.width, "of": state.dim, "score_kept": float(kept)}
+        summary[f"{s_layer}->{t_layer}"] = {**entry, "score_kept": float(kept)}
     return summary
 
 
@@ -271,7 +293,7 @@ def check_cache_entry(entry: dict[str, Any] | None, samples: int, output: str) -
 
 def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
             score: Callable[[], dict[int, DimensionScores]], warn: Callable[[str], None],
-            write: bool = True) -> dict[str, Any]:  # fmt: skip
+            write: bool = True, origin: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
     """Fill the objective's Flex-KD selections before the first step: from `RUN/flexkd.safetensors`
     when it matches `meta`, else by running `score()` and writing the record (`write=False`: a
     torchrun rank other than 0, which scores the same examples and writes nothing). Returns a
@@ -284,7 +306,7 @@ def prepare(objective: torch.nn.Module, run_dir: Path, meta: dict[str, Any],
         if path.is_file():
             warn(f"{path} was scored for another teacher, data or setting; scoring again")
         scores = score()
-    summary = install(objective, scores)
+    summary = install(objective, scores, origin)
     if not reused and write:
         write_record(path, scores, objective, meta)
     return {"reused": reused, "seconds": time.perf_counter() - started, "rows": max(s.rows for s in scores.values()),

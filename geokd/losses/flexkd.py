@@ -9,10 +9,12 @@ Geometry View"): distil only the teacher's task-relevant subspace, with no proje
 2. **Selection** (`DimensionScores.select(d_s)`): the d_s highest-scoring teacher dimensions
    (all of them when d_s ≥ d_t), ties to the lower index. geokd's choice where the paper is silent:
    the selected dimensions are **kept in ascending index order** and the student's dimension `i`
-   pairs with the `i`-th of them. A student pruned from the teacher by channel importance keeps its
-   channels in the same order, so its dimension `i` *is* that teacher channel and the pairing is the
-   identity it was cut with; for any other student the order is arbitrary, and the loss lets the
-   student learn it.
+   pairs with the `i`-th of them; for a student not cut from the teacher the order is arbitrary, and
+   the loss lets the student learn it. A `prune:` student's channel `i` *is* the teacher channel
+   `hidden_channels[i]` (chosen by activation size, not by this score), so `geokd.flexkd.install`
+   reorders the selection to pair every selected channel a student channel was cut from with that
+   channel (`geokd.flexkd.pair_with_origin`); the ascending pairing would shift them apart as soon as
+   the two selections differ.
 3. **Loss** (`flexkd`): per-dimension Pearson correlation over the batch rows between student
    dimension `i` and its teacher dimension, `1 − mean_i corr_i`. It lies in [0, 2], is 0 exactly
    when every student column is an increasing affine function of its teacher column, and is

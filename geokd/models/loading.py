@@ -163,11 +163,14 @@ class LoadedStudent(LoadedModel):
     """A student and how it was made. `init` is "pretrained", "truncate" or "shrink"; `spec` the
     string it came from. `teacher_blocks[i]` is the 0-based teacher block copied into student
     block i (truncate only; in hidden_states indexing student layer i + 1 holds teacher layer
-    `teacher_blocks[i] + 1`)."""
+    `teacher_blocks[i] + 1`). `hidden_channels[i]` is the teacher's hidden channel that student
+    channel i was cut from (prune only: its width selection, the same for every layer's hidden
+    state; what Flex-KD pairs a student channel with)."""
 
     init: Literal["pretrained", "truncate", "shrink", "prune"] = "pretrained"
     spec: str = ""
     teacher_blocks: tuple[int, ...] | None = None
+    hidden_channels: tuple[int, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -421,4 +421,4 @@ def prune_student(spec: Any, teacher: Any, calibration: Callable[[], Iterable[di
             raise RuntimeError(f"prune: {key} sliced to {tuple(value.shape)}, the student needs {tuple(target.shape)}")
         state[key] = value
     student.load_state_dict(state, strict=True)
-    return copied_student(student.to(device), teacher, spec, "prune", kept_blocks)
+    return copied_student(student.to(device), teacher, spec, "prune", kept_blocks, tuple(channels))

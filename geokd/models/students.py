@@ -317,13 +317,13 @@ def _derived_source(spec: str, teacher: LoadedModel) -> ModelSource:
 
 
 def copied_student(model: nn.Module, teacher: LoadedModel, spec: StudentSpec, init: Literal["truncate", "prune"],
-                   teacher_blocks: tuple[int, ...]) -> LoadedStudent:  # fmt: skip
+                   teacher_blocks: tuple[int, ...], hidden_channels: tuple[int, ...] | None = None) -> LoadedStudent:  # fmt: skip
     """A student whose weights were copied out of the teacher (`truncate:`, `prune:`), in eval mode,
     sharing the teacher's tokenizer and provenance."""
     model.eval()
     return LoadedStudent(model=model, tokenizer=teacher.tokenizer, config=model.config,
                          source=_derived_source(spec.text, teacher), new_weights=teacher.new_weights, init=init,
-                         spec=spec.text, teacher_blocks=teacher_blocks)  # fmt: skip
+                         spec=spec.text, teacher_blocks=teacher_blocks, hidden_channels=hidden_channels)  # fmt: skip
 
 
 def _refuse_heterogeneous(spec: StudentSpec, config: PretrainedConfig) -> None:

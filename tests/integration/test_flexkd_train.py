@@ -164,6 +164,34 @@ def test_decoder_flexkd_run_with_the_tangent_basis(llama, tmp_path):
     assert all(0 <= r["feature/flexkd/2->4"] <= 2 for r in _records(out))
 
 
+def test_a_pruned_student_pairs_each_channel_with_the_teacher_channel_it_was_cut_from(tmp_path):
+    """A `prune:` student's channel i is the teacher's channel hidden_channels[i]; Flex-KD keeps its own
+    top-width teacher dimensions and pairs every selected one that a student channel was cut from with
+    that channel (before, the ascending pairing shifted them apart as soon as the two selections differed)."""
+    teacher = save_causal_lm(tmp_path / "teacher", "llama")
+    data = write_instruct_data(tmp_path / "data")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", *options(
+        teacher=teacher, student="prune:hidden=16,heads=2,intermediate=32,layers=2", task="instruct", data=data,
+        out=out, loss="flexkd", layers="copied", max_steps=2, batch_size=6, lr=3e-3, seed=1, save_minutes=0,
+        max_length=96, max_prompt_length=64, prune_samples=12)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "paired with the channel they were cut from" in result.output
+    channels = json.loads((out / "final" / "geokd.json").read_text())["hidden_channels"]
+    assert len(channels) == 16 and channels == sorted(channels) and max(channels) < 32
+    reordered = 0
+    with safe_open(str(out / flexkd_lib.RECORD), framework="pt") as handle:
+        pairs = [name for name in handle.keys() if name.startswith("pair.")]
+        assert pairs
+        for name in pairs:
+            chosen = handle.get_tensor(name).tolist()
+            top = set(handle.get_tensor(f"layer.{name.split('.')[2]}.abs_sum").topk(16).indices.tolist())
+            assert set(chosen) == top  # still Flex-KD's subspace
+            assert all(c == o for c, o in zip(chosen, channels, strict=True) if o in top)
+            reordered += chosen != sorted(chosen)
+    assert reordered  # the selections differ from the pruned channels here, so the pairing had work to do
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ({"flexkd_basis": "pca"}, "flexkd_basis: must be dims"),
     ({"flexkd_samples": -1}, "flexkd_samples: must be >= 0"),

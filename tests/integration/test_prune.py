@@ -153,6 +153,7 @@ def test_channels_are_ranked_by_activation_and_shapes_stay_valid(tmp_path):
     student = load_student("prune:hidden=8,heads=2,intermediate=16,layers=2,depth=uniform", teacher,
                            calibration=lambda: batches)  # fmt: skip
     torch.testing.assert_close(student.model.model.embed_tokens.weight, teacher.model.model.embed_tokens.weight[:, :8])
+    assert student.hidden_channels == tuple(range(8))  # what Flex-KD pairs each student channel with
     config = student.model.config
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 2, 1, 8)
     assert student.teacher_blocks == (1, 3)  # uniform: truncate:2's blocks

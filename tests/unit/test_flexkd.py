@@ -10,6 +10,7 @@ import torch
 from scipy import stats
 
 from geokd import GeokdError
+from geokd import flexkd as flexkd_lib
 from geokd.losses.flexkd import DimensionScores, FlexKDLoss, pearson_alignment
 
 
@@ -136,3 +137,21 @@ def test_selected_correlation_is_the_mean_pearson_correlation_with_the_selected_
     basis = torch.eye(8, dtype=torch.float64)[:, [0, 4, 6]]  # the coordinate basis: the same numbers
     assert selected_correlation(s, t, basis) == pytest.approx(expected, abs=1e-12)
     assert selected_correlation(s[:, :2], t, torch.tensor([0, 4, 6])) is None  # narrower than the selection
+
+
+def test_pair_with_origin_pairs_a_pruned_channel_with_its_own_teacher_channel():
+    # selected teacher dims 2, 3, 5, 8; the student's channels were cut from 0, 2, 6, 8: channels 1 and 3 keep
+    # their own teacher channel, 0 and 2 take the selected dims no channel came from (3, 5), ascending
+    paired = flexkd_lib.pair_with_origin(torch.tensor([2, 3, 5, 8]), [0, 2, 6, 8])
+    assert paired.tolist() == [3, 2, 5, 8]  # the ascending pairing would give 2 to channel 0, 3 to channel 1
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        chosen = torch.randperm(40, generator=g)[:15].sort().values
+        origin = torch.randperm(40, generator=g)[:15].sort().values.tolist()
+        paired = flexkd_lib.pair_with_origin(chosen, origin)
+        assert sorted(paired.tolist()) == chosen.tolist()  # the same teacher subspace
+        assert all(p == o for p, o in zip(paired.tolist(), origin, strict=True) if o in set(chosen.tolist()))
+    same = torch.tensor([1, 4, 7])
+    assert flexkd_lib.pair_with_origin(same, [1, 4, 7]).tolist() == [1, 4, 7]  # selections coincide: unchanged
+    with pytest.raises(GeokdError, match="3 selected teacher dimensions for 2 pruned student channels"):
+        flexkd_lib.pair_with_origin(same, [1, 4])
