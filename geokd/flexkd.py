@@ -127,7 +127,7 @@ def install(objective: torch.nn.Module, scores: dict[int, DimensionScores],
         entry: dict[str, Any] = {"width": loss.width, "of": state.dim}
         if loss.basis_kind == "dims":
             chosen = state.select(loss.width)
-            if origin is not None and len(origin) == loss.width:
+            if origin is not None:  # a prune: student's channels are its own width: one origin each
                 chosen = pair_with_origin(chosen, origin)
                 # how many student channels are paired with the teacher channel they were cut from
                 entry["own_channel"] = sum(int(c) == int(o) for c, o in zip(chosen.tolist(), origin, strict=True))
