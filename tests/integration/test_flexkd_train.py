@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tinylm import save_causal_lm, write_instruct_data
-from toyglue import options
+from toyglue import distill_pruned_decoder, options
 from transformers import BertConfig, BertForSequenceClassification
 from typer.testing import CliRunner
 
@@ -168,13 +168,7 @@ def test_a_pruned_student_pairs_each_channel_with_the_teacher_channel_it_was_cut
     """A `prune:` student's channel i is the teacher's channel hidden_channels[i]; Flex-KD keeps its own
     top-width teacher dimensions and pairs every selected one that a student channel was cut from with
     that channel (before, the ascending pairing shifted them apart as soon as the two selections differed)."""
-    teacher = save_causal_lm(tmp_path / "teacher", "llama")
-    data = write_instruct_data(tmp_path / "data")
-    out = tmp_path / "run"
-    result = runner.invoke(app, ["distill", *options(
-        teacher=teacher, student="prune:hidden=16,heads=2,intermediate=32,layers=2", task="instruct", data=data,
-        out=out, loss="flexkd", layers="copied", max_steps=2, batch_size=6, lr=3e-3, seed=1, save_minutes=0,
-        max_length=96, max_prompt_length=64, prune_samples=12)])  # fmt: skip
+    result, out = distill_pruned_decoder(tmp_path, "flexkd", max_steps=2)
     assert result.exit_code == 0, result.output
     assert "paired with the channel they were cut from" in result.output
     channels = json.loads((out / "final" / "geokd.json").read_text())["hidden_channels"]

@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-from tinylm import save_causal_lm, write_instruct_data
-from toyglue import options
+from tinylm import save_causal_lm
+from toyglue import distill_pruned_decoder
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -184,13 +184,8 @@ def test_prune_specs_that_do_not_fit_the_teacher(teacher_dir, tmp_path):
 
 
 def test_a_pruned_decoder_distils_exports_and_reloads(tmp_path):
-    teacher = save_causal_lm(tmp_path / "teacher", "llama")
-    data = write_instruct_data(tmp_path / "data")
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["distill", *options(
-        teacher=teacher, student="prune:hidden=16,heads=2,intermediate=32,layers=2", task="instruct", data=data,
-        out=run, loss="procrustes", layers="copied", max_steps=3, batch_size=6, lr=3e-3, seed=1, save_minutes=0,
-        max_length=96, max_prompt_length=64, prune_samples=12)])  # fmt: skip
+    result, run = distill_pruned_decoder(tmp_path, "procrustes", max_steps=3)
+    teacher, data = tmp_path / "teacher", tmp_path / "data"  # written by distill_pruned_decoder
     assert result.exit_code == 0, result.output
     results = json.loads((run / "results.json").read_text())
     assert results["init_metrics"]["loss"] > 0 and "loss" in results["metrics"]  # the untrained pruned student
