@@ -1027,9 +1027,12 @@ def demo(
 @app.command()
 def study(
     file: Path = typer.Argument(None, help="The study file (YAML): tasks, students, losses, seeds, settings."),
-    out: Path = _O(None, help="The study folder (default runs/study-NAME); finished runs in it are skipped."),
+    out: Path = _O(None, help="The study folder (default runs/study-NAME); finished runs in it are skipped. "
+                   "With --records: where the records go."),
     dry_run: bool = _O(False, "--dry-run", help="Print the plan (runs, estimated time and disk) and stop."),
     report: Path = _O(None, "--report", help="Rebuild STUDY/report.md and report.json from the finished runs of this folder."),
+    records: Path = _O(None, "--records", help="Copy this study folder's weight-free records (specs, results, configs, "
+                       "logs, evaluations) to --out: enough to rebuild the report, or to continue the study elsewhere."),
     jobs: int = _O(1, "--jobs", help="Student runs side by side in worker processes (the CPU threads split between them)."),
     quick: bool = _O(False, "--quick", help="The first task and student, two losses, two seeds, 4 steps each: the plumbing."),
     only: list[str] = _O(None, "--only", help="Run one part: KEY=VALUE with KEY task, student, loss or seed (repeatable; "
@@ -1043,6 +1046,15 @@ def study(
     from geokd.study import dry_run as plan_dry_run
 
     with user_errors():
+        if records is not None:
+            from geokd.artifacts import human_bytes
+            from geokd.study import export_records
+
+            if out is None:
+                raise GeokdError("study --records: pass --out DIR, the folder the records go to")
+            kept = export_records(records, out)
+            console.print(f"wrote {out}: {kept['runs']} finished runs, {kept['files']} files, {human_bytes(kept['bytes'])}")
+            return
         if report is not None:
             result = build_report(report)
             console.print(f"wrote {report / 'report.md'} ({sum(len(t['rows']) for t in result['tasks'].values())} rows)")

@@ -685,6 +685,93 @@ def _disk_estimate(todo: list[Step], root: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Records: a study without its weights
+# --------------------------------------------------------------------------------------------
+
+RECORDS_FILE = "records.json"
+RUN_RECORD_FILES = ("study.json", "results.json", "config.yaml", "metrics.jsonl", "env.json")
+TEACHER_RECORD_FILES = ("results.json", "config.yaml")  # kept as teachers/TASK-eval/teacher-FILE
+
+
+def _record_sources(root: Path) -> list[tuple[Path, str]]:
+    """(source file, path inside the records) of everything `export_records` keeps: the study's
+    spec, each finished run's records and evaluations (never its model or checkpoints), each
+    teacher's results and config and its generation evaluations. Unfinished runs are left out."""
+    sources = [(root / "study.json", "study.json")]
+    for results in sorted(root.glob("runs/*/*/*/seed-*/results.json")):
+        run = results.parent
+        rel = run.relative_to(root).as_posix()
+        sources += [(run / name, f"{rel}/{name}") for name in RUN_RECORD_FILES if (run / name).is_file()]
+        sources += [(f, f"{rel}/eval/{f.name}") for f in sorted((run / "eval").glob("*")) if f.is_file()]
+    for teacher in sorted(p for p in (root / "teachers").glob("*") if p.is_dir() and not p.name.endswith("-eval")):
+        sources += [(teacher / name, f"teachers/{teacher.name}-eval/teacher-{name}") for name in TEACHER_RECORD_FILES
+                    if (teacher / "results.json").is_file() and (teacher / name).is_file()]  # fmt: skip
+    for evals in sorted((root / "teachers").glob("*-eval")):
+        sources += [(f, f"teachers/{evals.name}/{f.name}") for f in sorted(evals.glob("*"))
+                    if f.is_file() and not f.name.startswith("teacher-")]  # fmt: skip
+    return sources
+
+
+def export_records(root: Path, out: Path) -> dict[str, Any]:
+    """`geokd study --records STUDY --out DIR`: the study's weight-free records (`_record_sources`)
+    in DIR, with `records.json` (SHA-256 of every file, the source, the geokd version). Small enough
+    for git (a few MB for a GLUE study), and enough for `geokd study --report DIR`; copied into a new
+    study folder, the study continues there: finished runs are skipped (their recorded options are
+    still checked against the study file), teachers and caches are rebuilt when a new part needs them.
+    DIR is replaced only when it is absent, empty or an earlier records folder; written atomically."""
+    import shutil
+
+    import geokd
+    from geokd.artifacts import atomic_dir, write_json
+    from geokd.cache import file_sha256
+
+    root, out = Path(root), Path(out)
+    if not (root / "study.json").is_file():
+        raise GeokdError(f"study --records: {str(root)!r} holds no study.json; pass the folder a study wrote")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECORDS_FILE).is_file())):
+        raise GeokdError(f"study --records: --out {str(out)!r} exists and is not a records folder; give a new or empty "
+                         "folder (an earlier records folder is replaced)")  # fmt: skip
+    if out.resolve() == root.resolve() or out.resolve().is_relative_to(root.resolve()):
+        raise GeokdError(f"study --records: --out {str(out)!r} is inside the study folder; give a folder outside it")
+    if not out.parent.is_dir():
+        raise GeokdError(f"study --records: directory {str(out.parent)!r} does not exist; create it first")
+    sources = _record_sources(root)
+    files = {}
+    with atomic_dir(out, "study records") as tmp:
+        for source, rel in sources:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            files[rel] = file_sha256(target)
+        runs = len({str(Path(rel).parent) for rel in files if rel.startswith("runs/") and rel.endswith("/results.json")})
+        write_json(tmp / RECORDS_FILE, {"kind": "geokd-study-records", "geokd_version": geokd.__version__,
+                                         "source": str(root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "runs": runs, "files": files})  # fmt: skip
+    return {"runs": runs, "files": len(files), "bytes": sum((out / rel).stat().st_size for rel in files)}
+
+
+def check_records(root: Path) -> None:
+    """A study folder holding `records.json` (records exported, or copied into a study folder to
+    continue it): every recorded file still present must hash as recorded, or the report would mix
+    edited or foreign results in. One line naming the first few, then exit 2."""
+    from geokd.cache import file_sha256
+
+    manifest = root / RECORDS_FILE
+    if not manifest.is_file():
+        return
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        raise GeokdError(f"study: {str(manifest)!r} is not a geokd records manifest; remove it or export the records "
+                         "again") from None  # fmt: skip
+    changed = [rel for rel, digest in files.items() if (root / rel).is_file() and file_sha256(root / rel) != digest
+               and rel != "study.json"]  # fmt: skip
+    if changed:
+        raise GeokdError(f"study: {len(changed)} recorded file(s) in {str(root)!r} differ from {RECORDS_FILE}: "
+                         f"{', '.join(changed[:3])}; restore them from the records, or remove {RECORDS_FILE} to accept them")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------
 
@@ -758,6 +845,9 @@ def _median_geometry(root: Path, task: dict[str, Any], rows: list[dict[str, Any]
         runs = sorted(runs_by_group[(row["student"], row["loss"], row["point"])], key=lambda r: r.metrics.get(metric, 0.0))
         median = Path(runs[(len(runs) - 1) // 2].path)
         cached = median / "eval" / "study-geometry.json"
+        if not cached.is_file() and not (median / "final").is_dir():  # from records: no model to measure
+            row["geometry"] = None
+            continue
         if not cached.is_file():
             config = yaml_config(median)
             layers = config.get("layers") if config.get("loss") not in ("none", None) else "uniform"
@@ -798,6 +888,7 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
     spec_file = root / "study.json"
     if not spec_file.is_file():
         raise GeokdError(f"study --report: {str(root)!r} holds no study.json; pass the folder a study wrote")
+    check_records(root)
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
     tasks_out = {}
     lines = [f"# Study {spec['name']}", "",
@@ -844,6 +935,8 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
             section[metric] = {"metric": metric, "teacher": teacher, "trivial": trivial, "rows": rows, "plot": plot,
                                "curves_plot": curves}  # fmt: skip
             lines += _task_lines(name, metric, teacher, rows, spec["baselines"], plot, trivial)
+            if metric == metrics[0] and (drift := _teacher_drift(root, task)):
+                lines += [drift, ""]
             if metric.startswith("rouge_l:"):
                 lines += _prompt_lines(_prompt_tests(rows, runs_by_group, metric.split(":", 1)[1]))
             lines += _curve_lines(name, metric, rows, curves)
@@ -955,13 +1048,30 @@ def _teacher_score(root: Path, task: dict[str, Any], metric: str) -> float | Non
         file = root / "teachers" / f"{task['name']}-eval" / f"{slug(metric.split(':', 1)[1])}.json"
         return float(json.loads(file.read_text(encoding="utf-8"))["metrics"]["rouge_l"]) if file.is_file() else None
     teacher = Path(task["teacher"]) if task.get("teacher") else root / "teachers" / task["name"] / "final"
-    if not teacher.is_dir():  # a hub id or package alias: no results of its own
+    if task.get("teacher") and not teacher.is_dir():  # a hub id or package alias: no results of its own
         return None
-    for results in (teacher.parent / "results.json", teacher / "results.json"):
+    recorded = root / "teachers" / f"{task['name']}-eval" / "teacher-results.json"  # from a records folder
+    for results in (teacher.parent / "results.json", teacher / "results.json", recorded):
         if results.is_file():
             value = json.loads(results.read_text(encoding="utf-8")).get("metrics", {}).get(metric)
             return float(value) if value is not None else None
     return None
+
+
+def _teacher_drift(root: Path, task: dict[str, Any]) -> str | None:
+    """When a study continued from records re-trained its teacher: a note if the new teacher's dev
+    metrics differ from the recorded one's (then the recorded runs learned from another teacher)."""
+    recorded = root / "teachers" / f"{task['name']}-eval" / "teacher-results.json"
+    live = root / "teachers" / task["name"] / "results.json"
+    if task.get("teacher") or not (recorded.is_file() and live.is_file()):
+        return None
+    old, new = (json.loads(f.read_text(encoding="utf-8")).get("metrics", {}) for f in (recorded, live))
+    differ = [k for k in sorted(set(old) & set(new)) if not math.isclose(float(old[k]), float(new[k]), rel_tol=1e-6)]
+    if not differ:
+        return None
+    return ("**The teacher was fine-tuned again and differs from the recorded one** ("
+            + ", ".join(f"{k} {float(old[k]):.4f} → {float(new[k]):.4f}" for k in differ[:3])
+            + "): runs from the records learned from the recorded teacher, new runs from this one.")
 
 
 def _trivial_score(task: dict[str, Any], metric: str) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -542,3 +543,56 @@ def test_plot_marks_teacher_and_floor_and_splits_sweep_labels(tmp_path, monkeypa
     assert (tmp_path / path).stat().st_size > 1000
     assert captured["lines"]["teacher"] == pytest.approx(0.858) and captured["lines"]["trivial"] == pytest.approx(0.812)
     assert captured["ticks"][1] == "cka\ntruncate\ntemperature=4.0\ngamma=0.5"
+
+
+def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file, tmp_path):
+    root = tmp_path / "study"
+    first = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "loss=none", "--only", "seed=1",
+                                "--quiet"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    before = json.loads((root / "report.json").read_text())["tasks"]["sst2"]
+    records = tmp_path / "records"
+    result = runner.invoke(app, ["study", "--records", str(root), "--out", str(records)])
+    assert result.exit_code == 0, result.output
+    assert "1 finished runs" in result.output
+    kept = sorted(p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file())
+    run = "runs/sst2/truncate-2/none/seed-1"
+    assert {f"{run}/results.json", f"{run}/config.yaml", f"{run}/study.json", f"{run}/metrics.jsonl",
+            f"{run}/eval/study-geometry.json", "study.json", "records.json",
+            "teachers/sst2-eval/teacher-results.json"} <= set(kept)  # fmt: skip
+    assert not any(name.endswith((".safetensors", ".pt", ".bin")) or "/final/" in name or "checkpoints" in name
+                   or name.startswith("caches/") for name in kept)  # fmt: skip
+    manifest = json.loads((records / "records.json").read_text())
+    assert manifest["kind"] == "geokd-study-records" and manifest["runs"] == 1
+    assert set(manifest["files"]) == set(kept) - {"records.json"}
+    # the records alone rebuild the same report (the median run's geometry is recorded; the teacher's score too)
+    rebuilt = runner.invoke(app, ["study", "--report", str(records)])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    again = json.loads((records / "report.json").read_text())["tasks"]["sst2"]
+    assert again["rows"] == before["rows"] and again["teacher"] == before["teacher"] is not None
+    # a second export replaces the first; a folder that is not a records folder is refused
+    assert runner.invoke(app, ["study", "--records", str(root), "--out", str(records)]).exit_code == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    refused = runner.invoke(app, ["study", "--records", str(root), "--out", str(other)])
+    assert refused.exit_code == 2 and "not a records folder" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and (other / "keep.txt").read_text() == "mine"
+    # on another machine: the records in a new study folder, the next part runs there (teacher and cache rebuilt)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(records, elsewhere)
+    second = runner.invoke(app, ["study", str(study_file), "--out", str(elsewhere), "--only", "loss=procrustes",
+                                 "--only", "seed=1", "--quiet"])  # fmt: skip
+    assert second.exit_code == 0, second.output
+    assert not (elsewhere / run / "final").exists()  # the recorded run was not trained again
+    rows = json.loads((elsewhere / "report.json").read_text())["tasks"]["sst2"]["rows"]
+    assert [(r["loss"], r["n"]) for r in rows] == [("none", 1), ("procrustes", 1)]
+    assert rows[0]["per_seed"] == before["rows"][0]["per_seed"] and rows[0]["geometry"] == before["rows"][0]["geometry"]
+    assert "fine-tuned again and differs" not in (elsewhere / "report.md").read_text()  # CPU training is deterministic
+    # an edited recorded result is caught when the report is read back
+    results = json.loads((elsewhere / run / "results.json").read_text())
+    results["metrics"]["accuracy"] = 1.0
+    (elsewhere / run / "results.json").write_text(json.dumps(results))
+    tampered = runner.invoke(app, ["study", "--report", str(elsewhere)])
+    assert tampered.exit_code == 2 and "differ from records.json" in tampered.output and "results.json" in tampered.output
+    assert len(tampered.output.strip().splitlines()) == 1
