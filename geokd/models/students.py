@@ -470,7 +470,7 @@ def load_student(
 
         student = prune_student(parsed, teacher, calibration)
     else:
-        return builder.pretrained(
+        loaded = builder.pretrained(
             parsed,
             teacher,
             revision=revision,
@@ -479,5 +479,43 @@ def load_student(
             allow_different_tokenizer=allow_different_tokenizer,
             hash_weights=hash_weights,
         )
+        return with_recorded_origin(loaded, parsed.name, teacher)
     student.model.to(dtype)
+    return student
+
+
+def _config_int(config: Any, key: str) -> int | None:
+    value = getattr(getattr(config, "text_config", None) or config, key, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def with_recorded_origin(student: LoadedStudent, name: str | None, teacher: LoadedModel) -> LoadedStudent:
+    """A geokd model folder (a run's `final/`, a checkpoint's student, an export) records in its
+    geokd.json the teacher blocks (`teacher_blocks`) and hidden channels (`hidden_channels`) its
+    `truncate:`/`prune:` ancestor was cut from. A run that starts from such a folder gets them back:
+    `--layers copied` pairs the copied blocks again, and Flex-KD pairs each channel with the teacher
+    channel it was cut from. Kept only where they fit this student and teacher (one block per student
+    block, one channel per student channel, all within the teacher's depth and width, no repeats)."""
+    import json
+
+    record_file = Path(name).expanduser() / "geokd.json" if name else None
+    if record_file is None or not record_file.is_file():
+        return student
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return student  # the folder itself loaded; its record is only a hint here
+    if not isinstance(record, dict):
+        return student
+
+    def fits(values: Any, count: int | None, bound: int | None) -> bool:
+        return (isinstance(values, list) and count is not None and bound is not None and len(values) == count
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < bound for v in values)
+                and len(set(values)) == len(values))  # fmt: skip
+
+    blocks, channels = record.get("teacher_blocks"), record.get("hidden_channels")
+    if fits(blocks, _config_int(student.config, "num_hidden_layers"), _config_int(teacher.config, "num_hidden_layers")):
+        student.teacher_blocks = tuple(blocks)
+    if fits(channels, _config_int(student.config, "hidden_size"), _config_int(teacher.config, "hidden_size")):
+        student.hidden_channels = tuple(channels)
     return student

@@ -186,6 +186,29 @@ def test_a_pruned_student_pairs_each_channel_with_the_teacher_channel_it_was_cut
     assert reordered  # the selections differ from the pruned channels here, so the pairing had work to do
 
 
+def test_a_run_from_a_saved_pruned_student_keeps_its_channel_and_block_origin(tmp_path):
+    """`--student RUN/final` of a `prune:` run: its geokd.json's hidden_channels and teacher_blocks are
+    read back, so Flex-KD pairs channels with their origin again and `--layers copied` the copied blocks
+    (before, such a run fell back to the ascending pairing)."""
+    first, run = distill_pruned_decoder(tmp_path, "none", max_steps=1)
+    assert first.exit_code == 0, first.output
+    record = json.loads((run / "final" / "geokd.json").read_text())
+    assert record["hidden_channels"] and record["teacher_blocks"]
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["distill", *options(
+        teacher=tmp_path / "teacher", student=run / "final", task="instruct", data=tmp_path / "data", out=again,
+        loss="flexkd", layers="copied", max_steps=1, batch_size=6, lr=3e-3, seed=1, save_minutes=0, max_length=96,
+        max_prompt_length=64)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "paired with the channel they were cut from" in result.output
+    kept = json.loads((again / "final" / "geokd.json").read_text())
+    assert kept["hidden_channels"] == record["hidden_channels"] and kept["teacher_blocks"] == record["teacher_blocks"]
+    with safe_open(str(again / flexkd_lib.RECORD), framework="pt") as handle:
+        names = [name for name in handle.keys() if name.startswith("pair.")]
+        # the copied blocks: student layer i + 1 against teacher layer teacher_blocks[i] + 1
+        assert sorted(names) == sorted(f"pair.{i + 1}.{b + 1}" for i, b in enumerate(record["teacher_blocks"]))
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ({"flexkd_basis": "pca"}, "flexkd_basis: must be dims"),
     ({"flexkd_samples": -1}, "flexkd_samples: must be >= 0"),
