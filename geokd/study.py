@@ -690,6 +690,7 @@ def _disk_estimate(todo: list[Step], root: Path) -> int:
 
 RECORDS_FILE = "records.json"
 RUN_RECORD_FILES = ("study.json", "results.json", "config.yaml", "metrics.jsonl", "env.json")
+COMPRESSED = ("/metrics.jsonl",)  # gzip-compressed in the records (`NAME.gz`, reproducible bytes): logs dominate
 TEACHER_RECORD_FILES = ("results.json", "config.yaml")  # kept as teachers/TASK-eval/teacher-FILE
 
 
@@ -719,6 +720,7 @@ def export_records(root: Path, out: Path) -> dict[str, Any]:
     study folder, the study continues there: finished runs are skipped (their recorded options are
     still checked against the study file), teachers and caches are rebuilt when a new part needs them.
     DIR is replaced only when it is absent, empty or an earlier records folder; written atomically."""
+    import gzip
     import shutil
 
     import geokd
@@ -739,9 +741,15 @@ def export_records(root: Path, out: Path) -> dict[str, Any]:
     files = {}
     with atomic_dir(out, "study records") as tmp:
         for source, rel in sources:
+            if rel.endswith(COMPRESSED):
+                rel += ".gz"
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            if rel.endswith(".gz"):
+                with source.open("rb") as src, gzip.GzipFile(target, "wb", compresslevel=9, mtime=0) as dst:
+                    shutil.copyfileobj(src, dst)
+            else:
+                shutil.copyfile(source, target)
             files[rel] = file_sha256(target)
         runs = len({str(Path(rel).parent) for rel in files if rel.startswith("runs/") and rel.endswith("/results.json")})
         write_json(tmp / RECORDS_FILE, {"kind": "geokd-study-records", "geokd_version": geokd.__version__,
@@ -1106,10 +1114,12 @@ def _curve(run: Any, metric: str) -> list[tuple[float, float]]:
     """(epoch, dev metric) of every evaluation during a run (`eval_every`, from its metrics.jsonl),
     then the final one (results.json) at the last logged epoch."""
     file = Path(run.path) / "metrics.jsonl"
+    packed = file.with_name(file.name + ".gz")  # a run from a study's records (`export_records`)
+    text = file.read_text(encoding="utf-8") if file.is_file() else read_gzip_text(packed) if packed.is_file() else None
     points: list[tuple[float, float]] = []
     last = None
-    if file.is_file():
-        for line in file.read_text(encoding="utf-8").splitlines():
+    if text is not None:
+        for line in text.splitlines():
             record = json.loads(line) if line.strip() else {}
             if record.get("epoch") is None:
                 continue
@@ -1121,6 +1131,16 @@ def _curve(run: Any, metric: str) -> list[tuple[float, float]]:
     if final is not None and last is not None and (not points or points[-1][0] < last):
         points.append((last, float(final)))
     return points
+
+
+def read_gzip_text(path: Path) -> str:
+    import gzip
+
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, EOFError) as exc:
+        raise GeokdError(f"study: {str(path)!r} is not readable gzip ({exc}); restore it from the records") from None
 
 
 def _curves(root: Path, name: str, metric: str, rows: list[dict[str, Any]],

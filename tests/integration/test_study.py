@@ -4,6 +4,7 @@ statistics (Holm against a hand computation, paired tests against scipy)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -557,7 +558,7 @@ def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file,
     assert "1 finished runs" in result.output
     kept = sorted(p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file())
     run = "runs/sst2/truncate-2/none/seed-1"
-    assert {f"{run}/results.json", f"{run}/config.yaml", f"{run}/study.json", f"{run}/metrics.jsonl",
+    assert {f"{run}/results.json", f"{run}/config.yaml", f"{run}/study.json", f"{run}/metrics.jsonl.gz",
             f"{run}/eval/study-geometry.json", "study.json", "records.json",
             "teachers/sst2-eval/teacher-results.json"} <= set(kept)  # fmt: skip
     assert not any(name.endswith((".safetensors", ".pt", ".bin")) or "/final/" in name or "checkpoints" in name
@@ -565,6 +566,8 @@ def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file,
     manifest = json.loads((records / "records.json").read_text())
     assert manifest["kind"] == "geokd-study-records" and manifest["runs"] == 1
     assert set(manifest["files"]) == set(kept) - {"records.json"}
+    with gzip.open(records / run / "metrics.jsonl.gz", "rt") as handle:  # the log, compressed, unchanged
+        assert handle.read() == (root / run / "metrics.jsonl").read_text()
     # the records alone rebuild the same report (the median run's geometry is recorded; the teacher's score too)
     rebuilt = runner.invoke(app, ["study", "--report", str(records)])
     assert rebuilt.exit_code == 0, rebuilt.output
