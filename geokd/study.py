@@ -1264,8 +1264,17 @@ def _plot_task(root: Path, name: str, metric: str, rows: list[dict[str, Any]], t
                         capsize=4, zorder=3)  # fmt: skip
     if teacher is not None:
         ax.axhline(teacher, color="C3", linestyle="--", linewidth=1, label="teacher")
+    shown = [v for row in rows for v in row["per_seed"].values() if v is not None] + ([teacher] if teacher is not None else [])
+    lo, hi = (min(shown), max(shown)) if shown else (0.0, 0.0)
+    # a floor far under every point (STS-B's constant predictor at 0 under Spearman 0.8) would squash
+    # the rows into one line: keep the axis on the points and name the floor in the legend instead
+    far = trivial is not None and shown and trivial["value"] < lo - 2 * max(hi - lo, 1e-3)
     if trivial is not None:
-        ax.axhline(trivial["value"], color="0.4", linestyle=":", linewidth=1, label="trivial")
+        label = f"trivial ({trivial['value']:.3f}, below the axis)" if far else "trivial"
+        ax.axhline(trivial["value"], color="0.4", linestyle=":", linewidth=1, label=label)
+    if far:
+        pad = 0.15 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
     if teacher is not None or trivial is not None:
         ax.legend(loc="best", fontsize=8)
     labels = [f"{r['loss']}\n{r['student'].split(':')[0]}" + ("".join(f"\n{p}" for p in r["point"].split(",")) if r["point"] else "")

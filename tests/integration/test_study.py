@@ -544,6 +544,13 @@ def test_plot_marks_teacher_and_floor_and_splits_sweep_labels(tmp_path, monkeypa
     assert (tmp_path / path).stat().st_size > 1000
     assert captured["lines"]["teacher"] == pytest.approx(0.858) and captured["lines"]["trivial"] == pytest.approx(0.812)
     assert captured["ticks"][1] == "cka\ntruncate\ntemperature=4.0\ngamma=0.5"
+    # a floor far under the points (a constant predictor's correlation 0): the axis stays on the points
+    fig_limits = {}
+    monkeypatch.setattr(study, "_save_figure", lambda fig, root, name: fig_limits.update(
+        y=fig.axes[0].get_ylim(), labels=[line.get_label() for line in fig.axes[0].get_lines()]) or "x.png")
+    study._plot_task(tmp_path, "stsb", "spearman", rows, 0.849, {"predictor": "constant", "value": 0.0})
+    assert 0.0 < fig_limits["y"][0] < 0.79 and fig_limits["y"][1] > 0.849
+    assert "trivial (0.000, below the axis)" in fig_limits["labels"]
 
 
 def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file, tmp_path):
