@@ -91,6 +91,15 @@ def _expand(value: Any) -> Any:
     return value
 
 
+def _expand_task(task: dict[str, Any]) -> dict[str, Any]:
+    """A task of a saved `study.json` with `${GEOKD_DATA}` and `~` expanded in its data folder,
+    teacher and evaluation files (records write them portable: `_portable`)."""
+    task = dict(task, data=_expand(task.get("data")), teacher=_expand(task.get("teacher")))
+    if task.get("evals"):
+        task["evals"] = [[name, _expand(file)] for name, file in task["evals"]]
+    return task
+
+
 def load_study(path: str | Path, quick: bool = False) -> Study:
     """Read and check a study file; every problem is reported at once in one GeokdError line."""
     from geokd.config import load_yaml, resolve_config
@@ -522,6 +531,7 @@ def _write_spec(study: Study, root: Path) -> None:
     path = root / "study.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        saved["tasks"] = [_expand_task(task) for task in saved.get("tasks") or []]
         changed = [k for k in ("tasks", "students", "losses", "settings", "sweep") if saved.get(k) != spec.get(k)]
         if changed and any(root.glob("runs/*/*/*/seed-*/results.json")):
             # finished runs stay valid (each records its own config); the report groups by config
@@ -692,6 +702,7 @@ RECORDS_FILE = "records.json"
 RUN_RECORD_FILES = ("study.json", "results.json", "config.yaml", "metrics.jsonl", "env.json")
 COMPRESSED = ("/metrics.jsonl",)  # gzip-compressed in the records (`NAME.gz`, reproducible bytes): logs dominate
 TEACHER_RECORD_FILES = ("results.json", "config.yaml")  # kept as teachers/TASK-eval/teacher-FILE
+PORTABLE_PATHS = "paths inside the study folder are relative to it; ${GEOKD_DATA} is the data root it ran with"
 
 
 def _record_sources(root: Path) -> list[tuple[Path, str]]:
@@ -713,6 +724,27 @@ def _record_sources(root: Path) -> list[tuple[Path, str]]:
     return sources
 
 
+def _portable(text: str, root: Path) -> str:
+    """A record's text without this machine's layout (records go into git and to other machines):
+    paths inside the study folder become relative to it (the folder itself `.`), and paths under
+    `$GEOKD_DATA` become `${GEOKD_DATA}/...`, which `_expand_task` expands again when a study is
+    read. Longer prefixes first, so a data root inside the study folder (or the reverse) is right."""
+    prefixes = {str(root.resolve()): "", str(root.absolute()): ""}
+    if data := os.environ.get("GEOKD_DATA"):
+        prefixes |= {str(Path(data).resolve()): "${GEOKD_DATA}", str(Path(data).absolute()): "${GEOKD_DATA}"}
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if prefix in ("", "/"):
+            continue
+        replacement = prefixes[prefix]
+        escaped = re.escape(prefix)
+        if replacement:  # ${GEOKD_DATA}/glue/RTE and ${GEOKD_DATA} itself
+            text = re.sub(escaped + r"(?=/|[\"'\s]|$)", lambda _, r=replacement: r, text)
+        else:  # STUDY/teachers/x -> teachers/x, STUDY -> .
+            text = re.sub(escaped + "/", "", text)
+            text = re.sub(escaped + r"(?=[\"'\s]|$)", ".", text)
+    return text
+
+
 def export_records(root: Path, out: Path) -> dict[str, Any]:
     """`geokd study --records STUDY --out DIR`: the study's weight-free records (`_record_sources`)
     in DIR, with `records.json` (SHA-256 of every file, the source, the geokd version). Small enough
@@ -721,7 +753,6 @@ def export_records(root: Path, out: Path) -> dict[str, Any]:
     still checked against the study file), teachers and caches are rebuilt when a new part needs them.
     DIR is replaced only when it is absent, empty or an earlier records folder; written atomically."""
     import gzip
-    import shutil
 
     import geokd
     from geokd.artifacts import atomic_dir, write_json
@@ -745,15 +776,16 @@ def export_records(root: Path, out: Path) -> dict[str, Any]:
                 rel += ".gz"
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
+            text = _portable(source.read_text(encoding="utf-8"), root).encode("utf-8")
             if rel.endswith(".gz"):
-                with source.open("rb") as src, gzip.GzipFile(target, "wb", compresslevel=9, mtime=0) as dst:
-                    shutil.copyfileobj(src, dst)
+                with gzip.GzipFile(target, "wb", compresslevel=9, mtime=0) as dst:
+                    dst.write(text)
             else:
-                shutil.copyfile(source, target)
+                target.write_bytes(text)
             files[rel] = file_sha256(target)
         runs = len({str(Path(rel).parent) for rel in files if rel.startswith("runs/") and rel.endswith("/results.json")})
         write_json(tmp / RECORDS_FILE, {"kind": "geokd-study-records", "geokd_version": geokd.__version__,
-                                         "source": str(root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "source": root.resolve().name, "paths": PORTABLE_PATHS, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                          "runs": runs, "files": files})  # fmt: skip
     return {"runs": runs, "files": len(files), "bytes": sum((out / rel).stat().st_size for rel in files)}
 
@@ -904,7 +936,7 @@ def build_report(root: Path, geometry: bool = True) -> dict[str, Any]:
              f"seeds {', '.join(map(str, spec['seeds']))}"
              + (f"; sweep {spec['sweep']}" if spec["sweep"] else "") + f". Baselines: {', '.join(spec['baselines'])}.",
              ""]  # fmt: skip
-    for task in spec["tasks"]:
+    for task in map(_expand_task, spec["tasks"]):  # the report keeps the spec as saved (portable in records)
         name = task["name"]
         runs_by_group: dict[tuple[str, str, str], list[Any]] = {}
         walls: dict[tuple[str, str, str], list[float]] = {}

@@ -553,7 +553,8 @@ def test_plot_marks_teacher_and_floor_and_splits_sweep_labels(tmp_path, monkeypa
     assert "trivial (0.000, below the axis)" in fig_limits["labels"]
 
 
-def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file, tmp_path):
+def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOKD_DATA", str(glue_dir.parent))
     root = tmp_path / "study"
     first = runner.invoke(app, ["study", str(study_file), "--out", str(root), "--only", "loss=none", "--only", "seed=1",
                                 "--quiet"])  # fmt: skip
@@ -575,11 +576,22 @@ def test_records_rebuild_the_report_and_continue_the_study_elsewhere(study_file,
     assert set(manifest["files"]) == set(kept) - {"records.json"}
     with gzip.open(records / run / "metrics.jsonl.gz", "rt") as handle:  # the log, compressed, unchanged
         assert handle.read() == (root / run / "metrics.jsonl").read_text()
+    # no machine paths: the study folder's become relative to it, the data root's ${GEOKD_DATA}/...
+    texts = {rel: (gzip.open(records / rel, "rt").read() if rel.endswith(".gz") else (records / rel).read_text())
+             for rel in kept}  # fmt: skip
+    assert str(root) in (root / run / "config.yaml").read_text()  # the run itself keeps its own paths
+    leaks = [rel for rel, text in texts.items() if str(root) in text or str(glue_dir) in text]
+    assert not leaks and manifest["source"] == "study"
+    config = yaml.safe_load(texts[f"{run}/config.yaml"])
+    assert config["data"] == "${GEOKD_DATA}/SST-2" and config["out"] == run
+    assert config["teacher"] == "teachers/sst2/final" and config["cache"] == "caches/sst2"
+    assert json.loads(texts["study.json"])["tasks"][0]["data"] == "${GEOKD_DATA}/SST-2"
     # the records alone rebuild the same report (the median run's geometry is recorded; the teacher's score too)
     rebuilt = runner.invoke(app, ["study", "--report", str(records)])
     assert rebuilt.exit_code == 0, rebuilt.output
     again = json.loads((records / "report.json").read_text())["tasks"]["sst2"]
     assert again["rows"] == before["rows"] and again["teacher"] == before["teacher"] is not None
+    assert again["trivial"] == before["trivial"] is not None  # the data folder, found again through ${GEOKD_DATA}
     # a second export replaces the first; a folder that is not a records folder is refused
     assert runner.invoke(app, ["study", "--records", str(root), "--out", str(records)]).exit_code == 0
     other = tmp_path / "other"
