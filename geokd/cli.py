@@ -1042,7 +1042,7 @@ def study(
     """Run a grid of distillations (teachers, caches, students), resumably, and report statistics (issue #16)."""
     from rich.progress import Progress
 
-    from geokd.study import build_report, load_study, parse_only, run_study
+    from geokd.study import StudyInterrupted, build_report, load_study, parse_only, run_study
     from geokd.study import dry_run as plan_dry_run
 
     with user_errors():
@@ -1097,7 +1097,13 @@ def study(
                 if not quiet and not skipped:
                     console.print(f"[{index + 1}/{total}] {what}", highlight=False)
 
-            result = run_study(spec, root, on_step=on_step, jobs=jobs, only=selection)
+            try:
+                result = run_study(spec, root, on_step=on_step, jobs=jobs, only=selection)
+            except StudyInterrupted as stop:
+                bar.stop()
+                err_console.print(f"[bold yellow]stopped:[/bold yellow] {escape(str(stop))}", highlight=False,
+                                  soft_wrap=True)  # fmt: skip
+                raise typer.Exit(code=stop.exit_code) from None
         if _rank_zero():
             console.print(f"wrote {root / 'report.md'}: {', '.join(result['tasks'])}")
 

@@ -420,11 +420,133 @@ def run_step(step: Step, resumed: bool = False) -> float:
     return seconds
 
 
-def _run_in_worker(step: Step, threads: int, resumed: bool) -> float:
+class StudyInterrupted(Exception):
+    """A signal stopped `geokd study`: the runs in progress finished their optimizer step and
+    checkpointed (the engine's signal handling, in the study's process or in its `--jobs` workers);
+    the same command resumes them. Exit status 128 + signal."""
+
+    def __init__(self, signum: int, root: Path, in_progress: list[str]):
+        import signal
+
+        self.signum = signum
+        where = f"{len(in_progress)} run(s) in progress checkpointed ({', '.join(in_progress)})" if in_progress else \
+            "no run was in progress"  # fmt: skip
+        super().__init__(f"{signal.Signals(signum).name} received: the study stopped, {where}; run the same "
+                         f"geokd study command (--out {root}) to resume")  # fmt: skip
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _WorkerStop(Exception):
+    """SIGTERM reached a `--jobs` worker before its run's training loop took the signal over."""
+
+
+_WORKER = {"parent": 0, "in_run": False, "stopped": False, "orphaned": False}
+
+
+def _worker_init(parent: int) -> None:
+    """A `--jobs` worker. Ctrl-C reaches the study alone (which stops its workers once, by SIGTERM:
+    a second signal would make the engine's handler give way mid-checkpoint). SIGTERM while training
+    is the engine's (finish the step, checkpoint); while loading a run it abandons the run (nothing
+    trained yet); idle, it only marks the worker stopped: it takes no further run, and stays until
+    the pool shuts down (a worker that exits would break the pool, which then signals the others a
+    second time). A worker whose study is gone (killed outright) stops its run the same way and
+    exits, instead of training on unseen into a directory the next `geokd study` would train too."""
+    import signal
+    import threading
+
+    _WORKER["parent"] = parent
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_term(signum: int, frame: Any) -> None:
+        _WORKER["stopped"] = True
+        if _WORKER["in_run"]:
+            raise _WorkerStop(signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _WORKER["orphaned"] = True
+        if not _WORKER["in_run"]:
+            os._exit(143)
+        os.kill(os.getpid(), signal.SIGTERM)  # the run checkpoints, then `_run_in_worker` exits
+
+    threading.Thread(target=watch, name="geokd-study-parent", daemon=True).start()
+
+
+def _run_in_worker(step: Step, threads: int, resumed: bool) -> float | None:
+    """One run in a `--jobs` worker: its wall time, or None when a signal stopped it (checkpointed)
+    or the study was stopping before it began."""
+    import sys
+
     import torch
 
+    from geokd.engine import RunInterrupted
+
+    if _WORKER["stopped"]:
+        return None
     torch.set_num_threads(threads)
-    return run_step(step, resumed)
+    _WORKER["in_run"] = True
+    try:
+        return run_step(step, resumed)
+    except RunInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        _WORKER["stopped"] = True
+        return None
+    except _WorkerStop:
+        _WORKER["stopped"] = True
+        return None
+    finally:
+        _WORKER["in_run"] = False
+        if _WORKER["orphaned"]:
+            sys.stdout.flush()
+            os._exit(143)
+
+
+class _ForwardStop:
+    """While the study waits on its `--jobs` workers: the first SIGTERM or SIGINT is forwarded to
+    them as SIGTERM (each checkpoints and exits) and remembered; a second acts as usual."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.futures: list[Any] = []
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import multiprocessing
+        import signal
+
+        self.received = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        for future in self.futures:
+            future.cancel()  # runs not handed to a worker yet
+        for child in multiprocessing.active_children():
+            child.terminate()
+
+    def __enter__(self) -> _ForwardStop:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.getsignal(sig)
+                if previous is signal.SIG_IGN:
+                    continue
+                self._previous[sig] = previous
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool], None] | None = None,
@@ -435,6 +557,10 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
     `jobs > 1`: teachers and caches first, one at a time; then the student runs `jobs` at a time in
     worker processes, the CPU threads split between them. `only` (`parse_only`): run one part of the
     study; the report still covers every finished run of the folder."""
+    import signal
+
+    from geokd.engine import RunInterrupted
+
     if jobs < 1:
         raise GeokdError(f"--jobs: must be at least 1, got {jobs}")
     steps = planned_steps(study, root, only)  # before anything is written
@@ -451,7 +577,10 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
         if jobs > 1 and step.kind == "run":
             pending.append(step)
             continue
-        seconds = run_step(step, _was_started(step))
+        try:
+            seconds = run_step(step, _was_started(step))
+        except RunInterrupted as stop:
+            raise StudyInterrupted(stop.signum, root, [_run_name(root, step)]) from None
         if on_done is not None:
             on_done(step, seconds)
     if pending:
@@ -462,15 +591,32 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
 
         threads = max(1, torch.get_num_threads() // jobs)
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        stop = _ForwardStop()
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                                                    initargs=(os.getpid(),)) as pool, stop:  # fmt: skip
             futures = {pool.submit(_run_in_worker, step, threads, _was_started(step)): step for step in pending}
+            stop.futures = list(futures)
+            stopped, halted = [], False
             for future in concurrent.futures.as_completed(futures):
-                if on_done is not None:
-                    on_done(futures[future], future.result())
+                if future.cancelled():
+                    continue
+                seconds = future.result()
+                if seconds is None:  # a signal stopped this run, or its worker, before it began
+                    halted = True
+                    if _was_started(futures[future]):
+                        stopped.append(_run_name(root, futures[future]))
+                elif on_done is not None:
+                    on_done(futures[future], seconds)
+        if stop.received is not None or halted:
+            raise StudyInterrupted(stop.received or signal.SIGTERM, root, sorted(stopped))
     if not _rank_zero():
         return {"study": study.name, "tasks": {}}
     generation_evals(study, root)
     return build_report(root)
+
+
+def _run_name(root: Path, step: Step) -> str:
+    return step.path.relative_to(root).as_posix() if step.path.is_relative_to(root) else str(step.path)
 
 
 def _eval_file(run: Path, name: str) -> Path:

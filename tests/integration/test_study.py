@@ -193,8 +193,10 @@ def test_resume_after_a_kill(base_dir, glue_dir, tmp_path):
     while time.monotonic() < deadline and not mid_run() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=120)
     assert not (target.parent / "results.json").is_file(), "the run finished before the kill: make it longer"
+    assert process.returncode == 143 and "Traceback" not in stderr
+    assert "stopped: SIGTERM received: the study stopped, 1 run(s) in progress checkpointed" in stderr
     seen = []
     report = run_study(load_study(spec), root, on_step=lambda i, n, step, skipped: seen.append((step.kind, skipped)))
     assert seen == [("teacher", True), ("run", False), ("run", False)]
@@ -205,6 +207,64 @@ def test_resume_after_a_kill(base_dir, glue_dir, tmp_path):
     assert steps == list(range(1, 33))
     rows = report["tasks"]["sst2"]["rows"]
     assert rows[0]["wall_seconds"] is None  # a resumed run's wall time is partial: not averaged
+
+
+def _workers(pid: int) -> list[int]:
+    """The `--jobs` worker processes of a study (its multiprocessing children), from /proc."""
+    children = [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_study_stops_its_workers_and_resumes(base_dir, glue_dir, tmp_path, sig):
+    """`--jobs 2`: SIGTERM to the study is forwarded to its workers (each checkpoints and exits, the
+    study exits 143 in one line); SIGKILL leaves the workers to notice the study is gone and stop the
+    same way, instead of training on unseen. Either way the next study resumes the runs."""
+    spec = _write(tmp_path / "jobs.yaml", name="jobs", teacher_model=str(base_dir),
+                  teacher_settings={"max_steps": 4, "batch_size": 16, "lr": 3e-3, "seed": 0},
+                  tasks={"sst2": {"data": str(glue_dir)}}, students=["truncate:2"], losses=["none", "gram"],
+                  baselines=["none"], seeds=[1],
+                  settings={"max_steps": 48, "batch_size": 16, "lr": 2e-3, "save_every": 1, "save_minutes": 0},
+                  finetune_baseline=False, cache=False)  # fmt: skip
+    root = tmp_path / "study"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "geokd", "study", str(spec), "--out", str(root), "--quiet",
+                                "--jobs", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    runs = [root / "runs" / "sst2" / "truncate-2" / loss / "seed-1" for loss in ("none", "gram")]
+
+    def mid_run(run: Path) -> bool:
+        steps = [int(p.name[5:]) for p in (run / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+        return any(2 <= s <= 36 for s in steps)
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not all(map(mid_run, runs)) and process.poll() is None:
+        time.sleep(0.02)
+    workers = _workers(process.pid)
+    assert len(workers) == 2, workers
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=180)  # returns once the workers, holding its stderr, are gone too
+    assert not any(map(_alive, workers)), "a worker trained on after its study stopped"
+    assert not any((run / "results.json").is_file() for run in runs), "a run finished before the kill: make it longer"
+    assert "Traceback" not in stderr
+    assert stderr.count("stopped: SIGTERM received: stopped after step") == 2  # each worker checkpointed
+    if sig == signal.SIGTERM:
+        assert process.returncode == 143
+        assert "stopped: SIGTERM received: the study stopped, 2 run(s) in progress checkpointed" in stderr
+    report = run_study(load_study(spec), root)
+    for run in runs:
+        assert json.loads((run / "study.json").read_text())["resumed"] is True
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if '"step"' in line and '"loss"' in line]  # fmt: skip
+        assert steps == list(range(1, 49))
+    assert [row["n"] for row in report["tasks"]["sst2"]["rows"]] == [1, 1]
 
 
 @pytest.mark.parametrize(
