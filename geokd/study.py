@@ -507,46 +507,28 @@ def _run_in_worker(step: Step, threads: int, resumed: bool) -> float | None:
             os._exit(143)
 
 
-class _ForwardStop:
-    """While the study waits on its `--jobs` workers: the first SIGTERM or SIGINT is forwarded to
-    them as SIGTERM (each checkpoints and exits) and remembered; a second acts as usual."""
+def _forward_stop() -> Any:
+    """While the study waits on its `--jobs` workers: the engine's stop-signal handling (the first
+    SIGTERM or SIGINT is remembered in `received`, a second acts as usual), and that first signal
+    cancels the runs not yet handed to a worker (`futures`) and is forwarded to the workers as one
+    SIGTERM (each run finishes its step and checkpoints)."""
+    import multiprocessing
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.futures: list[Any] = []
-        self._previous: dict[int, Any] = {}
+    from geokd.engine import _StopSignals
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        import multiprocessing
-        import signal
+    class ForwardStop(_StopSignals):
+        def __init__(self) -> None:
+            super().__init__()
+            self.futures: list[Any] = []
 
-        self.received = signum
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        for future in self.futures:
-            future.cancel()  # runs not handed to a worker yet
-        for child in multiprocessing.active_children():
-            child.terminate()
+        def _handle(self, signum: int, frame: Any) -> None:
+            super()._handle(signum, frame)
+            for future in self.futures:
+                future.cancel()
+            for child in multiprocessing.active_children():
+                child.terminate()
 
-    def __enter__(self) -> _ForwardStop:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous = signal.getsignal(sig)
-                if previous is signal.SIG_IGN:
-                    continue
-                self._previous[sig] = previous
-                signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    return ForwardStop()
 
 
 def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool], None] | None = None,
@@ -591,7 +573,7 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
 
         threads = max(1, torch.get_num_threads() // jobs)
         context = multiprocessing.get_context("spawn")
-        stop = _ForwardStop()
+        stop = _forward_stop()
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                                                     initargs=(os.getpid(),)) as pool, stop:  # fmt: skip
             futures = {pool.submit(_run_in_worker, step, threads, _was_started(step)): step for step in pending}

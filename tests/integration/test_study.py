@@ -222,6 +222,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.distributed  # worker processes, 2 x 1-2 min: CI's multi-process tier
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from Linux /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_study_stops_its_workers_and_resumes(base_dir, glue_dir, tmp_path, sig):
