@@ -493,8 +493,12 @@ def _run_in_worker(step: Step, threads: int, resumed: bool) -> float | None:
     _WORKER["in_run"] = True
     try:
         return run_step(step, resumed)
-    except RunInterrupted as stop:
-        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+    except RunInterrupted as stop:  # the study's own line says how to resume: not the run's `--resume auto`
+        import signal
+
+        saved = f"checkpoint {stop.checkpoint.name}" if stop.checkpoint is not None else "no checkpoint yet"
+        print(f"stopped: {signal.Signals(stop.signum).name} received: {step.path} stopped after step {stop.step} "
+              f"({saved})", file=sys.stderr, flush=True)  # fmt: skip
         _WORKER["stopped"] = True
         return None
     except _WorkerStop:

@@ -255,7 +255,8 @@ def test_a_stopped_study_stops_its_workers_and_resumes(base_dir, glue_dir, tmp_p
     assert not any(map(_alive, workers)), "a worker trained on after its study stopped"
     assert not any((run / "results.json").is_file() for run in runs), "a run finished before the kill: make it longer"
     assert "Traceback" not in stderr
-    assert stderr.count("stopped: SIGTERM received: stopped after step") == 2  # each worker checkpointed
+    assert stderr.count("stopped after step") == 2 and stderr.count("(checkpoint step-") == 2  # each worker checkpointed
+    assert "--resume auto" not in stderr  # the study resumes its runs itself
     if sig == signal.SIGTERM:
         assert process.returncode == 143
         assert "stopped: SIGTERM received: the study stopped, 2 run(s) in progress checkpointed" in stderr
