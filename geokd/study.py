@@ -443,7 +443,7 @@ class _WorkerStop(Exception):
     """SIGTERM reached a `--jobs` worker before its run's training loop took the signal over."""
 
 
-_WORKER = {"parent": 0, "in_run": False, "stopped": False, "orphaned": False}
+_WORKER = {"in_run": False, "stopped": False, "orphaned": False}
 
 
 def _worker_init(parent: int) -> None:
@@ -457,7 +457,6 @@ def _worker_init(parent: int) -> None:
     import signal
     import threading
 
-    _WORKER["parent"] = parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_term(signum: int, frame: Any) -> None:
