@@ -510,6 +510,68 @@ def _run_in_worker(step: Step, threads: int, resumed: bool) -> float | None:
             os._exit(143)
 
 
+def _steps_done(step: Step) -> int:
+    """The optimizer steps an interrupted run has behind it (its last logged step), 0 if none."""
+    metrics = step.path / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    last = 0
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("step") or 0))
+        except (ValueError, AttributeError):
+            continue  # a line cut by a kill
+    return last
+
+
+def _step_cost_key(step: Step) -> tuple[tuple[str, ...], ...]:
+    """The groups whose measured seconds per optimizer step stand in for this run's, most specific first."""
+    student, loss = slug(str(step.label.get("student", ""))), str(step.label.get("loss", ""))
+    return ((step.task, student, loss), (student, loss), (loss,))
+
+
+def dispatch_order(steps: list[Step]) -> list[Step]:
+    """The `--jobs` runs, longest first (longest-processing-time scheduling), so that the part's last
+    minutes are not one long run on a worker's share of the cores while the other workers idle.
+
+    A run's expected time is its remaining optimizer steps times the seconds per step measured on
+    finished runs of this study folder of the same task, student and loss (else the same student and
+    loss in another task, else the same loss, else the median over all finished runs), and twice that
+    median for a run that reads the live teacher rather than the cache, when nothing of its kind has
+    finished. Ties keep the plan's order. Only the order changes; every run still runs once."""
+    measured: dict[tuple[str, ...], list[float]] = {}
+    for runs in sorted({step.path.parents[3] for step in steps}):  # STUDY/runs (runs/TASK/STUDENT/LOSS/seed-K)
+        for done in sorted(runs.glob("*/*/*/seed-*/study.json")):
+            try:
+                record = json.loads(done.read_text(encoding="utf-8"))
+                finished = json.loads((done.parent / "results.json").read_text(encoding="utf-8")).get("steps")
+                seconds = float(record["seconds"]) / int(finished)
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                continue
+            if record.get("resumed"):
+                continue  # its wall time covers part of the run only
+            task = done.relative_to(runs).parts[0]
+            for group in _step_cost_key(Step("run", task, done.parent, label=record.get("label") or {})):
+                measured.setdefault(group, []).append(seconds)
+    pooled = [v for group, values in measured.items() if len(group) == 1 for v in values]
+    base = float(np.median(pooled)) if pooled else 1.0
+
+    def per_step(step: Step) -> float:
+        for group in _step_cost_key(step):
+            if group in measured:
+                return float(np.median(measured[group]))
+        return base * (1.0 if step.flags.get("cache") else 2.0)
+
+    costs = []
+    try:
+        for index, step in enumerate(steps):
+            remaining = max(1, _optimizer_steps(step) - _steps_done(step))
+            costs.append((-remaining * per_step(step), index))
+    except (GeokdError, OSError, ValueError):
+        return list(steps)  # a run the estimate cannot size: its own start reports why; keep the plan's order
+    return [steps[index] for _, index in sorted(costs)]
+
+
 def _forward_stop() -> Any:
     """While the study waits on its `--jobs` workers: the engine's stop-signal handling (the first
     SIGTERM or SIGINT is remembered in `received`, a second acts as usual), and that first signal
@@ -579,7 +641,8 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
         stop = _forward_stop()
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                                                     initargs=(os.getpid(),)) as pool, stop:  # fmt: skip
-            futures = {pool.submit(_run_in_worker, step, threads, _was_started(step)): step for step in pending}
+            futures = {pool.submit(_run_in_worker, step, threads, _was_started(step)): step
+                       for step in dispatch_order(pending)}  # fmt: skip
             stop.futures = list(futures)
             stopped, halted = [], False
             for future in concurrent.futures.as_completed(futures):

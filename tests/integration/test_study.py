@@ -369,6 +369,49 @@ def test_probe_step_seconds_reads_each_steps_time(tmp_path):
     assert probe_step_seconds(metrics, 16) == pytest.approx([4.0, 1.0, 0.5])
 
 
+def test_jobs_hand_out_the_longest_runs_first(tmp_path):
+    """--jobs order: remaining optimizer steps x measured seconds per step of the run's group (same task,
+    student and loss; else the same student and loss elsewhere; else the loss), twice the median for
+    an unmeasured live-teacher run; resumed records do not measure; ties keep the plan's order."""
+    from geokd.study import Step, dispatch_order
+
+    runs = tmp_path / "study" / "runs"
+
+    def step(task, loss, seed, steps=100, cache=True):
+        flags = {"max_steps": steps, **({"cache": "c"} if cache else {})}
+        label = {"student": "prune:hidden=192", "loss": loss, "seed": seed}
+        return Step("run", task, runs / task / "prune-hidden-192" / loss / f"seed-{seed}", flags, label)
+
+    def finish(s, seconds, steps=100, resumed=False):
+        s.path.mkdir(parents=True)
+        (s.path / "results.json").write_text(json.dumps({"steps": steps}))
+        (s.path / "study.json").write_text(json.dumps({"seconds": seconds, "resumed": resumed, "label": s.label}))
+
+    def names(order):
+        return [f"{s.task}/{s.label['loss']}/{s.label['seed']}" for s in order]
+
+    # nothing measured: live-teacher runs (attention losses) first, then by steps; ties in plan order
+    fresh = [step("rte", "none", 1), step("rte", "attn-relation", 1, cache=False), step("rte", "gram", 1, steps=50),
+             step("rte", "cka", 1)]  # fmt: skip
+    assert names(dispatch_order(fresh)) == ["rte/attn-relation/1", "rte/none/1", "rte/cka/1", "rte/gram/1"]
+    # measured on another task: STS-B gram 3 s/step, none 1 s/step, attn-relation 2 s/step; a resumed
+    # record (30 s/step) is not a measurement
+    finish(step("stsb", "gram", 1), 300)
+    finish(step("stsb", "none", 1), 100)
+    finish(step("stsb", "attn-relation", 1), 200)
+    finish(step("stsb", "cka", 1), 3000, resumed=True)
+    # record (30 s/step) is not a measurement: attn 100x2, cka unmeasured 100x(median 2), gram 50x3, none 100x1
+    assert names(dispatch_order(fresh)) == ["rte/attn-relation/1", "rte/cka/1", "rte/gram/1", "rte/none/1"]
+    # the task's own measurement wins over another task's, and a run half done counts its remaining steps
+    finish(step("rte", "gram", 2), 50)  # 0.5 s/step on RTE
+    fresh[0].path.mkdir(parents=True)
+    (fresh[0].path / "metrics.jsonl").write_text('{"step": 40}\n{"step": 90}\n{"step": 9')  # cut by a kill
+    order = dispatch_order(fresh)
+    # attn 100x2=200, cka 100x(median of 1,3,2,0.5 = 1.5)=150, gram 50x0.5=25, none 10x1=10
+    assert names(order) == ["rte/attn-relation/1", "rte/cka/1", "rte/gram/1", "rte/none/1"]
+    assert sorted(map(id, order)) == sorted(map(id, fresh))
+
+
 def test_report_shows_the_trivial_predictor_and_the_curves_during_training(teacher_dir, glue_dir, tmp_path):
     """The report's floor (the training split's majority class, scored on dev) against sklearn, and
     each row's dev metric at every evaluation during training, read back from the runs."""
