@@ -1443,6 +1443,9 @@ def _task_lines(name: str, metric: str, teacher: float | None, rows: list[dict[s
                           f"{_fmt(versus['p'], '.3f')} ({_fmt(versus.get('p_holm'), '.3f')}, {versus['test'] or 'n < 2'})"]  # fmt: skip
         cells.append("–" if row["wall_seconds"] is None else f"{row['wall_seconds'] / 60:.1f} min")
         lines.append("| " + " | ".join(cells) + " |")
+    if any(row["wall_seconds"] is None for row in rows):
+        lines += ["", "Wall / run: the mean over the row's runs that trained in one go; – where every run was resumed "
+                      "from a checkpoint (its wall time covers part of the run only)."]  # fmt: skip
     if plot:
         lines += ["", f"![{name}]({plot})"]
     return [*lines, ""]

@@ -207,6 +207,7 @@ def test_resume_after_a_kill(base_dir, glue_dir, tmp_path):
     assert steps == list(range(1, 33))
     rows = report["tasks"]["sst2"]["rows"]
     assert rows[0]["wall_seconds"] is None  # a resumed run's wall time is partial: not averaged
+    assert "– where every run was resumed from a checkpoint" in (root / "report.md").read_text()
 
 
 def _workers(pid: int) -> list[int]:
