@@ -530,6 +530,26 @@ def _step_cost_key(step: Step) -> tuple[tuple[str, ...], ...]:
     return ((step.task, student, loss), (student, loss), (loss,))
 
 
+def _finished_step_seconds(runs: Path) -> list[tuple[Step, float]]:
+    """Each finished run under a study's `runs/` folder (runs/TASK/STUDENT/LOSS/seed-K) with its wall
+    seconds per optimizer step (loading and evaluation included), the run as a `Step` carrying its
+    task and label. A resumed run is left out (its wall time covers part of the run only), as is one
+    whose records cannot be read (cut by a kill)."""
+    found = []
+    for done in sorted(runs.glob("*/*/*/seed-*/study.json")):
+        try:
+            record = json.loads(done.read_text(encoding="utf-8"))
+            finished = json.loads((done.parent / "results.json").read_text(encoding="utf-8")).get("steps")
+            seconds = float(record["seconds"]) / int(finished)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+        if record.get("resumed"):
+            continue
+        task = done.relative_to(runs).parts[0]
+        found.append((Step("run", task, done.parent, label=record.get("label") or {}), seconds))
+    return found
+
+
 def dispatch_order(steps: list[Step]) -> list[Step]:
     """The `--jobs` runs, longest first (longest-processing-time scheduling), so that the part's last
     minutes are not one long run on a worker's share of the cores while the other workers idle.
@@ -541,17 +561,8 @@ def dispatch_order(steps: list[Step]) -> list[Step]:
     finished. Ties keep the plan's order. Only the order changes; every run still runs once."""
     measured: dict[tuple[str, ...], list[float]] = {}
     for runs in sorted({step.path.parents[3] for step in steps}):  # STUDY/runs (runs/TASK/STUDENT/LOSS/seed-K)
-        for done in sorted(runs.glob("*/*/*/seed-*/study.json")):
-            try:
-                record = json.loads(done.read_text(encoding="utf-8"))
-                finished = json.loads((done.parent / "results.json").read_text(encoding="utf-8")).get("steps")
-                seconds = float(record["seconds"]) / int(finished)
-            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-                continue
-            if record.get("resumed"):
-                continue  # its wall time covers part of the run only
-            task = done.relative_to(runs).parts[0]
-            for group in _step_cost_key(Step("run", task, done.parent, label=record.get("label") or {})):
+        for run, seconds in _finished_step_seconds(runs):
+            for group in _step_cost_key(run):
                 measured.setdefault(group, []).append(seconds)
     pooled = [v for group, values in measured.items() if len(group) == 1 for v in values]
     base = float(np.median(pooled)) if pooled else 1.0
@@ -832,14 +843,8 @@ def _train_examples(config: Any) -> int:
 
 def _measured_step_seconds(root: Path, steps: list[Step]) -> tuple[float, float, str]:
     """(seconds per optimizer step, seconds per run besides its steps, where they come from)."""
-    timings = []
-    for step in steps:
-        record = step.path / "study.json"
-        if step.kind == "run" and record.is_file() and step.done:
-            data = json.loads(record.read_text(encoding="utf-8"))
-            done = json.loads((step.path / "results.json").read_text(encoding="utf-8")).get("steps")
-            if done and not data.get("resumed"):
-                timings.append(data["seconds"] / done)
+    selected = {step.path for step in steps if step.kind == "run" and step.done}
+    timings = [seconds for run, seconds in _finished_step_seconds(root / "runs") if run.path in selected]
     if timings:
         return float(np.median(timings)), 0.0, f"median of {len(timings)} finished run(s) of this study"
     probe = next((s for s in steps if s.kind == "run"), None)

@@ -160,6 +160,11 @@ def test_a_study_runs_skips_what_is_done_and_reports(study_file, tmp_path):
     # the dry run now measures from the finished runs
     plan = dry_run(load_study(study_file), root)
     assert plan["done"] == plan["steps"] and "finished run" in plan["throughput_source"]
+    finished = sorted(root.glob("runs/*/*/*/seed-*"))
+    per_step = [json.loads((d / "study.json").read_text())["seconds"] / json.loads((d / "results.json").read_text())["steps"]
+                for d in finished]  # fmt: skip
+    assert plan["throughput_source"].startswith(f"median of {len(finished)} ")
+    assert plan["seconds_per_optimizer_step"] == pytest.approx(float(np.median(per_step)))
     # --report rebuilds the same report from the runs alone
     before = json.loads((root / "report.json").read_text())
     (root / "report.md").unlink()
