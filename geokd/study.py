@@ -647,6 +647,8 @@ def run_study(study: Study, root: Path, on_step: Callable[[int, int, Step, bool]
 
         import torch
 
+        # Fixed for a run's whole life, not raised when the other workers fall idle: SVD-based losses
+        # round differently on another thread count, and a run's numbers must not depend on scheduling.
         threads = max(1, torch.get_num_threads() // jobs)
         context = multiprocessing.get_context("spawn")
         stop = _forward_stop()
